@@ -1,0 +1,39 @@
+"""What the pipeline needs from a task: batches to train and calibrate on, a loss, metrics."""
+from __future__ import annotations
+
+from typing import Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Task(Protocol):
+    """A dataset with its splits plus the way a model is trained and scored on it.
+
+    Batches are dicts: the model's keyword inputs (``pixel_values``; ``input_ids`` and
+    ``attention_mask``) plus ``labels``. ``model_inputs(batch)`` drops what the model must not see.
+    """
+
+    name: str
+    primary_metric: str  # key of evaluate()'s dict used to rank models ("accuracy", ...)
+    higher_is_better: bool
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Endless shuffled batches of the training split (reshuffled each epoch, seeded)."""
+
+    def calibration_batches(self, samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
+        """The first ``samples`` examples of a seeded permutation of the training split."""
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """The keyword arguments for ``model(**inputs)``."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Training loss of ``model`` on ``batch`` (mean over examples)."""
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        """Metrics of one model on a split ("val" or "test")."""
+
+    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
+        """Metrics of the prediction ensemble (averaged probabilities) of several models."""
