@@ -1,0 +1,168 @@
+"""`tfuse report`: tables, markdown, CSV and plot from fabricated Hydra multirun folders."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from rich.console import Console
+
+from tfuse.errors import TfuseError
+from tfuse.report import build_report, parse_override, run_report
+
+PNG_MAGIC = b"\x89PNG"
+
+
+def make_job(root: Path, index: int, overrides: list[str], results: dict) -> None:
+    """One numbered job folder with results.json and .hydra/overrides.yaml."""
+    job = root / str(index)
+    (job / ".hydra").mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps(results))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def scores(accuracy: float, finetuned: bool = True) -> dict:
+    """A results.json payload whose ot accuracy is ``accuracy``."""
+    offsets = {"parent_0": 0.05, "parent_1": 0.04, "ensemble": 0.06, "vanilla": -0.3, "ot": 0.0}
+    one_shot = {model: {"accuracy": accuracy + offset, "loss": 1.0 - accuracy} for model, offset in offsets.items()}
+    tuned = {"ot": {"accuracy": accuracy + 0.02, "loss": 0.2}, "vanilla": {"accuracy": 0.8, "loss": 1 / 3}}
+    return {"one_shot": one_shot, "finetuned": tuned if finetuned else {}, "timings": {"fuse": 3.4}, "settings": {}}
+
+
+REGS = [0.02, 0.05, 0.08, 0.12]
+
+
+@pytest.fixture
+def reg_sweep(tmp_path: Path) -> Path:
+    """fusion.reg swept over 4 jobs (written out of order) with a fixed solver and experiment."""
+    root = tmp_path / "multirun" / "12-00-00"
+    for index, reg in reversed(list(enumerate(REGS))):
+        overrides = ["+experiment=vit_mnist", "fusion.solver=sinkhorn", f"fusion.reg={reg}"]
+        make_job(root, index, overrides, scores(0.9 - reg))
+    return root
+
+
+@pytest.fixture
+def grid_sweep(tmp_path: Path) -> Path:
+    """A 2x2 sweep of fusion.solver x fusion.reg."""
+    root = tmp_path / "grid"
+    jobs = [("sinkhorn", 0.05), ("emd", 0.05), ("sinkhorn", 0.1), ("emd", 0.1)]
+    for index, (solver, reg) in enumerate(jobs):
+        overrides = ["+experiment=vit_mnist", f"fusion.solver={solver}", f"fusion.reg={reg}"]
+        make_job(root, index, overrides, scores(0.8 + reg, finetuned=solver == "emd"))
+    return root
+
+
+def quiet() -> Console:
+    """A console that prints nowhere."""
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_reg_sweep_csv_has_one_row_per_run_sorted(reg_sweep: Path) -> None:
+    paths = run_report(str(reg_sweep), console=quiet())
+    table = pd.read_csv(paths["csv"])
+    assert list(table.columns[:2]) == ["run", "fusion.reg"]
+    assert table["fusion.reg"].tolist() == REGS
+    assert table["run"].tolist() == [0, 1, 2, 3]
+    assert table["one_shot/ot/accuracy"].tolist() == pytest.approx([0.9 - reg for reg in REGS])
+    assert table["finetuned/ot/accuracy"].tolist() == pytest.approx([0.92 - reg for reg in REGS])
+    assert "fusion.solver" not in table and "experiment" not in table and "timings/fuse" not in table
+
+
+def test_reg_sweep_markdown_and_png(reg_sweep: Path) -> None:
+    paths = run_report(str(reg_sweep), console=quiet())
+    assert set(paths) == {"md", "csv", "png"}
+    assert all(path.parent == reg_sweep for path in paths.values())
+    markdown = paths["md"].read_text().splitlines()
+    assert markdown[0].startswith("| run | fusion.reg | one_shot/parent_0/accuracy |")
+    assert "| 0 | 0.02 | 0.93 |" in markdown[2]
+    assert markdown[5].endswith("| 0.8 | 0.3333 |")  # finetuned vanilla, 4 significant digits
+    assert paths["png"].read_bytes().startswith(PNG_MAGIC)
+    assert not list(reg_sweep.glob("*.tmp"))
+
+
+def test_rerun_overwrites_reports(reg_sweep: Path) -> None:
+    first = run_report(str(reg_sweep), console=quiet())["md"].read_text()
+    assert run_report(str(reg_sweep), console=quiet())["md"].read_text() == first
+
+
+def test_grid_sweep_keeps_both_params_and_plots_per_solver(grid_sweep: Path) -> None:
+    report = build_report(grid_sweep)
+    assert report.params == ["fusion.solver", "fusion.reg"]
+    assert report.table[["fusion.solver", "fusion.reg"]].values.tolist() == [
+        ["emd", 0.05], ["emd", 0.1], ["sinkhorn", 0.05], ["sinkhorn", 0.1]
+    ]
+    assert report.table["finetuned/ot/accuracy"].isna().tolist() == [False, False, True, True]
+    paths = run_report(str(grid_sweep), console=quiet())
+    assert paths["png"].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_categorical_sweep_has_no_plot(tmp_path: Path) -> None:
+    for index, solver in enumerate(["emd", "sinkhorn"]):
+        make_job(tmp_path, index, [f"fusion.solver={solver}"], scores(0.9))
+    assert set(run_report(str(tmp_path), console=quiet())) == {"md", "csv"}
+
+
+def test_metrics_are_not_hard_coded(tmp_path: Path) -> None:
+    mlm = {"ot": {"loss": 2.0, "perplexity": 7.4, "masked_accuracy": 0.41}}
+    for index, reg in enumerate([0.01, 0.1]):
+        make_job(tmp_path, index, [f"fusion.reg={reg}"], {"one_shot": mlm})
+    report = build_report(tmp_path)
+    assert report.metrics == ["loss", "perplexity", "masked_accuracy"]
+    assert report.metric == "loss"
+    assert build_report(tmp_path, "perplexity").metric == "perplexity"
+
+
+def test_single_run_keeps_all_overrides(tmp_path: Path) -> None:
+    make_job(tmp_path, 0, ["+experiment=vit_mnist", "fusion.reg=1e-3"], scores(0.9))
+    report = build_report(tmp_path / "0")
+    assert report.params == ["experiment", "fusion.reg"]
+    assert report.table.loc[0, "fusion.reg"] == 0.001
+    assert report.table.loc[0, "run"] == "."
+    assert set(run_report(str(tmp_path / "0"), console=quiet())) == {"md", "csv"}  # one point: no plot
+
+
+def test_terminal_table_shows_chosen_metric(reg_sweep: Path) -> None:
+    console = Console(record=True, width=300)
+    run_report(str(reg_sweep), metric="loss", console=console)
+    text = console.export_text()
+    assert ": loss" in text and "parent_0" in text and "fusion.reg" in text and "0.3333" in text
+    assert "accuracy" not in text
+
+
+def test_no_results_names_directory(tmp_path: Path) -> None:
+    (tmp_path / "0").mkdir()
+    with pytest.raises(TfuseError, match=str(tmp_path)):
+        build_report(tmp_path)
+    with pytest.raises(TfuseError, match="no such directory"):
+        build_report(tmp_path / "missing")
+
+
+def test_unknown_metric_lists_available(reg_sweep: Path) -> None:
+    with pytest.raises(TfuseError, match="bleu.*available metrics: accuracy, loss"):
+        build_report(reg_sweep, metric="bleu")
+
+
+def test_broken_results_json_names_file(tmp_path: Path) -> None:
+    make_job(tmp_path, 0, [], {})
+    (tmp_path / "0" / "results.json").write_text("{not json")
+    with pytest.raises(TfuseError, match="results.json"):
+        build_report(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("fusion.reg=0.02", ("fusion.reg", 0.02)),
+        ("+experiment=vit_mnist", ("experiment", "vit_mnist")),
+        ("train.epochs=3", ("train.epochs", 3)),
+        ("fusion.reg=1e-3", ("fusion.reg", 0.001)),
+        ("model.layers=[1,2]", ("model.layers", "[1,2]")),
+        ("~fusion.reg", None),
+    ],
+)
+def test_parse_override(item: str, expected: tuple | None) -> None:
+    assert parse_override(item) == expected
