@@ -1,0 +1,64 @@
+"""Hugging Face ``ViTForImageClassification`` (transformers 5.x module names): pre-LN blocks."""
+from __future__ import annotations
+
+from transformers import ViTConfig, ViTForImageClassification
+
+from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
+
+
+def build(cfg, num_classes: int, channels: int, image_size: int) -> ViTForImageClassification:
+    """A fresh ViT from the ``model`` config group."""
+    config = ViTConfig(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.mlp_size,
+        image_size=image_size,
+        patch_size=cfg.patch_size,
+        num_channels=channels,
+        num_labels=num_classes,
+        hidden_dropout_prob=cfg.get("dropout", 0.0),
+        attention_probs_dropout_prob=cfg.get("dropout", 0.0),
+    )
+    return ViTForImageClassification(config)
+
+
+def graph(model: ViTForImageClassification) -> FlowGraph:
+    cfg = model.config
+    g = GraphBuilder()
+    s0 = g.point(0)
+    emb = "vit.embeddings"
+    g.param(f"{emb}.cls_token", None, None, Out(s0))
+    g.param(f"{emb}.position_embeddings", None, None, Out(s0))
+    if getattr(model.vit.embeddings, "mask_token", None) is not None:
+        g.param(f"{emb}.mask_token", None, None, Out(s0))
+    g.param(f"{emb}.patch_embeddings.projection.weight", Out(s0), None, None, None)
+    g.param(f"{emb}.patch_embeddings.projection.bias", Out(s0))
+    g.probe(s0, emb)
+    for layer in range(cfg.num_hidden_layers):
+        block, name = f"vit.layers.{layer}", f"layers.{layer}"
+        before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
+        g.norm(f"{block}.layernorm_before", before)
+        q, k, v = g.attention(f"{name}.attn", cfg.num_attention_heads)
+        for space, proj in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
+            g.linear(f"{block}.attention.{proj}", space, before)
+            g.probe(space, f"{block}.attention.{proj}")
+        attn_out = f"{name}.attn_out"
+        g.linear(f"{block}.attention.o_proj", attn_out, v)
+        g.probe(attn_out, f"{block}.attention.o_proj")
+        g.residual(middle, before, attn_out)
+        g.probe(middle, f"{block}.layernorm_after", "input")
+        g.norm(f"{block}.layernorm_after", middle)
+        hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
+        g.linear(f"{block}.mlp.fc1", hidden, middle)
+        g.probe(hidden, f"{block}.mlp.activation_fn")
+        g.linear(f"{block}.mlp.fc2", mlp_out, hidden)
+        g.probe(mlp_out, f"{block}.mlp.fc2")
+        g.residual(after, middle, mlp_out)
+        g.probe(after, block)
+    last = g.point(2 * cfg.num_hidden_layers)
+    g.norm("vit.layernorm", last)
+    g.linear("classifier", None, last)
+    grid = cfg.image_size // cfg.patch_size
+    g.graph.tokens = TokenLayout(cls=0, grid=(grid, grid), prefix=1)
+    return g.graph

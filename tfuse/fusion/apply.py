@@ -1,0 +1,128 @@
+"""Apply transport maps to a parent's parameters, and average aligned parents.
+
+Output side (axis written into a space with map T, n_a x n_b): each target neuron j gets the
+barycentre of the parent's neurons, ``W~[j] = sum_i T_ij W[i] / nu_j`` with nu_j = 1 / n_b.
+Input side (axis reading the space): ``W~ = W (T / mu)`` with mu_i = 1 / n_a, whose rows sum to
+one, so the consumer keeps reading the same total signal. Both reduce to the same permutation
+when T is one, and differ exactly when widths differ (heterogeneous fusion).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.graph import FlowGraph, In, Out
+from tfuse.fusion.plan import Plan
+
+State = dict[str, torch.Tensor]
+
+
+def apply_out(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
+    moved = w.movedim(axis, 0)
+    rows = moved.reshape(moved.shape[0], -1).to(t.dtype)
+    out = (t.shape[1] * t.T) @ rows
+    return out.reshape(t.shape[1], *moved.shape[1:]).movedim(0, axis).to(w.dtype)
+
+
+def apply_in(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
+    moved = w.movedim(axis, -1)
+    out = moved.to(t.dtype) @ (t.shape[0] * t)
+    return out.movedim(-1, axis).to(w.dtype)
+
+
+def _check(name: str, axis: int, w: torch.Tensor, t: torch.Tensor, space: str) -> None:
+    if w.shape[axis] != t.shape[0]:
+        raise TfuseError(
+            f"parameter '{name}' axis {axis} has size {w.shape[axis]} but its space '{space}' has "
+            f"{t.shape[0]} neurons: the flow graph does not match this model"
+        )
+
+
+def align(
+    state: State,
+    graph: FlowGraph,
+    plan: Plan,
+    maps: dict[str, torch.Tensor],
+    names: Sequence[str] | None = None,
+) -> State:
+    """The parent's parameters expressed in the reference's neuron basis.
+
+    ``names`` restricts the work to some parameters; axes whose resolved space has no map in
+    ``maps`` yet are left as they are.
+    """
+    out: State = {}
+    stacked: dict[str, dict[int, list[tuple[str, int]]]] = defaultdict(lambda: defaultdict(list))
+    for name in names or graph.params:
+        w = state[name]
+        for axis, spec in enumerate(graph.params[name]):
+            if spec is None:
+                continue
+            space, segment = plan.where[spec.space]
+            t = maps.get(space)
+            if t is None:
+                continue
+            if len(plan.segments.get(space, ((),))) > 1:
+                if isinstance(spec, In):
+                    raise TfuseError(f"parameter '{name}' reads the stacked space '{space}': not supported")
+                stacked[space][segment].append((name, axis))
+                continue
+            _check(name, axis, w, t, spec.space)
+            w = apply_out(w, axis, t) if isinstance(spec, Out) else apply_in(w, axis, t)
+        out[name] = w
+    for space, by_segment in stacked.items():
+        _apply_stacked(out, maps[space], [by_segment[s] for s in sorted(by_segment)], space)
+    return out
+
+
+def _apply_stacked(state: State, t: torch.Tensor, segments: list[list[tuple[str, int]]], space: str) -> None:
+    """Output side of a space stacked from segments (Q and K in ``qk=joint``): parameters at the
+    same position of every segment are concatenated, transported together and split again."""
+    if len({len(s) for s in segments}) != 1:
+        raise TfuseError(f"the segments of the stacked space '{space}' hold different parameters")
+    for group in zip(*segments):
+        axis = group[0][1]
+        parts = [state[name] for name, _ in group]
+        joined = apply_out(torch.cat(parts, dim=axis), axis, t)
+        for (name, _), piece in zip(group, joined.split([p.shape[axis] * t.shape[1] // t.shape[0] for p in parts], dim=axis)):
+            state[name] = piece
+
+
+def writer_rows(
+    state: State, graph: FlowGraph, plan: Plan, maps: dict[str, torch.Tensor], space: str, aligned: bool = True
+) -> torch.Tensor | None:
+    """Features of each neuron of a resolved space for the weight cost: the rows of every
+    parameter written into it, aligned on their other axes when ``aligned`` (only writers whose
+    other axes are already mapped count). Segments of a stacked space are stacked along neurons."""
+    by_segment: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for name, axes in graph.params.items():
+        writes = [(i, ax) for i, ax in enumerate(axes) if isinstance(ax, Out) and plan.where[ax.space][0] == space]
+        if len(writes) != 1:
+            continue
+        axis, spec = writes[0]
+        others = [ax for i, ax in enumerate(axes) if ax is not None and i != axis]
+        if any(plan.where[ax.space][0] not in maps for ax in others):
+            continue
+        w = align(state, graph, plan, maps, names=[name])[name] if aligned else state[name]
+        moved = w.movedim(axis, 0)
+        by_segment[plan.where[spec.space][1]].append(moved.reshape(moved.shape[0], -1).double())
+    if not by_segment:
+        return None
+    return torch.cat([torch.cat(by_segment[s], dim=1) for s in sorted(by_segment)], dim=0)
+
+
+def average(states: Sequence[State], weights: Sequence[float]) -> State:
+    """Weighted average of parameter dicts with equal shapes."""
+    first = states[0]
+    for i, s in enumerate(states[1:], start=1):
+        for name, w in first.items():
+            if s[name].shape != w.shape:
+                raise TfuseError(
+                    f"parameter '{name}' has shape {tuple(s[name].shape)} in parent {i} but "
+                    f"{tuple(w.shape)} in parent 0; vanilla fusion needs identical architectures"
+                )
+    return {
+        name: sum(a * s[name].double() for a, s in zip(weights, states)).to(w.dtype) for name, w in first.items()
+    }

@@ -1,0 +1,71 @@
+"""Ground costs between the neurons of a model and those of the reference.
+
+Activation costs come from streamed sums alone: with a' = (a - c_a) / s_a (``center`` sets c_a
+to the mean, ``standardize`` sets s_a to the standard deviation) the norms and dot products of
+the transformed vectors are closed forms of sum, sum of squares and cross-products.
+"""
+from __future__ import annotations
+
+import torch
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.statistics import Moments, PairStats
+
+
+def _affine(m: Moments, settings: FusionSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shift c and scale s of each neuron, and the squared norm of (a - c) / s."""
+    n = m.count
+    mean = m.sum / n
+    shift = mean if settings.center else torch.zeros_like(mean)
+    centred_sq = m.sumsq - 2 * shift * m.sum + n * shift**2
+    scale = torch.ones_like(mean)
+    if settings.standardize:
+        var = (m.sumsq / n - mean**2).clamp_min(0)
+        scale = var.sqrt().clamp_min(1e-12)
+    return shift, scale, centred_sq / scale**2
+
+
+def activation_cost(stats: PairStats, settings: FusionSettings) -> torch.Tensor:
+    """Cost matrix (n_a, n_b) of the configured metric over the transformed activations."""
+    ca, sa, norm_a = _affine(stats.a, settings)
+    cb, sb, norm_b = _affine(stats.b, settings)
+    n = stats.a.count
+    dot = stats.cross - ca[:, None] * stats.b.sum[None, :] - stats.a.sum[:, None] * cb[None, :] + n * ca[:, None] * cb[None, :]
+    dot = dot / (sa[:, None] * sb[None, :])
+    return _metric(dot, norm_a, norm_b, settings)
+
+
+def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: FusionSettings) -> torch.Tensor:
+    """Cost between weight rows (already aligned on their input side)."""
+    a, b = rows_a.double(), rows_b.double()
+    if settings.center:
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    if settings.standardize:
+        a = a / a.std(1, keepdim=True).clamp_min(1e-12)
+        b = b / b.std(1, keepdim=True).clamp_min(1e-12)
+    return _metric(a @ b.T, (a * a).sum(1), (b * b).sum(1), settings)
+
+
+def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: FusionSettings) -> torch.Tensor:
+    if settings.unit_norm or settings.metric == "cosine":
+        ra, rb = norm_a.clamp_min(1e-24).rsqrt(), norm_b.clamp_min(1e-24).rsqrt()
+        dot = dot * ra[:, None] * rb[None, :]
+        norm_a, norm_b = torch.ones_like(norm_a), torch.ones_like(norm_b)
+    if settings.metric == "cosine":
+        return 1.0 - dot
+    sq = (norm_a[:, None] + norm_b[None, :] - 2 * dot).clamp_min(0)
+    return sq if settings.metric == "sqeuclidean" else sq.sqrt()
+
+
+def normalize(cost: torch.Tensor, how: str, space: str) -> torch.Tensor:
+    """Divide by the max, median or mean; refuse NaN or an all-zero cost with the space's name."""
+    if not torch.isfinite(cost).all():
+        raise TfuseError(
+            f"NaN or infinity in the transport cost of layer '{space}': the parents' activations or "
+            "weights there are not finite (check the checkpoints and the calibration data)"
+        )
+    if how == "none":
+        return cost
+    scale = {"max": cost.max, "median": cost.median, "mean": cost.mean}[how]()
+    return cost / scale if scale > 0 else cost

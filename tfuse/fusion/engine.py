@@ -1,0 +1,131 @@
+"""The generic fusion engine: statistics -> maps -> aligned parents -> weighted average.
+
+It reads the architecture only through its ``FlowGraph``; it never names a layer.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.apply import State, align, average
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.maps import compute_maps
+from tfuse.fusion.plan import make_plan
+from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.statistics import Statistics, collect_statistics
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class FusionOutcome:
+    model: nn.Module
+    maps: list[dict[str, torch.Tensor]]  # per parent, against the final reference
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parameters(model: nn.Module) -> State:
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def check_graph(model: nn.Module, graph: FlowGraph, label: str) -> None:
+    """Every parameter of the model is described, and every description names a parameter."""
+    names = set(parameters(model))
+    missing = sorted(names - set(graph.params))
+    extra = sorted(set(graph.params) - names)
+    if missing or extra:
+        raise TfuseError(
+            f"{label}: the flow graph does not describe this model (undescribed parameters: "
+            f"{missing[:3]}, unknown ones: {extra[:3]}); is it the architecture the config says?"
+        )
+    shapes = {name: p.dim() for name, p in model.named_parameters()}
+    for name, axes in graph.params.items():
+        if len(axes) != shapes[name]:
+            raise TfuseError(f"{label}: parameter '{name}' has {len(axes)} axes in the flow graph")
+
+
+def with_state(template: nn.Module, state: State) -> nn.Module:
+    """A copy of ``template`` carrying ``state``."""
+    model = copy.deepcopy(template)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state[name].to(p.device, p.dtype))
+    return model
+
+
+def vanilla_fuse(models: Sequence[nn.Module], weights: Sequence[float]) -> nn.Module:
+    """Plain weighted average of the parameters (no alignment)."""
+    return with_state(models[0], average([parameters(m) for m in models], weights))
+
+
+def ot_fuse(
+    models: Sequence[nn.Module],
+    graph: FlowGraph,
+    settings: FusionSettings,
+    anchor: int,
+    calibration: Callable[[], Iterable[Batch]] | None,
+    model_inputs: Callable[[Batch], Batch],
+    batches: int | None = None,
+) -> FusionOutcome:
+    """Fuse ``models`` into the anchor's architecture.
+
+    Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
+    parent (anchor included) to the current fused model, an OT barycentre.
+    """
+    if len(models) < 2:
+        raise TfuseError("fusion needs at least two parents")
+    for i, m in enumerate(models):
+        check_graph(m, graph, f"parent {i}")
+    weights = settings.weights(len(models))
+    plan = make_plan(graph, settings)
+    timings = {"statistics": 0.0, "transport": 0.0, "align": 0.0}
+    reference = models[anchor]
+    movers = [i for i in range(len(models)) if i != anchor]
+    maps: list[dict[str, torch.Tensor]] = []
+    for _ in range(settings.iterations):
+        ref_state = parameters(reference)
+        start = time.perf_counter()
+        stats = _statistics([models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches)
+        timings["statistics"] += time.perf_counter() - start
+        aligned = {anchor: ref_state} if reference is models[anchor] else {}
+        maps = [{} for _ in models]
+        for k, i in enumerate(movers):
+            start = time.perf_counter()
+            maps[i] = compute_maps(
+                plan, graph, settings,
+                stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None,
+                parameters(models[i]), ref_state,
+            )
+            timings["transport"] += time.perf_counter() - start
+            start = time.perf_counter()
+            aligned[i] = align(parameters(models[i]), graph, plan, maps[i])
+            timings["align"] += time.perf_counter() - start
+        fused = average([aligned[i] for i in range(len(models))], weights)
+        reference = with_state(models[anchor], fused)
+        movers = list(range(len(models)))
+    return FusionOutcome(reference, maps, timings)
+
+
+def _statistics(
+    models: list[nn.Module],
+    reference: nn.Module,
+    graph: FlowGraph,
+    plan,
+    calibration: Callable[[], Iterable[Batch]] | None,
+    model_inputs: Callable[[Batch], Batch],
+    settings: FusionSettings,
+    batches: int | None,
+) -> Statistics | None:
+    if settings.cost != "activations":
+        return None
+    if calibration is None:
+        raise TfuseError("fusion.cost=activations needs calibration data")
+    return collect_statistics(
+        models, reference, graph, plan, calibration(), model_inputs, settings, total=batches
+    )

@@ -1,0 +1,140 @@
+"""The transport map flow graph: where each weight of an architecture reads and writes.
+
+An architecture describes itself as plain data (``FlowGraph``); the engine never names a layer.
+
+* A *space* is a hidden dimension that rows or columns of weights live in (the residual stream
+  at one point, the queries of one layer, the hidden units of one MLP). Each gets a transport
+  map per parent.
+* ``params`` says, for every parameter, which space each axis belongs to and on which side:
+  ``Out`` (the axis is written: rows, biases, LayerNorm gains, embedding columns) or ``In``
+  (the axis is read: the columns of a consumer). Axes that are never aligned (classes, pixels,
+  positions) are ``None``.
+* ``probes`` says where each space's activations can be observed (a module's output or input,
+  shaped ``(batch, tokens, width)``).
+* ``residuals`` says how stream points are formed: ``out = skip + branch``. The residual policy
+  of the fusion settings decides how their maps combine.
+* ``attention`` lists the multi-head attention blocks so that Q/K modes and head-aware maps can
+  tie the query, key and value spaces together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Out:
+    """The axis is written into ``space`` (output side: barycentric projection)."""
+
+    space: str
+
+
+@dataclass(frozen=True)
+class In:
+    """The axis reads ``space`` (input side: the consumer keeps the signal's total)."""
+
+    space: str
+
+
+Axis = Out | In | None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Activations of a space: the output (or input) of the module at ``module``."""
+
+    module: str
+    where: str = "output"  # "output" | "input"
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Stream point ``out`` holds ``skip + branch``."""
+
+    out: str
+    skip: str
+    branch: str
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One multi-head attention block: its query, key and value spaces and head count."""
+
+    name: str
+    q: str
+    k: str
+    v: str
+    heads: int
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the special tokens sit, for the token filters (``cls``, ``window``)."""
+
+    cls: int | None = 0
+    grid: tuple[int, int] | None = None  # patch grid (rows, cols) after ``prefix`` tokens
+    prefix: int = 1  # tokens before the first patch (class token, registers)
+
+
+@dataclass
+class FlowGraph:
+    """A model family's description, instantiated for one model."""
+
+    params: dict[str, tuple[Axis, ...]]
+    probes: dict[str, Probe]
+    residuals: list[Residual] = field(default_factory=list)
+    attention: list[Attention] = field(default_factory=list)
+    tokens: TokenLayout = field(default_factory=TokenLayout)
+    stream: str = "stream"  # prefix naming the stream points (``stream.0`` is the embeddings')
+
+    def spaces(self) -> list[str]:
+        """Every space, in the order the forward pass first touches it."""
+        seen: dict[str, None] = {}
+        for axes in self.params.values():
+            for ax in axes:
+                if ax is not None:
+                    seen.setdefault(ax.space)
+        return list(seen)
+
+    def stream_points(self) -> list[str]:
+        return [s for s in self.spaces() if self.is_stream(s)]
+
+    def is_stream(self, space: str) -> bool:
+        return space == self.stream or space.startswith(self.stream + ".")
+
+
+class GraphBuilder:
+    """Small helpers that keep architecture descriptions short and declarative."""
+
+    def __init__(self, stream: str = "stream"):
+        self.graph = FlowGraph(params={}, probes={}, stream=stream)
+
+    def point(self, index: int) -> str:
+        """Name of the stream's ``index``-th residual point."""
+        return f"{self.graph.stream}.{index}"
+
+    def param(self, name: str, *axes: Axis) -> None:
+        self.graph.params[name] = axes
+
+    def linear(self, prefix: str, out: str | None, inp: str | None, bias: bool = True) -> None:
+        """``prefix.weight`` (out, in) and ``prefix.bias`` (out)."""
+        self.param(f"{prefix}.weight", Out(out) if out else None, In(inp) if inp else None)
+        if bias:
+            self.param(f"{prefix}.bias", Out(out) if out else None)
+
+    def norm(self, prefix: str, space: str, bias: bool = True) -> None:
+        """A LayerNorm's gain and shift live in the space it normalises."""
+        self.param(f"{prefix}.weight", Out(space))
+        if bias:
+            self.param(f"{prefix}.bias", Out(space))
+
+    def probe(self, space: str, module: str, where: str = "output") -> None:
+        self.graph.probes[space] = Probe(module, where)
+
+    def residual(self, out: str, skip: str, branch: str) -> None:
+        self.graph.residuals.append(Residual(out, skip, branch))
+
+    def attention(self, name: str, heads: int) -> tuple[str, str, str]:
+        """Register an attention block; returns its query, key and value space names."""
+        q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"
+        self.graph.attention.append(Attention(name, q, k, v, heads))
+        return q, k, v

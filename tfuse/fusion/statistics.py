@@ -1,0 +1,204 @@
+"""Streamed activation statistics: per-neuron sums, sums of squares and cross-products.
+
+For every resolved OT space and every (model, reference) pair, the statistics are accumulated
+batch by batch, so memory depends on the widths and the batch size, never on the number of
+calibration samples. Costs are computed from these sums alone (``cost.py``).
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from functools import lru_cache
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from tfuse.fusion.graph import FlowGraph, Probe, TokenLayout
+from tfuse.fusion.plan import Plan, Segments
+from tfuse.fusion.settings import FusionSettings
+from tfuse.progress import track
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Moments:
+    """Per-neuron sums over samples of one model's activations in one space."""
+
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int, device: torch.device) -> "Moments":
+        z = torch.zeros(n, dtype=torch.float64, device=device)
+        return cls(0, z, z.clone())
+
+    def add(self, x: torch.Tensor) -> None:
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += (x * x).sum(0, dtype=torch.float64)
+
+
+@dataclass
+class PairStats:
+    """Everything a cost between model ``a`` and reference ``b`` needs, for one space."""
+
+    a: Moments
+    b: Moments
+    cross: torch.Tensor  # (n_a, n_b): sum over samples of a_i * b_j
+
+
+@dataclass
+class Statistics:
+    pairs: list[dict[str, PairStats]]  # per model: resolved space -> stats against the reference
+    magnitude: list[dict[str, torch.Tensor]]  # per model: probe -> mean |activation| per neuron
+
+
+def token_mask(
+    batch: Batch, tokens: int, layout: TokenLayout, settings: FusionSettings, generator: torch.Generator
+) -> torch.Tensor:
+    """Which tokens of each example count as samples (real tokens only; padding never counts)."""
+    size = next(iter(batch.values())).shape[0]
+    valid = batch.get("attention_mask")
+    valid = torch.ones(size, tokens, dtype=torch.bool) if valid is None else valid.bool().cpu()
+    keep = torch.zeros_like(valid)
+    if settings.tokens == "all":
+        keep[:] = True
+    elif settings.tokens == "cls":
+        keep[:, _cls_index(layout, "cls")] = True
+    elif settings.tokens == "window":
+        keep[:, _cls_index(layout, "window")] = True
+        if layout.grid is None:
+            raise _token_error("window", "it has no patch grid; use tokens=all, cls or random")
+        rows, cols = layout.grid
+        k = min(settings.window, rows, cols)
+        r0, c0 = (rows - k) // 2, (cols - k) // 2
+        index = [layout.prefix + (r0 + r) * cols + c0 + c for r in range(k) for c in range(k)]
+        keep[:, index] = True
+    else:
+        scores = torch.rand(size, tokens, generator=generator).masked_fill(~valid, -1.0)
+        top = scores.topk(min(settings.token_count, tokens), dim=1).indices
+        keep.scatter_(1, top, True)
+    return keep & valid
+
+
+def _cls_index(layout: TokenLayout, mode: str) -> int:
+    if layout.cls is None:
+        raise _token_error(mode, "it has no class token; use tokens=all or random")
+    return layout.cls
+
+
+def _token_error(mode: str, why: str) -> Exception:
+    from tfuse.errors import TfuseError
+
+    return TfuseError(f"fusion.tokens={mode} does not apply to this model: {why}")
+
+
+class Recorder:
+    """Forward hooks that keep the selected tokens of every probe for the current batch."""
+
+    def __init__(self, model: nn.Module, probes: dict[str, Probe], names: Sequence[str]):
+        self.model = model
+        self.targets = {name: probes[name] for name in names}
+        self.mask: Callable[[int], torch.Tensor] | None = None
+        self.acts: dict[str, torch.Tensor] = {}
+
+    def _store(self, name: str, value: torch.Tensor | tuple) -> None:
+        x = value[0] if isinstance(value, (tuple, list)) else value
+        mask = self.mask(x.shape[1]).to(x.device)
+        self.acts[name] = x.detach()[mask].float()
+
+    @contextmanager
+    def attached(self) -> Iterator["Recorder"]:
+        modules = dict(self.model.named_modules())
+        handles = []
+        for name, probe in self.targets.items():
+            module = modules[probe.module]
+            if probe.where == "input":
+                hook = lambda m, args, kwargs, n=name: self._store(n, args[0] if args else next(iter(kwargs.values())))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(lambda m, i, o, n=name: self._store(n, o)))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run(self, inputs: Batch, mask: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward ``inputs``; ``mask(tokens)`` selects the tokens kept as samples."""
+        self.mask, self.acts = mask, {}
+        self.model(**inputs)
+        return self.acts
+
+
+def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Tensor]:
+    """Sample blocks of a space: block b concatenates probe b of every segment along neurons."""
+    blocks = len(segments[0])
+    return [torch.cat([acts[seg[b]] for seg in segments], dim=1) for b in range(blocks)]
+
+
+def collect_statistics(
+    models: Sequence[nn.Module],
+    reference: nn.Module,
+    graph: FlowGraph,
+    plan: Plan,
+    batches: Iterable[Batch],
+    model_inputs: Callable[[Batch], Batch],
+    settings: FusionSettings,
+    total: int | None = None,
+) -> Statistics:
+    """Stream the calibration batches once through the reference and every model."""
+    names = plan.probes()
+    spaces = plan.segments
+    recorders = [Recorder(m, graph.probes, names) for m in models]
+    ref_recorder = Recorder(reference, graph.probes, names)
+    generator = torch.Generator().manual_seed(settings.seed)
+    pairs: list[dict[str, PairStats]] = [{} for _ in models]
+    abs_sums: list[dict[str, torch.Tensor]] = [{} for _ in models]
+    counts: list[dict[str, int]] = [{} for _ in models]
+    ref_moments: dict[str, Moments] = {}
+    was_training = [m.training for m in (reference, *models)]
+    for m in (reference, *models):
+        m.eval()
+    with torch.no_grad(), ExitStack() as stack:
+        for rec in (ref_recorder, *recorders):
+            stack.enter_context(rec.attached())
+        for batch in track(batches, "activation statistics", total=total):
+            inputs = model_inputs(batch)
+            mask = lru_cache(maxsize=None)(
+                lambda tokens, b=batch: token_mask(b, tokens, graph.tokens, settings, generator)
+            )
+            ref_feats = {s: features(ref_recorder.run(inputs, mask), seg) for s, seg in spaces.items()} if spaces else {}
+            for s, blocks in ref_feats.items():
+                mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device))
+                for block in blocks:
+                    mom.add(block)
+            for i, rec in enumerate(recorders):
+                acts = rec.run(inputs, mask)
+                for s, seg in spaces.items():
+                    _accumulate(pairs[i], s, features(acts, seg), ref_feats[s], ref_moments[s])
+                for name in names:
+                    x = acts[name]
+                    abs_sums[i][name] = abs_sums[i].get(name, 0) + x.abs().sum(0, dtype=torch.float64)
+                    counts[i][name] = counts[i].get(name, 0) + x.shape[0]
+    for m, mode in zip((reference, *models), was_training):
+        m.train(mode)
+    magnitude = [{n: abs_sums[i][n] / max(counts[i][n], 1) for n in abs_sums[i]} for i in range(len(models))]
+    return Statistics(pairs, magnitude)
+
+
+def _accumulate(
+    stats: dict[str, PairStats], space: str, blocks: list[torch.Tensor], ref_blocks: list[torch.Tensor], ref: Moments
+) -> None:
+    entry = stats.get(space)
+    if entry is None:
+        n_a, n_b = blocks[0].shape[1], ref_blocks[0].shape[1]
+        device = blocks[0].device
+        entry = PairStats(Moments.zeros(n_a, device), ref, torch.zeros(n_a, n_b, dtype=torch.float64, device=device))
+        stats[space] = entry
+    for a, b in zip(blocks, ref_blocks):
+        entry.a.add(a)
+        entry.cross += (a.T @ b).double()

@@ -1,0 +1,68 @@
+"""Function-preserving transformations of a model, read off its flow graph.
+
+``permuted_copy`` relabels every hidden space at random (the stream with one permutation, heads
+as wholes plus dimensions inside them); ``widened_copy`` duplicates neurons and halves what
+reads them. Both compute the same function as the original: the test bed of fusion.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tfuse.fusion.apply import State, align
+from tfuse.fusion.graph import FlowGraph, Out
+from tfuse.fusion.plan import Plan
+
+
+def space_sizes(graph: FlowGraph, state: State) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, axes in graph.params.items():
+        for axis, spec in enumerate(axes):
+            if isinstance(spec, Out):
+                sizes.setdefault(spec.space, state[name].shape[axis])
+    return sizes
+
+
+def symmetry_groups(graph: FlowGraph) -> list[list[str]]:
+    """Spaces that must share one permutation: the whole stream with its branches; Q with K."""
+    stream = graph.stream_points() + [r.branch for r in graph.residuals]
+    groups = [stream]
+    for att in graph.attention:
+        groups += [[att.q, att.k], [att.v]]
+    grouped = {s for g in groups for s in g}
+    groups += [[s] for s in graph.spaces() if s not in grouped]
+    return groups
+
+
+def _as_map(perm: torch.Tensor) -> torch.Tensor:
+    n = perm.numel()
+    t = torch.zeros(n, n, dtype=torch.float64)
+    t[torch.arange(n), perm] = 1.0 / n
+    return t
+
+
+def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with every hidden space consistently permuted (same function)."""
+    from tfuse.fusion.engine import parameters, with_state
+
+    state = parameters(model)
+    sizes = space_sizes(graph, state)
+    gen = torch.Generator().manual_seed(seed)
+    heads = {}
+    for att in graph.attention:
+        heads[att.q] = heads[att.k] = heads[att.v] = (att.heads, torch.randperm(att.heads, generator=gen))
+    maps = {}
+    for group in symmetry_groups(graph):
+        n = sizes[group[0]]
+        if group[0] in heads:
+            count, head_perm = heads[group[0]]
+            dim = n // count
+            perm = torch.cat([h * dim + torch.randperm(dim, generator=gen) for h in head_perm.tolist()])
+        else:
+            perm = torch.randperm(n, generator=gen)
+        maps.update({space: _as_map(perm) for space in group})
+    return with_state(model, align(state, graph, _identity_plan(graph), maps))
+
+
+def _identity_plan(graph: FlowGraph) -> Plan:
+    return Plan(rules=[], where={s: (s, 0) for s in graph.spaces()})

@@ -1,0 +1,98 @@
+"""Transport maps between the neurons of one space: exact OT, entropic OT, and head-aware maps.
+
+Maps are couplings T (n_a x n_b) with uniform marginals 1/n_a and 1/n_b (total mass 1).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ot
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.settings import FusionSettings
+
+# Plain Sinkhorn iterates exp(-C / reg) in float64; past this range it under/overflows and the
+# log-domain iterations take over.
+_PLAIN_SINKHORN_RANGE = 200.0
+
+
+def solve(cost: torch.Tensor, settings: FusionSettings, space: str) -> torch.Tensor:
+    """Coupling for a (normalised) cost: exact (``emd``) or entropic (``sinkhorn``)."""
+    cost = cost.double()
+    n_a, n_b = cost.shape
+    if settings.solver == "emd":
+        plan = _exact(cost)
+    else:
+        plan = _sinkhorn(cost, settings, space)
+    if not torch.isfinite(plan).all():
+        raise TfuseError(f"NaN in the transport map of layer '{space}'; try a larger fusion.reg or solver=emd")
+    return plan
+
+
+def _exact(cost: torch.Tensor) -> torch.Tensor:
+    n_a, n_b = cost.shape
+    if n_a == n_b:  # equal uniform marginals: the optimum is a permutation
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        plan = torch.zeros_like(cost)
+        plan[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0 / n_a
+        return plan
+    a = torch.full((n_a,), 1.0 / n_a, dtype=cost.dtype, device=cost.device)
+    b = torch.full((n_b,), 1.0 / n_b, dtype=cost.dtype, device=cost.device)
+    return ot.emd(a, b, cost, numItermax=10_000_000)
+
+
+def _sinkhorn(cost: torch.Tensor, settings: FusionSettings, space: str) -> torch.Tensor:
+    n_a, n_b = cost.shape
+    a = torch.full((n_a,), 1.0 / n_a, dtype=cost.dtype, device=cost.device)
+    b = torch.full((n_b,), 1.0 / n_b, dtype=cost.dtype, device=cost.device)
+    spread = float(cost.max() - cost.min()) / settings.reg
+    method = "sinkhorn" if spread < _PLAIN_SINKHORN_RANGE else "sinkhorn_log"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = ot.sinkhorn(a, b, cost - cost.min(), settings.reg, method=method,
+                           numItermax=settings.sinkhorn_iters, stopThr=1e-7)
+    error = max(
+        float(((plan.sum(1) - a).abs() / a).max()),
+        float(((plan.sum(0) - b).abs() / b).max()),
+    )
+    if not np.isfinite(error) or error > settings.sinkhorn_tol:
+        raise TfuseError(
+            f"Sinkhorn did not converge for layer '{space}' (reg={settings.reg}, {settings.sinkhorn_iters} "
+            f"iterations, marginal error {error:.2g}); raise fusion.sinkhorn_iters, raise fusion.reg, "
+            "or use fusion.solver=emd"
+        )
+    return plan
+
+
+def head_aware(
+    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: FusionSettings, space: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps for the query/key and value spaces that never split a head.
+
+    First every head of A is matched with every head of B inside (Q and K share one map, V its
+    own); the value of those inner problems is the cost between heads. Then a map between heads
+    decides how much of head h goes to head g, and the full map is the sum of inner maps weighted
+    by it, so its marginals stay uniform.
+    """
+    da, db = cost_qk.shape[0] // heads, cost_qk.shape[1] // heads
+    inner_qk, inner_v = {}, {}
+    head_cost = torch.zeros(heads, heads, dtype=torch.float64, device=cost_qk.device)
+    for h in range(heads):
+        for g in range(heads):
+            rows, cols = slice(h * da, (h + 1) * da), slice(g * db, (g + 1) * db)
+            for inner, cost in ((inner_qk, cost_qk), (inner_v, cost_v)):
+                block = cost[rows, cols].double()
+                plan = solve(block / max(float(block.max()), 1e-30), settings, f"{space} head {h}->{g}")
+                inner[h, g] = plan
+                head_cost[h, g] += (plan * block).sum()
+    head_plan = solve(head_cost / max(float(head_cost.max()), 1e-30), settings, f"{space} heads")
+    full = []
+    for inner in (inner_qk, inner_v):
+        t = torch.zeros(heads * da, heads * db, dtype=torch.float64, device=cost_qk.device)
+        for (h, g), plan in inner.items():
+            t[h * da:(h + 1) * da, g * db:(g + 1) * db] = head_plan[h, g] * plan
+        full.append(t)
+    return full[0], full[1]
