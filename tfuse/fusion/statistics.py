@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, Probe, TokenLayout
 from tfuse.fusion.plan import Plan, Segments
 from tfuse.fusion.settings import FusionSettings
@@ -91,8 +92,6 @@ def _cls_index(layout: TokenLayout, mode: str) -> int:
 
 
 def _token_error(mode: str, why: str) -> Exception:
-    from tfuse.errors import TfuseError
-
     return TfuseError(f"fusion.tokens={mode} does not apply to this model: {why}")
 
 
@@ -106,6 +105,8 @@ class Recorder:
         self.acts: dict[str, torch.Tensor] = {}
 
     def _store(self, name: str, value: torch.Tensor | tuple) -> None:
+        if self.mask is None:  # the same module object may be hooked by another recorder
+            return
         x = value[0] if isinstance(value, (tuple, list)) else value
         mask = self.mask(x.shape[1]).to(x.device)
         self.acts[name] = x.detach()[mask].float()
@@ -130,7 +131,10 @@ class Recorder:
     def run(self, inputs: Batch, mask: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
         """Forward ``inputs``; ``mask(tokens)`` selects the tokens kept as samples."""
         self.mask, self.acts = mask, {}
-        self.model(**inputs)
+        try:
+            self.model(**inputs)
+        finally:
+            self.mask = None
         return self.acts
 
 
@@ -171,7 +175,8 @@ def collect_statistics(
             mask = lru_cache(maxsize=None)(
                 lambda tokens, b=batch: token_mask(b, tokens, graph.tokens, settings, generator)
             )
-            ref_feats = {s: features(ref_recorder.run(inputs, mask), seg) for s, seg in spaces.items()} if spaces else {}
+            ref_acts = ref_recorder.run(inputs, mask)
+            ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
             for s, blocks in ref_feats.items():
                 mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device))
                 for block in blocks:
@@ -187,7 +192,21 @@ def collect_statistics(
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
     magnitude = [{n: abs_sums[i][n] / max(counts[i][n], 1) for n in abs_sums[i]} for i in range(len(models))]
+    _check_finite(magnitude, ref_moments, graph)
     return Statistics(pairs, magnitude)
+
+
+def _check_finite(magnitude: list[dict[str, torch.Tensor]], ref: dict[str, Moments], graph: FlowGraph) -> None:
+    """Name the first layer, in forward order, whose activations are not finite."""
+    order = {space: i for i, space in enumerate(graph.spaces())}
+    bad = [(name, f"parent {i}") for i, mags in enumerate(magnitude) for name, m in mags.items() if not torch.isfinite(m).all()]
+    bad += [(name, "the reference") for name, m in ref.items() if not torch.isfinite(m.sumsq).all()]
+    if bad:
+        name, who = min(bad, key=lambda item: order.get(item[0], len(order)))
+        raise TfuseError(
+            f"NaN or infinity in the activations of layer '{name}' of {who}: check that checkpoint's "
+            "weights and the calibration data"
+        )
 
 
 def _accumulate(

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models built in the test, offline hub settings, seeded."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models gain nothing from threads, and lose much when cores are shared
+from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
+
+
+def tiny_vit(seed: int = 0, hidden: int = 32, mlp: int = 64, heads: int = 4, depth: int = 2) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
+        image_size=8, patch_size=2, num_channels=1, num_labels=10,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def batches_of(x: torch.Tensor, size: int):
+    """A calibration factory: fresh iterator of {"pixel_values": ...} batches."""
+    return lambda: ({"pixel_values": x[i:i + size]} for i in range(0, len(x), size))
+
+
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(pixel_values=x).logits
