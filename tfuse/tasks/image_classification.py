@@ -1,0 +1,110 @@
+"""Image classification task for Hugging Face style classifiers and timm models."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfuse.data.images import ImageData, Split
+from tfuse.errors import TfuseError
+from tfuse.tasks.base import Batch
+
+SPLITS = ("train", "val", "test")
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class logits of ``model`` on images ``x``: HF models (``.logits``) and plain-tensor models (timm)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.name == "pixel_values" or p.kind is p.VAR_KEYWORD for p in parameters):
+        out = model(pixel_values=x)
+    else:
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+class ImageClassificationTask:
+    """Classify images: batches carry ``pixel_values`` and ``labels``; scored by accuracy."""
+
+    name = "image_classification"
+    primary_metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, data: ImageData, eval_batch_size: int = 256, device: str | torch.device = "cpu"):
+        self.data = data
+        self.eval_batch_size = eval_batch_size
+        self.device = torch.device(device)
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Endless batches of the training split, reshuffled each epoch."""
+        generator = torch.Generator().manual_seed(seed)
+        n = len(self.data.train[1])
+        while True:
+            order = torch.randperm(n, generator=generator)
+            yield from _batches(self.data.train, order, batch_size)
+
+    def calibration_batches(self, samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
+        """The first ``samples`` training images of a seeded permutation."""
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.data.train[1]), generator=generator)[:samples]
+        yield from _batches(self.data.train, order, batch_size)
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """The model's keyword inputs, on the task's device."""
+        return {"pixel_values": batch["pixel_values"].to(self.device)}
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy of ``model`` on ``batch``."""
+        out = logits(model, self.model_inputs(batch)["pixel_values"])
+        return F.cross_entropy(out, batch["labels"].to(self.device))
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        """Accuracy and mean cross-entropy of one model on ``split``."""
+        return self.evaluate_ensemble([model], split)
+
+    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
+        """Accuracy and NLL of the averaged softmax probabilities of ``models`` on ``split``."""
+        data = self._split(split)
+        modes = [model.training for model in models]
+        for model in models:
+            model.eval()
+        try:
+            correct, nll = self._score(models, data)
+        finally:
+            for model, mode in zip(models, modes):
+                model.train(mode)
+        n = len(data[1])
+        return {"accuracy": correct / n, "loss": nll / n}
+
+    @torch.no_grad()
+    def _score(self, models: Sequence[nn.Module], data: Split) -> tuple[int, float]:
+        """Number of correct predictions and summed NLL of the ensemble's mean probabilities."""
+        correct, nll = 0, 0.0
+        order = torch.arange(len(data[1]))
+        for batch in _batches(data, order, self.eval_batch_size):
+            x, y = batch["pixel_values"].to(self.device), batch["labels"].to(self.device)
+            log_probs = torch.stack([F.log_softmax(logits(m, x).float(), dim=-1) for m in models])
+            mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(len(models))
+            correct += int((mean_log_probs.argmax(dim=-1) == y).sum())
+            nll += float(F.nll_loss(mean_log_probs, y, reduction="sum"))
+        return correct, nll
+
+    def _split(self, split: str) -> Split:
+        """The (images, labels) of a split by name."""
+        if split not in SPLITS:
+            raise TfuseError(f"Unknown split {split!r}; allowed: {', '.join(SPLITS)}.")
+        data = getattr(self.data, split)
+        if len(data[1]) == 0:
+            raise TfuseError(f"The {split} split is empty; raise data.val_fraction / data.test_fraction above 0.")
+        return data
+
+
+def _batches(data: Split, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+    """Batches of ``data`` in ``order`` (the last one may be smaller)."""
+    images, labels = data
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield {"pixel_values": images[index], "labels": labels[index]}
