@@ -6,10 +6,10 @@ import time
 from typing import Callable
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from tfuse.errors import TfuseError
+from tfuse.progress import make_progress
 from tfuse.tasks.base import Task
 
 SCHEDULES = ("cosine", "constant")
@@ -86,17 +86,9 @@ def _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip,
     """The optimisation loop under a progress bar; returns the loss of every step."""
     losses: list[float] = []
     running = None
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     batches = task.train_batches(batch_size, seed)
-    with Progress(*columns) as progress:
-        bar = progress.add_task(description, total=steps, loss="-")
+    with make_progress() as progress:
+        bar = progress.add_task(description, total=steps, info="loss -")
         for _ in range(steps):
             loss = task.loss(model, next(batches))
             optimizer.zero_grad(set_to_none=True)
@@ -107,5 +99,5 @@ def _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip,
             scheduler.step()
             losses.append(loss.item())
             running = losses[-1] if running is None else 0.9 * running + 0.1 * losses[-1]
-            progress.update(bar, advance=1, loss=f"{running:.4f}")
+            progress.update(bar, advance=1, info=f"loss {running:.4f}")
     return losses

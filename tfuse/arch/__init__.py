@@ -1,0 +1,68 @@
+"""Model families: how to build, save, load and describe (flow graph) each one.
+
+A family is a module with ``build(cfg, task_info)``, ``graph(model)``, ``load(path)``,
+``save(model, path)`` and ``owns(model)``. Adding an architecture means adding one such module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from torch import nn
+
+from tfuse.arch import hf_vit
+from tfuse.errors import TfuseError
+
+FAMILIES: dict[str, ModuleType] = {"hf_vit": hf_vit}
+
+
+def family(name: str) -> ModuleType:
+    if name not in FAMILIES:
+        raise TfuseError(f"model.family={name!r} is not known; allowed: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> str:
+    for name, module in FAMILIES.items():
+        if module.owns(model):
+            return name
+    raise TfuseError(f"no flow graph describes {type(model).__name__}; known families: {', '.join(FAMILIES)}")
+
+
+def load_parent(source: str, family_name: str, label: str) -> nn.Module:
+    """A parent from a local directory (or a hub id when online), with a clear error if missing."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_local and not path.is_dir():
+        raise TfuseError(
+            f"{label}: checkpoint directory '{source}' does not exist; give a directory written by "
+            "`tfuse train` (or save_pretrained), or a hub id such as org/name when online"
+        )
+    try:
+        return family(family_name).load(str(path) if looks_local else source)
+    except OSError as err:
+        raise TfuseError(f"{label}: could not load a {family_name} checkpoint from '{source}': {err}") from err
+
+
+def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None:
+    """Parents must share a family and parameter names; shapes too unless ``allow_widths``."""
+    first = dict(models[0].named_parameters())
+    for i, model in enumerate(models[1:], start=1):
+        if type(model) is not type(models[0]):
+            raise TfuseError(
+                f"parents 0 and {i} are different architectures ({type(models[0]).__name__} vs "
+                f"{type(model).__name__}); fuse models of one family"
+            )
+        other = dict(model.named_parameters())
+        for name in list(first) + [n for n in other if n not in first]:
+            if name not in first or name not in other:
+                where = "parent 0" if name in first else f"parent {i}"
+                raise TfuseError(
+                    f"parents 0 and {i} differ in architecture: parameter '{name}' exists only in "
+                    f"{where} (different depths or layer types?)"
+                )
+            if first[name].shape != other[name].shape and not allow_widths:
+                raise TfuseError(
+                    f"parents 0 and {i} differ in architecture: parameter '{name}' has shape "
+                    f"{tuple(first[name].shape)} vs {tuple(other[name].shape)}"
+                )

@@ -6,17 +6,18 @@ from transformers import ViTConfig, ViTForImageClassification
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
 
-def build(cfg, num_classes: int, channels: int, image_size: int) -> ViTForImageClassification:
-    """A fresh ViT from the ``model`` config group."""
+def build(cfg, task) -> ViTForImageClassification:
+    """A fresh ViT from the ``model`` config group, sized for an image task's data."""
+    data = task.data
     config = ViTConfig(
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.depth,
         num_attention_heads=cfg.heads,
         intermediate_size=cfg.mlp_size,
-        image_size=image_size,
+        image_size=data.image_size,
         patch_size=cfg.patch_size,
-        num_channels=channels,
-        num_labels=num_classes,
+        num_channels=data.channels,
+        num_labels=data.num_classes,
         hidden_dropout_prob=cfg.get("dropout", 0.0),
         attention_probs_dropout_prob=cfg.get("dropout", 0.0),
     )
@@ -62,3 +63,15 @@ def graph(model: ViTForImageClassification) -> FlowGraph:
     grid = cfg.image_size // cfg.patch_size
     g.graph.tokens = TokenLayout(cls=0, grid=(grid, grid), prefix=1)
     return g.graph
+
+
+def owns(model) -> bool:
+    return isinstance(model, ViTForImageClassification)
+
+
+def load(path: str) -> ViTForImageClassification:
+    return ViTForImageClassification.from_pretrained(path, use_safetensors=True)
+
+
+def save(model: ViTForImageClassification, path: str) -> None:
+    model.save_pretrained(path, safe_serialization=True)

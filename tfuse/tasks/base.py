@@ -19,6 +19,7 @@ class Task(Protocol):
     name: str
     primary_metric: str  # key of evaluate()'s dict used to rank models ("accuracy", ...)
     higher_is_better: bool
+    train_size: int  # examples in the training split
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Endless shuffled batches of the training split (reshuffled each epoch, seeded)."""

@@ -38,6 +38,10 @@ class ImageClassificationTask:
         self.eval_batch_size = eval_batch_size
         self.device = torch.device(device)
 
+    @property
+    def train_size(self) -> int:
+        return len(self.data.train[1])
+
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Endless batches of the training split, reshuffled each epoch."""
         generator = torch.Generator().manual_seed(seed)

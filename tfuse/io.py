@@ -1,0 +1,40 @@
+"""Writing outputs atomically, never over an earlier result."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from tfuse.errors import TfuseError
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def new_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``path`` only when the block succeeds.
+
+    Refuses to replace an existing ``path``: parents and earlier results are never overwritten.
+    """
+    if path.exists():
+        raise TfuseError(f"'{path}' already exists; tfuse never overwrites a model or a result (choose another directory)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

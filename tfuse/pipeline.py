@@ -1,0 +1,191 @@
+"""`tfuse fuse` and `tfuse train`: config -> parents + data -> statistics -> maps -> fused
+weights -> evaluation -> finetuning -> results."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from tfuse.arch import check_same_architecture, family
+from tfuse.errors import TfuseError
+from tfuse.fusion.engine import ot_fuse, vanilla_fuse
+from tfuse.fusion.settings import FusionSettings
+from tfuse.io import new_directory, write_json
+from tfuse.parents import obtain_parents, save_parent, train_parent
+from tfuse.tasks import build_task
+from tfuse.tasks.base import Task
+from tfuse.training import train
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TfuseError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TfuseError(f"device={name!r} is not known; allowed: auto, cpu, cuda, cuda:N")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Stopwatch:
+    """Seconds spent in each named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def choose_anchor(anchor: int | str, models: list, task: Task) -> tuple[int, list[float] | None]:
+    """The anchor's index: as configured, or the best parent on the validation split."""
+    if anchor != "best":
+        if not 0 <= int(anchor) < len(models):
+            raise TfuseError(f"fusion.anchor={anchor} but there are {len(models)} parents (0..{len(models) - 1})")
+        return int(anchor), None
+    scores = [task.evaluate(m, "val")[task.primary_metric] for m in models]
+    pick = max if task.higher_is_better else min
+    return scores.index(pick(scores)), scores
+
+
+def finetune(model, task: Task, cfg: DictConfig, seed: int, device: str, label: str) -> dict:
+    f = cfg.finetune
+    return train(
+        model, task, steps=f.steps, lr=f.lr, batch_size=f.batch_size, seed=seed, warmup=f.warmup,
+        schedule="cosine" if f.cosine else "constant", weight_decay=f.weight_decay, device=device,
+        description=f"finetuning {label}",
+    )
+
+
+def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
+    """The whole fusion experiment; writes results.json, fused/ and finetuned/ into ``out_dir``."""
+    if (out_dir / "results.json").exists():
+        raise TfuseError(f"'{out_dir}' already holds results.json; choose another hydra.run.dir")
+    settings = FusionSettings.from_config(OmegaConf.to_container(cfg.fusion, resolve=True))
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    clock = Stopwatch()
+    with clock.stage("data"):
+        task = build_task(cfg.data, cfg.eval_batch_size, device)
+    with clock.stage("parents"):
+        parents = obtain_parents(cfg, task, device)
+    models = [p.model for p in parents]
+    widths_differ = any(
+        a.shape != b.shape for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
+    )
+    check_same_architecture(models, allow_widths=settings.method == "ot")
+    one_shot: dict[str, dict] = {}
+    with clock.stage("evaluate_parents"):
+        for i, model in enumerate(models):
+            one_shot[f"parent_{i}"] = task.evaluate(model)
+        one_shot["ensemble"] = task.evaluate_ensemble(models)
+        anchor, val_scores = choose_anchor(settings.anchor, models, task)
+    weights = settings.weights(len(models))
+    fused: dict[str, torch.nn.Module] = {}
+    if not widths_differ:
+        with clock.stage("vanilla"):
+            fused["vanilla"] = vanilla_fuse(models, weights)
+        one_shot["vanilla"] = task.evaluate(fused["vanilla"])
+    if settings.method == "ot":
+        graph = family(cfg.model.family).graph(models[anchor])
+        batches = math.ceil(settings.samples / settings.batch_size)
+        with clock.stage("fuse"):
+            outcome = ot_fuse(
+                models, graph, settings, anchor,
+                lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
+                task.model_inputs, batches,
+            )
+        clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
+        fused["ot"] = outcome.model
+        one_shot["ot"] = task.evaluate(fused["ot"])
+    main = fused[settings.method]
+    finetuned: dict[str, dict] = {}
+    tuned_main = None
+    if cfg.finetune.steps > 0:
+        for name, model in fused.items():
+            tuned = copy.deepcopy(model)
+            with clock.stage(f"finetune_{name}"):
+                finetune(tuned, task, cfg, cfg.seed, device, name)
+            finetuned[name] = task.evaluate(tuned)
+            if model is main:
+                tuned_main = tuned
+    results = {
+        "one_shot": one_shot,
+        "finetuned": finetuned,
+        "timings": clock.seconds,
+        "settings": settings.as_dict(),
+        "anchor": anchor,
+        "anchor_val_scores": val_scores,
+        "alpha": weights,
+        "parents": [{"source": p.source, "trained_seconds": p.trained_seconds} for p in parents],
+        "primary_metric": task.primary_metric,
+    }
+    fam = family(cfg.model.family)
+    _save_model(fam, main, out_dir / "fused")
+    if tuned_main is not None:
+        _save_model(fam, tuned_main, out_dir / "finetuned")
+    write_json(out_dir / "results.json", results)
+    console.print(results_table(results))
+    return results
+
+
+def _save_model(fam, model, path: Path) -> None:
+    with new_directory(path) as tmp:
+        fam.save(model, str(tmp))
+
+
+def results_table(results: dict) -> Table:
+    """Models as rows; one-shot and finetuned metrics as columns."""
+    one_shot, tuned = results["one_shot"], results["finetuned"]
+    metrics = list(next(iter(one_shot.values())))
+    table = Table(title="tfuse: one-shot and finetuned", title_justify="left")
+    table.add_column("model")
+    for m in metrics:
+        table.add_column(f"one-shot {m}", justify="right")
+    for m in metrics if tuned else []:
+        table.add_column(f"finetuned {m}", justify="right")
+    labels = {"ensemble": "ensemble", "vanilla": "vanilla fusion (VF)", "ot": "OT fusion"}
+    for name, scores in one_shot.items():
+        row = [labels.get(name, name.replace("_", " "))] + [_fmt(m, scores[m]) for m in metrics]
+        if tuned:
+            row += [_fmt(m, tuned[name][m]) if name in tuned else "" for m in metrics]
+        table.add_row(*row)
+    return table
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4f}"
+
+
+def run_train(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
+    """One parent from scratch with ``seed``; saved to ``out_dir/model`` beside its metrics."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    task = build_task(cfg.data, cfg.eval_batch_size, device)
+    model, metrics = train_parent(cfg, task, cfg.seed, device)
+    save_parent(model, cfg, metrics, cfg.seed, out_dir / "model")
+    write_json(out_dir / "metrics.json", metrics)
+    console.print(
+        f"parent (seed {cfg.seed}): test {task.primary_metric} {metrics['test'][task.primary_metric]:.4f}, "
+        f"saved to {out_dir / 'model'}"
+    )
+    return metrics
