@@ -30,13 +30,16 @@ class FusionOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def parameters(model: nn.Module) -> State:
-    return {name: p.detach() for name, p in model.named_parameters()}
+def parameters(model: nn.Module, graph: FlowGraph | None = None) -> State:
+    """The model's parameters; with ``graph``, its virtual ones (fused parameters split)."""
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    return graph.to_virtual(state) if graph is not None else state
 
 
 def check_graph(model: nn.Module, graph: FlowGraph, label: str) -> None:
     """Every parameter of the model is described, and every description names a parameter."""
-    names = set(parameters(model))
+    state = parameters(model, graph)
+    names = set(state)
     missing = sorted(names - set(graph.params))
     extra = sorted(set(graph.params) - names)
     if missing or extra:
@@ -44,17 +47,24 @@ def check_graph(model: nn.Module, graph: FlowGraph, label: str) -> None:
             f"{label}: the flow graph does not describe this model (undescribed parameters: "
             f"{missing[:3]}, unknown ones: {extra[:3]}); is it the architecture the config says?"
         )
-    shapes = {name: p.dim() for name, p in model.named_parameters()}
+    shapes = {name: p.dim() for name, p in state.items()}
     for name, axes in graph.params.items():
         if len(axes) != shapes[name]:
             raise TfuseError(f"{label}: parameter '{name}' has {len(axes)} axes in the flow graph")
 
 
-def with_state(template: nn.Module, state: State) -> nn.Module:
-    """A copy of ``template`` carrying ``state``."""
+def with_state(template: nn.Module, state: State, graph: FlowGraph | None = None) -> nn.Module:
+    """A copy of ``template`` carrying ``state`` (virtual parameters when ``graph`` is given)."""
+    if graph is not None:
+        state = graph.to_real(state)
     model = copy.deepcopy(template)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if state[name].shape != p.shape:
+                raise TfuseError(
+                    f"parameter '{name}' has shape {tuple(state[name].shape)} but the target model "
+                    f"expects {tuple(p.shape)}"
+                )
             p.copy_(state[name].to(p.device, p.dtype))
     return model
 
@@ -89,7 +99,7 @@ def ot_fuse(
     movers = [i for i in range(len(models)) if i != anchor]
     maps: list[dict[str, torch.Tensor]] = []
     for _ in range(settings.iterations):
-        ref_state = parameters(reference)
+        ref_state = parameters(reference, graph)
         start = time.perf_counter()
         stats = _statistics([models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches)
         timings["statistics"] += time.perf_counter() - start
@@ -100,14 +110,14 @@ def ot_fuse(
             maps[i] = compute_maps(
                 plan, graph, settings,
                 stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None,
-                parameters(models[i]), ref_state,
+                parameters(models[i], graph), ref_state,
             )
             timings["transport"] += time.perf_counter() - start
             start = time.perf_counter()
-            aligned[i] = align(parameters(models[i]), graph, plan, maps[i])
+            aligned[i] = align(parameters(models[i], graph), graph, plan, maps[i])
             timings["align"] += time.perf_counter() - start
         fused = average([aligned[i] for i in range(len(models))], weights)
-        reference = with_state(models[anchor], fused)
+        reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
     return FusionOutcome(reference, maps, timings)
 

@@ -15,10 +15,18 @@ An architecture describes itself as plain data (``FlowGraph``); the engine never
   of the fusion settings decides how their maps combine.
 * ``attention`` lists the multi-head attention blocks so that Q/K modes and head-aware maps can
   tie the query, key and value spaces together.
+* ``views`` says how a parameter stored fused (timm's ``qkv``: rows ``[q; k; v]``) splits into
+  equal *virtual* parameters along one axis. ``params`` describes the virtual ones, and the
+  engine works on the virtual parameter dict (``to_virtual`` / ``to_real``). A probe may likewise
+  observe part ``i`` of ``n`` of a module output's last dimension.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
+
+from tfuse.errors import TfuseError
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,23 @@ class Probe:
 
     module: str
     where: str = "output"  # "output" | "input"
+    part: tuple[int, int] | None = None  # (i, n): the i-th of n equal slices of the last dimension
+
+    def select(self, x):
+        """The observed slice of a module's input or output (all of it without ``part``)."""
+        if self.part is None:
+            return x
+        i, n = self.part
+        width = x.shape[-1] // n
+        return x[..., i * width:(i + 1) * width]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A real parameter stored fused: ``parts`` are equal virtual parameters along ``axis``."""
+
+    axis: int
+    parts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,29 @@ class FlowGraph:
     attention: list[Attention] = field(default_factory=list)
     tokens: TokenLayout = field(default_factory=TokenLayout)
     stream: str = "stream"  # prefix naming the stream points (``stream.0`` is the embeddings')
+    views: dict[str, Split] = field(default_factory=dict)  # real parameter -> its virtual parts
+
+    def to_virtual(self, state: dict) -> dict:
+        """Real parameter dict -> the virtual one ``params`` describes (fused ones split)."""
+        out = {}
+        for name, w in state.items():
+            view = self.views.get(name)
+            if view is None:
+                out[name] = w
+                continue
+            n = len(view.parts)
+            if w.shape[view.axis] % n:
+                raise TfuseError(f"parameter '{name}' axis {view.axis} (size {w.shape[view.axis]}) does not split into {n}")
+            out.update(zip(view.parts, w.chunk(n, dim=view.axis)))
+        return out
+
+    def to_real(self, state: dict) -> dict:
+        """Virtual parameter dict -> the model's own (virtual parts concatenated back)."""
+        out = dict(state)
+        for name, view in self.views.items():
+            if all(part in out for part in view.parts):
+                out[name] = torch.cat([out.pop(part) for part in view.parts], dim=view.axis)
+        return out
 
     def spaces(self) -> list[str]:
         """Every space, in the order the forward pass first touches it."""
@@ -127,8 +175,12 @@ class GraphBuilder:
         if bias:
             self.param(f"{prefix}.bias", Out(space))
 
-    def probe(self, space: str, module: str, where: str = "output") -> None:
-        self.graph.probes[space] = Probe(module, where)
+    def probe(self, space: str, module: str, where: str = "output", part: tuple[int, int] | None = None) -> None:
+        self.graph.probes[space] = Probe(module, where, part)
+
+    def fused(self, name: str, axis: int, *parts: str) -> None:
+        """Real parameter ``name`` holds the virtual ``parts`` concatenated along ``axis``."""
+        self.graph.views[name] = Split(axis, parts)
 
     def residual(self, out: str, skip: str, branch: str) -> None:
         self.graph.residuals.append(Residual(out, skip, branch))

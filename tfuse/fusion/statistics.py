@@ -6,6 +6,7 @@ calibration samples. Costs are computed from these sums alone (``cost.py``).
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ class Recorder:
         if self.mask is None:  # the same module object may be hooked by another recorder
             return
         x = value[0] if isinstance(value, (tuple, list)) else value
+        if x.dim() == 2:  # one vector per example (a pooled output): each example is one sample
+            self.acts[name] = x.detach().float()
+            return
         mask = self.mask(x.shape[1]).to(x.device)
         self.acts[name] = x.detach()[mask].float()
 
@@ -132,10 +136,18 @@ class Recorder:
         """Forward ``inputs``; ``mask(tokens)`` selects the tokens kept as samples."""
         self.mask, self.acts = mask, {}
         try:
-            self.model(**inputs)
+            call(self.model, inputs)
         finally:
             self.mask = None
         return self.acts
+
+
+def call(model: nn.Module, inputs: Batch):
+    """``model(**inputs)``, or positionally for models whose ``forward`` does not take those
+    keywords (timm's ``forward(x)`` given ``pixel_values``)."""
+    params = inspect.signature(model.forward).parameters
+    takes = all(k in params for k in inputs) or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return model(**inputs) if takes else model(*inputs.values())
 
 
 def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Tensor]:

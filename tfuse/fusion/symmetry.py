@@ -45,7 +45,7 @@ def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Modul
     """A copy of ``model`` with every hidden space consistently permuted (same function)."""
     from tfuse.fusion.engine import parameters, with_state
 
-    state = parameters(model)
+    state = parameters(model, graph)
     sizes = space_sizes(graph, state)
     gen = torch.Generator().manual_seed(seed)
     heads = {}
@@ -61,7 +61,7 @@ def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Modul
         else:
             perm = torch.randperm(n, generator=gen)
         maps.update({space: _as_map(perm) for space in group})
-    return with_state(model, align(state, graph, _identity_plan(graph), maps))
+    return with_state(model, align(state, graph, _identity_plan(graph), maps), graph)
 
 
 def _identity_plan(graph: FlowGraph) -> Plan:
