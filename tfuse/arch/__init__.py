@@ -10,10 +10,10 @@ from types import ModuleType
 
 from torch import nn
 
-from tfuse.arch import hf_vit
+from tfuse.arch import hf_bert, hf_vit
 from tfuse.errors import TfuseError
 
-FAMILIES: dict[str, ModuleType] = {"hf_vit": hf_vit}
+FAMILIES: dict[str, ModuleType] = {"hf_vit": hf_vit, "hf_bert": hf_bert}
 
 
 def family(name: str) -> ModuleType:

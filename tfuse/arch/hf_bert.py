@@ -1,0 +1,180 @@
+"""Hugging Face BERT (``BertForMaskedLM``, ``BertForSequenceClassification``, bare ``BertModel``):
+post-LN blocks, described as a flow graph for the generic engine.
+
+Post-LN: ``x -> LN(x + attn(x)) -> LN(. + mlp(.))``. A block's LayerNorm sits on the residual
+point itself, so its gain and shift live in that stream point and the probe is the LayerNorm's
+output (what the next block reads). The word, position and token-type tables and their LayerNorm
+write the first stream point. The MLM head's decoder is tied to the word embeddings, so the head's
+transform (dense, GELU, LayerNorm) must write the embeddings' space ``stream.0``: the tied matrix is
+transported once, as the embedding table it is. The pooler writes a space of its own (one vector
+per sequence: its probe has no token axis); the classifier reads it and keeps its classes.
+
+A tokenizer travels with each model (``model.tfuse_tokenizer``): ``load`` reads it from the
+checkpoint directory and ``save`` writes it beside the weights, so parents, fused and finetuned
+models all carry the one tokenizer their token ids mean something in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    PreTrainedTokenizerBase,
+)
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
+
+CLASSES = {cls.__name__: cls for cls in (BertForMaskedLM, BertForSequenceClassification, BertModel)}
+HEADS = {"mlm": BertForMaskedLM, "classification": BertForSequenceClassification, "none": BertModel}
+
+
+class SharedTokenizer:
+    """Holds a model's tokenizer; deep copies of the model share it (it is never mutated)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
+    def __deepcopy__(self, memo) -> "SharedTokenizer":
+        return self
+
+
+def attach_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
+    if tokenizer is not None:
+        model.tfuse_tokenizer = SharedTokenizer(tokenizer)
+    return model
+
+
+def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase | None:
+    shared = getattr(model, "tfuse_tokenizer", None)
+    return shared.tokenizer if shared is not None else None
+
+
+def build(cfg, task) -> nn.Module:
+    """A fresh BERT sized by the ``model`` config, with the head the task needs (``task.head``)."""
+    tokenizer = task.tokenizer
+    head = getattr(task, "head", None) or cfg.get("head", "mlm")
+    if head not in HEADS:
+        raise TfuseError(f"model.head={head!r} is not known; allowed: {', '.join(HEADS)}")
+    dropout = cfg.get("dropout", 0.1)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.mlp_size,
+        max_position_embeddings=max(cfg.get("max_position", 0) or 0, task.max_length),
+        type_vocab_size=2,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=getattr(task, "num_labels", 2),
+    )
+    return attach_tokenizer(HEADS[head](config), tokenizer)
+
+
+def graph(model: nn.Module) -> FlowGraph:
+    cfg = model.config
+    base = "" if isinstance(model, BertModel) else "bert."
+    g = GraphBuilder()
+    s0 = g.point(0)
+    emb = f"{base}embeddings"
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        g.param(f"{emb}.{table}.weight", None, Out(s0))
+    g.norm(f"{emb}.LayerNorm", s0)
+    g.probe(s0, emb)
+    for layer in range(cfg.num_hidden_layers):
+        block, name = f"{base}encoder.layer.{layer}", f"layers.{layer}"
+        before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
+        q, k, v = g.attention(f"{name}.attn", cfg.num_attention_heads)
+        for space, proj in ((q, "query"), (k, "key"), (v, "value")):
+            g.linear(f"{block}.attention.self.{proj}", space, before)
+            g.probe(space, f"{block}.attention.self.{proj}")
+        attn_out = f"{name}.attn_out"
+        g.linear(f"{block}.attention.output.dense", attn_out, v)
+        g.probe(attn_out, f"{block}.attention.output.dense")
+        g.residual(middle, before, attn_out)
+        g.norm(f"{block}.attention.output.LayerNorm", middle)  # post-LN: on the residual point
+        g.probe(middle, f"{block}.attention.output.LayerNorm")
+        hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
+        g.linear(f"{block}.intermediate.dense", hidden, middle)
+        g.probe(hidden, f"{block}.intermediate.intermediate_act_fn")
+        g.linear(f"{block}.output.dense", mlp_out, hidden)
+        g.probe(mlp_out, f"{block}.output.dense")
+        g.residual(after, middle, mlp_out)
+        g.norm(f"{block}.output.LayerNorm", after)
+        g.probe(after, f"{block}.output.LayerNorm")
+    last = g.point(2 * cfg.num_hidden_layers)
+    names = {n for n, _ in model.named_parameters()}
+    if f"{base}pooler.dense.weight" in names:
+        g.linear(f"{base}pooler.dense", "pooler", last)
+        g.probe("pooler", f"{base}pooler.activation")  # (batch, width): one sample per sequence
+    if isinstance(model, BertForSequenceClassification):
+        g.linear("classifier", None, "pooler")  # classes are never permuted
+    if isinstance(model, BertForMaskedLM):
+        head = "cls.predictions"
+        # The decoder is tied to the word embeddings, whose columns live in stream.0: the
+        # transform must write that same space for the tied matrix to read it.
+        g.linear(f"{head}.transform.dense", s0, last)
+        g.norm(f"{head}.transform.LayerNorm", s0)
+        g.param(f"{head}.bias", None)
+        if f"{head}.decoder.weight" in names:  # untied checkpoint
+            g.param(f"{head}.decoder.weight", None, In(s0))
+        if f"{head}.decoder.bias" in names:
+            g.param(f"{head}.decoder.bias", None)
+    g.graph.tokens = TokenLayout(cls=0, grid=None, prefix=1)
+    return g.graph
+
+
+def owns(model) -> bool:
+    return isinstance(model, tuple(CLASSES.values()))
+
+
+def has_head(model: nn.Module) -> bool:
+    return not isinstance(model, BertModel)
+
+
+def check_directory(path: str, label: str) -> dict:
+    """The checkpoint's config, after checking that it is a BERT (clear error otherwise)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise TfuseError(f"{label}: '{path}' has no config.json; give a directory written by save_pretrained")
+    config = json.loads(config_file.read_text())
+    kind = config.get("model_type")
+    if kind != "bert":
+        raise TfuseError(
+            f"{label}: '{path}' holds a {kind!r} checkpoint, not a BERT (model.family=hf_bert); "
+            "all parents must be BERTs of one tokenizer"
+        )
+    return config
+
+
+def load(path: str) -> nn.Module:
+    config = check_directory(path, f"checkpoint '{path}'") if Path(path).is_dir() else {}
+    arch = (config.get("architectures") or ["BertForMaskedLM"])[0]
+    cls = CLASSES.get(arch, BertForMaskedLM if "MaskedLM" in arch or "PreTraining" in arch else BertModel)
+    model = cls.from_pretrained(path, use_safetensors=(Path(path) / "model.safetensors").exists() or None)
+    return attach_tokenizer(model, load_tokenizer(path))
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def save(model: nn.Module, path: str) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer = tokenizer_of(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
