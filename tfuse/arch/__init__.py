@@ -66,3 +66,8 @@ def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None
                     f"parents 0 and {i} differ in architecture: parameter '{name}' has shape "
                     f"{tuple(first[name].shape)} vs {tuple(other[name].shape)}"
                 )
+
+
+from tfuse.arch import timm_vit  # noqa: E402  (timm imports torchvision: registered last)
+
+FAMILIES["timm_vit"] = timm_vit

@@ -109,6 +109,7 @@ class Recorder:
         if self.mask is None:  # the same module object may be hooked by another recorder
             return
         x = value[0] if isinstance(value, (tuple, list)) else value
+        x = self.targets[name].select(x)
         if x.dim() == 2:  # one vector per example (a pooled output): each example is one sample
             self.acts[name] = x.detach().float()
             return
