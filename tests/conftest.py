@@ -15,7 +15,7 @@ def tiny_vit(seed: int = 0, hidden: int = 32, mlp: int = 64, heads: int = 4, dep
     torch.manual_seed(seed)
     config = ViTConfig(
         hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
-        image_size=8, patch_size=2, num_channels=1, num_labels=10,
+        image_size=8, patch_size=4, num_channels=1, num_labels=10,
     )
     return ViTForImageClassification(config).eval()
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from tfuse.errors import TfuseError
 
@@ -41,8 +42,7 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
         try:
             run(cfg, Path(HydraConfig.get().runtime.output_dir), console)
         except TfuseError as err:
-            Console(stderr=True).print(f"[bold red]tfuse {command}: error:[/] {err}", highlight=False)
-            sys.exit(2)
+            fail(command, err)
 
     sys.argv = [f"tfuse {command}", *overrides]
     app()
@@ -75,8 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise TfuseError(f"unknown command {command!r}; allowed: fuse, train, report")
     except TfuseError as err:
-        Console(stderr=True).print(f"[bold red]tfuse {command}: error:[/] {err}", highlight=False)
-        sys.exit(2)
+        fail(command, err)
+
+
+def fail(command: str, err: TfuseError) -> None:
+    """One clear line on stderr (no traceback) and exit status 2."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]tfuse {command}: error:[/] {escape(str(err))}", highlight=False)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfuse.arch import check_same_architecture, family
+from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
 from tfuse.fusion.engine import ot_fuse, vanilla_fuse
 from tfuse.fusion.settings import FusionSettings
@@ -24,6 +25,7 @@ from tfuse.io import new_directory, write_json
 from tfuse.parents import obtain_parents, save_parent, train_parent
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
+from tfuse.tasks.mlm import for_models
 from tfuse.training import train
 
 
@@ -85,10 +87,11 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     seed_everything(cfg.seed)
     clock = Stopwatch()
     with clock.stage("data"):
-        task = build_task(cfg.data, cfg.eval_batch_size, device)
+        task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents)
     with clock.stage("parents"):
         parents = obtain_parents(cfg, task, device)
     models = [p.model for p in parents]
+    task = for_models(task, models)  # bare encoders: embedding agreement with the parents
     widths_differ = any(
         a.shape != b.shape for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
     )
@@ -119,6 +122,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         one_shot["ot"] = task.evaluate(fused["ot"])
     main = fused[settings.method]
     finetuned: dict[str, dict] = {}
+    tuned_models: dict[str, torch.nn.Module] = {}
     tuned_main = None
     if cfg.finetune.steps > 0:
         for name, model in fused.items():
@@ -126,6 +130,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
             with clock.stage(f"finetune_{name}"):
                 finetune(tuned, task, cfg, cfg.seed, device, name)
             finetuned[name] = task.evaluate(tuned)
+            tuned_models[name] = tuned
             if model is main:
                 tuned_main = tuned
     results = {
@@ -139,6 +144,9 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         "parents": [{"source": p.source, "trained_seconds": p.trained_seconds} for p in parents],
         "primary_metric": task.primary_metric,
     }
+    if cfg.get("downstream") and cfg.downstream.get("task"):
+        with clock.stage("downstream"):
+            results["downstream"] = run_downstream(cfg, models, fused, tuned_models, device, console)
     fam = family(cfg.model.family)
     _save_model(fam, main, out_dir / "fused")
     if tuned_main is not None:
@@ -157,13 +165,13 @@ def results_table(results: dict) -> Table:
     """Models as rows; one-shot and finetuned metrics as columns."""
     one_shot, tuned = results["one_shot"], results["finetuned"]
     metrics = list(next(iter(one_shot.values())))
-    table = Table(title="tfuse: one-shot and finetuned", title_justify="left")
+    table = Table(title="tfuse: one-shot and finetuned (VF: vanilla fusion, OT: OT fusion)", title_justify="left")
     table.add_column("model")
     for m in metrics:
         table.add_column(f"one-shot {m}", justify="right")
     for m in metrics if tuned else []:
         table.add_column(f"finetuned {m}", justify="right")
-    labels = {"ensemble": "ensemble", "vanilla": "vanilla fusion (VF)", "ot": "OT fusion"}
+    labels = {"vanilla": "VF", "ot": "OT"}
     for name, scores in one_shot.items():
         row = [labels.get(name, name.replace("_", " "))] + [_fmt(m, scores[m]) for m in metrics]
         if tuned:

@@ -1,0 +1,129 @@
+"""The command line end to end on a seconds-scale experiment, and its answers to bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from conftest import tiny_vit
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tfuse.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path) -> Path:
+    out = workdir / "run"
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"hydra.run.dir={out}", f"cache_dir={workdir / 'parents'}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_end_to_end_fusion_writes_results_and_ot_beats_vanilla(first_run: Path, workdir: Path):
+    results = json.loads((first_run / "results.json").read_text())
+    one_shot = results["one_shot"]
+    assert set(one_shot) == {"parent_0", "parent_1", "ensemble", "vanilla", "ot"}
+    assert min(one_shot["parent_0"]["accuracy"], one_shot["parent_1"]["accuracy"]) > 0.85
+    assert one_shot["ot"]["accuracy"] > one_shot["vanilla"]["accuracy"] + 0.2
+    assert set(results["finetuned"]) == {"ot", "vanilla"}
+    assert {"parents", "fuse", "fuse.statistics", "fuse.transport", "finetune_ot"} <= set(results["timings"])
+    assert results["settings"]["qk"] == "head_aware" and results["settings"]["reg"] == 0.08
+    assert (first_run / ".hydra" / "config.yaml").exists()
+    fused = ViTForImageClassification.from_pretrained(first_run / "fused")
+    from tfuse.data.images import load_images
+    from tfuse.tasks.image_classification import ImageClassificationTask
+
+    task = ImageClassificationTask(load_images("digits"))
+    assert task.evaluate(fused)["accuracy"] == pytest.approx(one_shot["ot"]["accuracy"])
+    assert ViTForImageClassification.from_pretrained(first_run / "finetuned") is not None
+    assert len(list((workdir / "parents").iterdir())) == 2
+
+
+def test_existing_results_are_never_overwritten(first_run: Path, workdir: Path):
+    before = (first_run / "results.json").read_text()
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"hydra.run.dir={first_run}", f"cache_dir={workdir / 'parents'}", cwd=workdir)
+    assert proc.returncode == 2 and "already holds results.json" in proc.stderr
+    assert (first_run / "results.json").read_text() == before
+
+
+def test_explicit_parents_sweep_and_report(first_run: Path, workdir: Path):
+    parents = sorted(str(p) for p in (workdir / "parents").iterdir())
+    sweep = workdir / "sweep"
+    proc = tfuse(
+        "fuse", "-m", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
+        "fusion.solver=sinkhorn", "fusion.reg=0.01,0.1", f"hydra.sweep.dir={sweep}", cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [r["settings"]["reg"] for r in runs] == [0.01, 0.1]
+    assert all(r["finetuned"] == {} for r in runs)
+    assert not (sweep / "0" / "finetuned").exists() and (sweep / "0" / "fused").is_dir()
+    proc = tfuse("report", str(sweep), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    csv = (sweep / "report.csv").read_text()
+    assert "fusion.reg" in csv and len(csv.strip().splitlines()) == 3
+    assert (sweep / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_train_one_parent(workdir: Path):
+    out = workdir / "train"
+    proc = tfuse("train", "+experiment=vit_digits_tiny", "seed=3", "train.epochs=1", f"hydra.run.dir={out}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["seed"] == 3 and 0 <= metrics["test"]["accuracy"] <= 1
+    assert ViTForImageClassification.from_pretrained(out / "model").config.hidden_size == 32
+
+
+def _bad(workdir: Path, *overrides: str) -> str:
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", "finetune.steps=0", *overrides, cwd=workdir)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_missing_checkpoint_is_a_clear_error(workdir: Path):
+    err = _bad(workdir, f"parents=[{workdir / 'nope_a'},{workdir / 'nope_b'}]", f"hydra.run.dir={workdir / 'bad1'}")
+    assert "nope_a" in err and "does not exist" in err
+
+
+def test_unknown_option_lists_allowed_values(workdir: Path):
+    err = _bad(workdir, "fusion.residual=sum", f"hydra.run.dir={workdir / 'bad2'}")
+    assert "fusion.residual='sum'" in err and "weighted_matrix" in err
+
+
+def test_missing_data_path_is_a_clear_error(workdir: Path):
+    err = _bad(workdir, "data=cifar10", f"data.path={workdir / 'no_cifar'}", f"hydra.run.dir={workdir / 'bad3'}")
+    assert "no_cifar" in err and "data.path" in err
+
+
+def test_parents_of_different_depths_name_the_parameter(workdir: Path):
+    a, b = workdir / "depth2", workdir / "depth3"
+    tiny_vit(depth=2).save_pretrained(a)
+    tiny_vit(depth=3).save_pretrained(b)
+    err = _bad(workdir, f"parents=[{a},{b}]", "data=digits", f"hydra.run.dir={workdir / 'bad4'}")
+    assert "vit.layers.2." in err and "differ in architecture" in err
+
+
+def test_nan_weights_name_the_layer(workdir: Path):
+    a, b = workdir / "nan_a", workdir / "ok_b"
+    model = tiny_vit()
+    with torch.no_grad():
+        model.vit.layers[1].mlp.fc1.weight.fill_(float("nan"))
+    model.save_pretrained(a)
+    tiny_vit(seed=1).save_pretrained(b)
+    err = _bad(workdir, f"parents=[{a},{b}]", f"hydra.run.dir={workdir / 'bad5'}")
+    assert "layers.1.mlp" in err and "NaN" in err
