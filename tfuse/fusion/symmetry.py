@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align
 from tfuse.fusion.graph import FlowGraph, Out
 from tfuse.fusion.plan import Plan
@@ -66,3 +67,40 @@ def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Modul
 
 def _identity_plan(graph: FlowGraph) -> Plan:
     return Plan(rules=[], where={s: (s, 0) for s in graph.spaces()})
+
+
+def _duplication_map(n: int, factor: int) -> torch.Tensor:
+    """n -> factor * n: neuron i goes whole to neurons factor * i .. factor * i + factor - 1."""
+    t = torch.zeros(n, factor * n, dtype=torch.float64)
+    for r in range(factor):
+        t[torch.arange(n), factor * torch.arange(n) + r] = 1.0 / (factor * n)
+    return t
+
+
+def widened_copy(model: nn.Module, graph: FlowGraph, wide: nn.Module, spaces: list[str], factor: int = 2) -> nn.Module:
+    """``wide`` (a model of the wider architecture) carrying ``model``'s function: every neuron of
+    the symmetry groups of ``spaces`` (``graph.stream`` names the whole residual stream) is
+    duplicated ``factor`` times and what reads it is divided by ``factor``.
+
+    This is the transport-map application itself: with the duplication map T (n x factor n), the
+    output side's barycentre copies each row, the input side's T / mu splits each column. The
+    residual stream keeps its function because a LayerNorm over duplicated neurons sees the same
+    mean and variance. Attention spaces are refused: widening queries and keys changes the
+    attention logits' scale."""
+    from tfuse.fusion.engine import parameters, with_state
+
+    state = parameters(model, graph)
+    sizes = space_sizes(graph, state)
+    attention = {s for att in graph.attention for s in (att.q, att.k, att.v)}
+    wanted = {graph.stream_points()[0] if s == graph.stream else s for s in spaces}
+    unknown = sorted(wanted - set(sizes))
+    if unknown:
+        raise TfuseError(f"widened_copy: unknown space(s) {', '.join(unknown)}")
+    maps = {}
+    for group in symmetry_groups(graph):
+        if not wanted & set(group):
+            continue
+        if attention & set(group):
+            raise TfuseError(f"widened_copy: attention space '{group[0]}' cannot be widened without changing the function")
+        maps.update({space: _duplication_map(sizes[space], factor) for space in group})
+    return with_state(wide, align(state, graph, _identity_plan(graph), maps), graph)
