@@ -4,11 +4,11 @@ from __future__ import annotations
 from tfuse.errors import TfuseError
 from tfuse.tasks.base import Task
 
-DATA_KINDS = ("images",)
+DATA_KINDS = ("images", "text", "text_classification")
 
 
-def build_task(data_cfg, eval_batch_size: int, device: str) -> Task:
-    """The task a ``data`` config group describes."""
+def build_task(data_cfg, eval_batch_size: int, device: str, parents=None) -> Task:
+    """The task a ``data`` config group describes (text tasks use the parents' tokenizer when given)."""
     if data_cfg.kind == "images":
         from tfuse.data.images import load_images
         from tfuse.tasks.image_classification import ImageClassificationTask
@@ -17,4 +17,16 @@ def build_task(data_cfg, eval_batch_size: int, device: str) -> Task:
             data_cfg.name, data_cfg.path, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.seed, data_cfg.max_train
         )
         return ImageClassificationTask(data, eval_batch_size, device)
+    if data_cfg.kind in ("text", "text_classification"):
+        from tfuse.data.text import load_text, shared_tokenizer
+
+        tokenizer = shared_tokenizer([str(p) for p in parents]) if parents else None
+        if data_cfg.kind == "text_classification":
+            from tfuse.tasks.text_classification import genre_task
+
+            return genre_task(data_cfg, tokenizer, eval_batch_size, device)
+        from tfuse.tasks.mlm import MLMTask
+
+        data = load_text(data_cfg, tokenizer)
+        return MLMTask(data, eval_batch_size, device, data_cfg.get("mask_probability", 0.15), data_cfg.get("mask_seed", 1234))
     raise TfuseError(f"data.kind={data_cfg.kind!r} is not known; allowed: {', '.join(DATA_KINDS)}")

@@ -1,0 +1,210 @@
+"""Masked language modelling (BERT pretraining objective) and, for bare encoders without a head,
+the agreement of mean-pooled embeddings with the parents'.
+
+Masking follows BERT: 15% of the real tokens (never [CLS], [SEP] or padding) are chosen; of those
+80% become [MASK], 10% a random token, 10% stay. Training batches are masked afresh each time
+(seeded); evaluation masks each split once with ``mask_seed``, so every model is scored on exactly
+the same masked positions. The ensemble averages logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfuse.data.text import Sequences, TextData
+from tfuse.errors import TfuseError
+from tfuse.tasks.base import Batch
+
+SPLITS = ("train", "val", "test")
+
+
+def mask_tokens(
+    batch: Batch, tokenizer, generator: torch.Generator, probability: float = 0.15
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked input ids, labels with -100 where nothing is predicted)."""
+    ids = batch["input_ids"]
+    special = (ids == tokenizer.cls_token_id) | (ids == tokenizer.sep_token_id) | (batch["attention_mask"] == 0)
+    chosen = (torch.rand(ids.shape, generator=generator) < probability) & ~special
+    labels = ids.masked_fill(~chosen, -100)
+    roll = torch.rand(ids.shape, generator=generator)
+    masked = ids.clone()
+    masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[swap] = torch.randint(len(SPECIAL_SKIP), len(tokenizer), ids.shape, generator=generator)[swap]
+    return masked, labels
+
+
+SPECIAL_SKIP = range(5)  # random replacements avoid the first ids (special tokens of our WordPiece)
+
+
+def batches(seq: Sequences, order: torch.Tensor, size: int) -> Iterator[Batch]:
+    for start in range(0, len(order), size):
+        yield seq.batch(order[start:start + size])
+
+
+def model_inputs_of(batch: Batch, device: torch.device) -> Batch:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+class MLMTask:
+    """Masked language modelling on a text corpus; scored by loss (lower is better)."""
+
+    name = "mlm"
+    head = "mlm"
+    primary_metric = "loss"
+    higher_is_better = False
+
+    def __init__(self, data: TextData, eval_batch_size: int = 64, device: str | torch.device = "cpu",
+                 mask_probability: float = 0.15, mask_seed: int = 1234):
+        self.data = data
+        self.tokenizer = data.tokenizer
+        self.max_length = data.max_length
+        self.eval_batch_size = eval_batch_size
+        self.device = torch.device(device)
+        self.mask_probability = mask_probability
+        self.mask_seed = mask_seed
+        self._fixed: dict[str, list[Batch]] = {}
+
+    @property
+    def train_size(self) -> int:
+        return len(self.data.train)
+
+    def _mask(self, batch: Batch, generator: torch.Generator) -> Batch:
+        ids, labels = mask_tokens(batch, self.tokenizer, generator, self.mask_probability)
+        return {**batch, "input_ids": ids, "labels": labels}
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(self.data.train), generator=generator)
+            for batch in batches(self.data.train, order, batch_size):
+                yield self._mask(batch, generator)
+
+    def calibration_batches(self, samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
+        """Unmasked training sequences (what the encoder sees at its best), a seeded subset."""
+        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(seed))[:samples]
+        yield from batches(self.data.train, order, batch_size)
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        return model_inputs_of(batch, self.device)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(**self.model_inputs(batch)).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(self.device).flatten(), ignore_index=-100)
+
+    def evaluation_batches(self, split: str) -> list[Batch]:
+        """The split masked once with ``mask_seed`` (cached: every model sees the same masks)."""
+        if split not in SPLITS:
+            raise TfuseError(f"Unknown split {split!r}; allowed: {', '.join(SPLITS)}.")
+        if split not in self._fixed:
+            generator = torch.Generator().manual_seed(self.mask_seed)
+            seq = getattr(self.data, split)
+            order = torch.arange(min(len(seq), 512) if split == "train" else len(seq))
+            self._fixed[split] = [self._mask(b, generator) for b in batches(seq, order, self.eval_batch_size)]
+        return self._fixed[split]
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        return self.evaluate_ensemble([model], split)
+
+    @torch.no_grad()
+    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
+        """Loss, perplexity and masked-token accuracy of the averaged logits of ``models``."""
+        for m in models:
+            if not hasattr(m, "cls"):
+                raise TfuseError(f"{type(m).__name__} has no masked-LM head; MLM metrics need BertForMaskedLM")
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        nll, correct, count = 0.0, 0, 0
+        try:
+            for batch in self.evaluation_batches(split):
+                inputs = self.model_inputs(batch)
+                labels = batch["labels"].to(self.device)
+                keep = labels != -100
+                logits = sum(m(**inputs).logits[keep].float() for m in models) / len(models)
+                target = labels[keep]
+                nll += float(F.cross_entropy(logits, target, reduction="sum"))
+                correct += int((logits.argmax(-1) == target).sum())
+                count += int(keep.sum())
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+        loss = nll / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_accuracy": correct / max(count, 1)}
+
+
+def mean_pooled(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean over real tokens of the encoder's last hidden states (sentence-transformers pooling)."""
+    inputs = model_inputs_of(batch, device)
+    hidden = model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class EmbeddingAgreementTask:
+    """For bare encoders (no head): how closely a model's mean-pooled embeddings agree (cosine,
+    averaged over held-out sequences) with each parent's. Nothing to train."""
+
+    name = "embedding_agreement"
+    primary_metric = "mean_cosine"
+    higher_is_better = True
+
+    def __init__(self, base: MLMTask, parents: Sequence[nn.Module]):
+        self.base = base
+        self.parents = list(parents)
+        self.tokenizer, self.max_length, self.data = base.tokenizer, base.max_length, base.data
+        self._reference: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def train_size(self) -> int:
+        return self.base.train_size
+
+    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        return self.base.train_batches(batch_size, seed)
+
+    def calibration_batches(self, samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
+        return self.base.calibration_batches(samples, batch_size, seed)
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        return self.base.model_inputs(batch)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        raise TfuseError("a bare BertModel has no head to finetune; set finetune.steps=0")
+
+    @torch.no_grad()
+    def _embeddings(self, models: Sequence[nn.Module], split: str) -> list[torch.Tensor]:
+        seq = getattr(self.data, split)
+        out = []
+        for batch in batches(seq, torch.arange(len(seq)), self.base.eval_batch_size):
+            out.append(sum(mean_pooled(m.eval(), batch, self.base.device) for m in models) / len(models))
+        return out
+
+    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
+        return self.evaluate_ensemble([model], split)
+
+    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
+        """Mean cosine to each parent's embeddings (the ensemble's embedding: their average)."""
+        mine = self._embeddings(models, split)
+        scores = {}
+        for i, parent in enumerate(self.parents):
+            key = f"{split}/{i}"
+            if key not in self._reference:
+                self._reference[key] = self._embeddings([parent], split)
+            cos = torch.cat([F.cosine_similarity(a, b, dim=-1) for a, b in zip(mine, self._reference[key])])
+            scores[f"cosine_parent_{i}"] = float(cos.mean())
+        scores["mean_cosine"] = sum(scores.values()) / len(self.parents)
+        return scores
+
+
+def for_models(task, models: Sequence[nn.Module]):
+    """The task to score ``models`` with: MLM as is, embedding agreement for bare encoders."""
+    from tfuse.arch import hf_bert
+
+    if isinstance(task, MLMTask) and models and hf_bert.owns(models[0]) and not hf_bert.has_head(models[0]):
+        return EmbeddingAgreementTask(task, models)
+    return task
