@@ -34,7 +34,8 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
 
     run = {"fuse": run_fuse, "train": run_train}[command]
     if not any(a.lstrip("+").startswith("experiment=") for a in overrides):
-        overrides = [f"+experiment={DEFAULT_EXPERIMENT}", *overrides]
+        default = "bert_mlm" if "model=hf_bert" in overrides else DEFAULT_EXPERIMENT  # text data for BERTs
+        overrides = [f"+experiment={default}", *overrides]
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:

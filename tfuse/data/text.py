@@ -198,15 +198,20 @@ def _articles(lines: list[str], max_chars: int | None) -> list[tuple[str, str]]:
 
 
 def load_corpus(cfg) -> Corpus:
+    """The source's documents split into train/val/test (``max_doc_chars`` truncates each: tests)."""
     name = cfg.name
     if name == "plays":
-        return split_by_label(read_plays(), cfg.get("val_docs", 1), cfg.get("test_docs", 2), cfg.seed)
-    if name == "pydoc":
+        docs = read_plays()
+    elif name == "pydoc":
         docs = pydoc_documents()
     elif name == "wikitext":
         docs = external_documents(name, cfg.get("path"), cfg.get("max_chars"))
     else:
         raise TfuseError(f"data.name={name!r} is not a text source; allowed: {', '.join(TEXT_SOURCES)}")
+    if cfg.get("max_doc_chars"):
+        docs = [Document(d.name, d.text[: cfg.max_doc_chars], d.label) for d in docs]
+    if name == "plays":
+        return split_by_label(docs, cfg.get("val_docs", 1), cfg.get("test_docs", 2), cfg.seed)
     return split_fraction(docs, cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.seed)
 
 
