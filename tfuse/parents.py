@@ -1,16 +1,18 @@
 """Parents: loaded from checkpoints, or trained from an experiment's recipe and cached."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from tfuse.arch import family, load_parent
+from tfuse.errors import TfuseError
 from tfuse.io import new_directory, write_json
 from tfuse.tasks.base import Task
 from tfuse.training import epochs_to_steps, train
@@ -61,18 +63,42 @@ def save_parent(model: nn.Module, cfg: DictConfig, metrics: dict, seed: int, pat
         write_json(tmp / "recipe.json", recipe(cfg, seed))
 
 
+def parent_configs(cfg: DictConfig) -> list[DictConfig]:
+    """One config per recipe parent: ``cfg`` itself, or with ``parent_models[i]`` merged into its
+    ``model`` group (heterogeneous parents: e.g. a wide and a narrow ViT)."""
+    overrides = cfg.get("parent_models")
+    if not overrides:
+        if cfg.n_parents < 1:
+            raise TfuseError(f"n_parents={cfg.n_parents}: give at least one parent")
+        return [cfg] * cfg.n_parents
+    if len(overrides) != cfg.n_parents:
+        raise TfuseError(
+            f"parent_models has {len(overrides)} entries but n_parents={cfg.n_parents}; give one model "
+            "override per parent"
+        )
+    out = []
+    for i, extra in enumerate(overrides):
+        one = copy.deepcopy(cfg)
+        with open_dict(one):
+            one.model = OmegaConf.merge(cfg.model, extra or {})
+            one.parent_models = None
+        out.append(one)
+    return out
+
+
 def obtain_parents(cfg: DictConfig, task: Task, device: str) -> list[Parent]:
-    """``parents=[...]`` when given, else the experiment's recipe (trained once, then cached)."""
+    """``parents=[...]`` when given, else the experiment's recipe (trained once, then cached):
+    ``n_parents`` parents with seeds 0 .. n_parents-1, each with its ``parent_models`` override."""
     fam = cfg.model.family
     if cfg.parents:
         return [Parent(load_parent(str(s), fam, f"parents[{i}]").to(device), str(s)) for i, s in enumerate(cfg.parents)]
     out = []
-    for seed in range(cfg.n_parents):
-        path = recipe_dir(cfg, seed)
+    for seed, one in enumerate(parent_configs(cfg)):
+        path = recipe_dir(one, seed)
         if path.is_dir():
             out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path)))
             continue
-        model, metrics = train_parent(cfg, task, seed, device)
-        save_parent(model, cfg, metrics, seed, path)
+        model, metrics = train_parent(one, task, seed, device)
+        save_parent(model, one, metrics, seed, path)
         out.append(Parent(model, str(path), metrics["train"]["seconds"]))
     return out

@@ -133,6 +133,13 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
             tuned_models[name] = tuned
             if model is main:
                 tuned_main = tuned
+    if cfg.finetune.steps > 0 and widths_differ and settings.method == "ot":
+        # compression: does fusing the other parents in beat training the anchor alone as long?
+        tuned = copy.deepcopy(models[anchor])
+        with clock.stage("finetune_anchor"):
+            finetune(tuned, task, cfg, cfg.seed, device, f"parent {anchor} (the anchor)")
+        finetuned[f"parent_{anchor}"] = task.evaluate(tuned)
+    not_applicable = {"vanilla": "widths differ"} if widths_differ else {}
     results = {
         "one_shot": one_shot,
         "finetuned": finetuned,
@@ -143,6 +150,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         "alpha": weights,
         "parents": [{"source": p.source, "trained_seconds": p.trained_seconds} for p in parents],
         "primary_metric": task.primary_metric,
+        "not_applicable": not_applicable,
     }
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
@@ -177,6 +185,8 @@ def results_table(results: dict) -> Table:
         if tuned:
             row += [_fmt(m, tuned[name][m]) if name in tuned else "" for m in metrics]
         table.add_row(*row)
+    for name, why in results.get("not_applicable", {}).items():
+        table.add_row(labels.get(name, name), *[f"n/a: {why}" if i == 0 else "" for i in range(len(table.columns) - 1)])
     return table
 
 
