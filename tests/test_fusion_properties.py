@@ -88,7 +88,8 @@ def test_streamed_statistics_equal_all_at_once(images):
     whole = collect_statistics([a], b, graph, plan, batches_of(images, len(images))(), identity, settings)
     for space, stats in whole.pairs[0].items():
         other = small.pairs[0][space]
-        assert stats.a.count == other.a.count == len(images) * 17 * len(plan.segments[space][0])
+        tokens = (b.config.image_size // b.config.patch_size) ** 2 + 1
+        assert stats.a.count == other.a.count == len(images) * tokens * len(plan.segments[space][0])
         for x, y in ((stats.cross, other.cross), (stats.a.sum, other.a.sum), (stats.b.sumsq, other.b.sumsq)):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
     for probe, mag in whole.magnitude[0].items():
