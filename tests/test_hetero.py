@@ -115,3 +115,13 @@ def test_different_depths_are_a_clear_error(images):
     check_same_architecture([vit(hidden=32), vit(hidden=48, head_dim=12)], allow_widths=True)
     with pytest.raises(TfuseError, match="shape"):
         check_same_architecture([vit(hidden=32), vit(hidden=48, head_dim=12)], allow_widths=False)
+
+
+def test_parents_may_differ_in_widths_only(images):
+    torch.manual_seed(0)
+    other = ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=8,
+        patch_size=2, num_channels=1, num_labels=10,
+    )).eval()
+    with pytest.raises(TfuseError, match="not a hidden width"):
+        fuse([other, vit()], FusionSettings(tokens="all"), images, anchor=1)

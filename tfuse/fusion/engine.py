@@ -92,6 +92,7 @@ def ot_fuse(
         raise TfuseError("fusion needs at least two parents")
     for i, m in enumerate(models):
         check_graph(m, graph, f"parent {i}")
+    _check_fixed_axes(models, graph, anchor)
     weights = settings.weights(len(models))
     plan = make_plan(graph, settings)
     timings = {"statistics": 0.0, "transport": 0.0, "align": 0.0}
@@ -120,6 +121,21 @@ def ot_fuse(
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
     return FusionOutcome(reference, maps, timings)
+
+
+def _check_fixed_axes(models: Sequence[nn.Module], graph: FlowGraph, anchor: int) -> None:
+    """Only hidden widths may differ between parents: axes no space aligns (classes, pixels,
+    positions, kernel sizes) must agree with the anchor's."""
+    ref = parameters(models[anchor], graph)
+    for i, m in enumerate(models):
+        for name, w in parameters(m, graph).items():
+            for axis, spec in enumerate(graph.params[name]):
+                if spec is None and w.shape[axis] != ref[name].shape[axis]:
+                    raise TfuseError(
+                        f"parents {i} and {anchor} differ in parameter '{name}' axis {axis} ({w.shape[axis]} vs "
+                        f"{ref[name].shape[axis]}), which is not a hidden width: fusion allows different widths "
+                        "only (same depth, patch size, image size, classes)"
+                    )
 
 
 def _statistics(
