@@ -120,3 +120,37 @@ def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
             torch.testing.assert_close(parameters(fused)[name], w, atol=1e-5, rtol=1e-4, msg=name)
         with torch.no_grad():
             torch.testing.assert_close(fused.eval()(**inputs(data)).last_hidden_state, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
+    """A bare BertModel has no head: results.json holds the cosine agreement of mean-pooled
+    embeddings with each parent; a permuted copy fused back (hard) agrees perfectly."""
+    from hydra import compose, initialize_config_dir
+    from rich.console import Console
+    from transformers import BertConfig, BertModel
+
+    from tfuse.cli import CONFIG_DIR
+    from tfuse.data.text import load_corpus
+    from tfuse.fusion.symmetry import permuted_copy
+    from tfuse.pipeline import run_fuse
+
+    overrides = ["+experiment=bert_pydoc_tiny", "+data.max_doc_chars=3000", "data.max_eval=16", "finetune.steps=0"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    tokenizer = train_tokenizer([d.text for d in load_corpus(cfg.data).train], 300)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64))
+    hf_bert.attach_tokenizer(model, tokenizer)
+    hf_bert.save(model, str(tmp_path / "a"))
+    hf_bert.save(permuted_copy(model, hf_bert.graph(model), seed=4), str(tmp_path / "b"))
+    extra = [f"parents=[{tmp_path / 'b'},{tmp_path / 'a'}]", "fusion.anchor=1", "fusion.solver=emd", "fusion.residual=global"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides + extra)
+    results = run_fuse(cfg, tmp_path / "out", Console(quiet=True))
+    ot = results["one_shot"]["ot"]
+    assert set(ot) == {"cosine_parent_0", "cosine_parent_1", "mean_cosine"}
+    assert ot["cosine_parent_1"] == pytest.approx(1.0, abs=1e-5)
+    assert results["one_shot"]["parent_1"]["cosine_parent_1"] == pytest.approx(1.0, abs=1e-5)
+    assert results["one_shot"]["parent_0"]["cosine_parent_1"] < 0.999  # the permuted basis disagrees
+    assert isinstance(hf_bert.load(str(tmp_path / "out" / "fused")), BertModel)
