@@ -76,11 +76,13 @@ def test_widened_timm_copy_fuses_back(images):
         torch.testing.assert_close(fused.eval()(images), small(images), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
-@pytest.mark.parametrize("qk", ["head_aware", "separate"])
-def test_rectangular_maps_keep_their_marginals(solver, qk, images):
+@pytest.mark.parametrize("solver,qk,cost", [
+    ("emd", "head_aware", "activations"), ("sinkhorn", "head_aware", "activations"),
+    ("emd", "separate", "activations"), ("sinkhorn", "separate", "activations"), ("emd", "head_aware", "weights"),
+])
+def test_rectangular_maps_keep_their_marginals(solver, qk, cost, images):
     large, small = vit(0, hidden=48, mlp=96, head_dim=12), vit(1, hidden=32, mlp=64, head_dim=8)
-    settings = FusionSettings(solver=solver, reg=0.05, residual="mean", qk=qk, tokens="all")
+    settings = FusionSettings(solver=solver, reg=0.05, residual="mean", qk=qk, tokens="all", cost=cost)
     outcome = fuse([large, small], settings, images, anchor=1)
     maps = outcome.maps[0]
     assert any(t.shape[0] != t.shape[1] for t in maps.values())

@@ -50,8 +50,7 @@ def test_permuted_copy_and_hard_fusion_give_back_the_model(variant, images):
     copy = permuted_copy(model, graph, seed=4)
     assert not torch.equal(copy.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(out(copy, images), out(model, images), atol=1e-5, rtol=1e-5)
-    tokens = "all" if variant == "avg_no_class_token" else "window"
-    settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens=tokens, window=1)
+    settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens="window", window=1)
     fused = ot_fuse([copy, model], graph, settings, 1, batches_of(images, 16), identity).model
     torch.testing.assert_close(out(fused, images), out(model, images), atol=1e-5, rtol=1e-5)
     for name, w in model.state_dict().items():
