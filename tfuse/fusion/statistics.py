@@ -38,9 +38,9 @@ class Moments:
         return cls(0, z, z.clone())
 
     def add(self, x: torch.Tensor) -> None:
-        self.count += x.shape[0]  # float32 within a batch, float64 across batches
-        self.sum += x.sum(0).double()
-        self.sumsq += (x * x).sum(0).double()
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += (x * x).sum(0, dtype=torch.float64)
 
 
 @dataclass
@@ -199,21 +199,21 @@ def collect_statistics(
                 acts = rec.run(inputs, mask)
                 for s, seg in spaces.items():
                     _accumulate(pairs[i], s, features(acts, seg), ref_feats[s], ref_moments[s])
-                for name in plan.magnitude_probes():
+                for name in names:
                     x = acts[name]
-                    abs_sums[i][name] = abs_sums[i].get(name, 0) + x.abs().sum(0).double()
+                    abs_sums[i][name] = abs_sums[i].get(name, 0) + x.abs().sum(0, dtype=torch.float64)
                     counts[i][name] = counts[i].get(name, 0) + x.shape[0]
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
     magnitude = [{n: abs_sums[i][n] / max(counts[i][n], 1) for n in abs_sums[i]} for i in range(len(models))]
-    _check_finite(pairs, ref_moments, graph)
+    _check_finite(magnitude, ref_moments, graph)
     return Statistics(pairs, magnitude)
 
 
-def _check_finite(pairs: list[dict[str, PairStats]], ref: dict[str, Moments], graph: FlowGraph) -> None:
+def _check_finite(magnitude: list[dict[str, torch.Tensor]], ref: dict[str, Moments], graph: FlowGraph) -> None:
     """Name the first layer, in forward order, whose activations are not finite."""
     order = {space: i for i, space in enumerate(graph.spaces())}
-    bad = [(name, f"parent {i}") for i, stats in enumerate(pairs) for name, st in stats.items() if not torch.isfinite(st.a.sumsq).all()]
+    bad = [(name, f"parent {i}") for i, mags in enumerate(magnitude) for name, m in mags.items() if not torch.isfinite(m).all()]
     bad += [(name, "the reference") for name, m in ref.items() if not torch.isfinite(m.sumsq).all()]
     if bad:
         name, who = min(bad, key=lambda item: order.get(item[0], len(order)))
