@@ -127,3 +127,45 @@ def test_parents_may_differ_in_widths_only(images):
     )).eval()
     with pytest.raises(TfuseError, match="not a hidden width"):
         fuse([other, vit()], FusionSettings(tokens="all"), images, anchor=1)
+
+
+def compose(*overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(str(root), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+TINY = ["data=digits", "model.hidden_size=32", "model.mlp_size=64", "model.patch_size=4", "train.epochs=2",
+        "finetune.steps=3", "fusion.samples=40", "device=cpu"]
+
+
+def test_vit_hetero_experiment_end_to_end(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tfuse.pipeline import run_fuse
+
+    cfg = compose("+experiment=vit_hetero", *TINY, "parent_models=[{},{hidden_size:16,mlp_size:32}]",
+                  f"cache_dir={tmp_path / 'parents'}")
+    console = Console(file=io.StringIO(), width=200)
+    results = run_fuse(cfg, tmp_path / "run", console)
+    assert set(results["one_shot"]) == {"parent_0", "parent_1", "ensemble", "ot"}
+    assert set(results["finetuned"]) == {"ot", "parent_1"}  # the small parent, same budget
+    assert results["not_applicable"] == {"vanilla": "widths differ"} and results["anchor"] == 1
+    assert "n/a" in console.file.getvalue()
+    fused = hf_vit.load(str(tmp_path / "run" / "fused"))
+    assert fused.config.hidden_size == 16 and fused.config.intermediate_size == 32
+    assert len(list((tmp_path / "parents").iterdir())) == 2
+
+
+def test_parent_models_needs_one_entry_per_parent(tmp_path):
+    from tfuse.parents import parent_configs
+
+    with pytest.raises(TfuseError, match="parent_models has 2 entries but n_parents=3"):
+        parent_configs(compose("+experiment=vit_hetero", "n_parents=3"))
+    small = parent_configs(compose("+experiment=vit_hetero"))[1]
+    assert small.model.hidden_size == 64 and small.model.depth == 4
