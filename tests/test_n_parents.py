@@ -67,3 +67,30 @@ def test_anchor_by_index_or_best():
         choose_anchor(3, [0.1, 0.9, 0.5], Task())
     with pytest.raises(TfuseError, match="needs 3 non-negative weights"):
         FusionSettings(alpha=[0.5, 0.5]).weights(3)
+
+
+def test_three_timm_parents_with_the_best_anchor_end_to_end(tmp_path):
+    import io
+    import json
+    from pathlib import Path
+
+    import timm
+    from hydra import compose, initialize_config_dir
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    from tfuse.pipeline import run_fuse
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "configs"), version_base=None):
+        cfg = compose("config", overrides=[
+            "+experiment=vit_digits_tiny", "model=timm_vit", "model.patch_size=4", "n_parents=3", "fusion.anchor=best",
+            "train.epochs=1", "finetune.steps=0", "fusion.samples=40", "device=cpu", f"cache_dir={tmp_path / 'parents'}",
+        ])
+    results = run_fuse(cfg, tmp_path / "run", Console(file=io.StringIO()))
+    assert {"parent_0", "parent_1", "parent_2", "vanilla", "ot"} <= set(results["one_shot"])
+    scores = results["anchor_val_scores"]
+    assert results["anchor"] == scores.index(max(scores)) and results["alpha"] == pytest.approx([1 / 3] * 3)
+    config = json.loads((tmp_path / "run" / "fused" / "config.json").read_text())
+    model = timm.create_model(config["architecture"], pretrained=False, **config["kwargs"])
+    model.load_state_dict(load_file(str(tmp_path / "run" / "fused" / "model.safetensors")))
+    assert model.embed_dim == 32 and len(model.blocks) == 2
