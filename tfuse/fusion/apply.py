@@ -21,16 +21,17 @@ State = dict[str, torch.Tensor]
 
 
 def apply_out(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
+    """Barycentres of the rows along ``axis`` (computed in the weight's precision)."""
     moved = w.movedim(axis, 0)
-    rows = moved.reshape(moved.shape[0], -1).to(t.dtype)
-    out = (t.shape[1] * t.T) @ rows
-    return out.reshape(t.shape[1], *moved.shape[1:]).movedim(0, axis).to(w.dtype)
+    rows = moved.reshape(moved.shape[0], -1)
+    out = (t.shape[1] * t.T).to(w.dtype) @ rows
+    return out.reshape(t.shape[1], *moved.shape[1:]).movedim(0, axis)
 
 
 def apply_in(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
-    moved = w.movedim(axis, -1)
-    out = moved.to(t.dtype) @ (t.shape[0] * t)
-    return out.movedim(-1, axis).to(w.dtype)
+    """The consumer's columns along ``axis`` re-weighted by T / mu."""
+    out = w.movedim(axis, -1) @ (t.shape[0] * t).to(w.dtype)
+    return out.movedim(-1, axis)
 
 
 def _check(name: str, axis: int, w: torch.Tensor, t: torch.Tensor, space: str) -> None:

@@ -67,6 +67,11 @@ class Plan:
         for rule in self.ot_rules():
             for seg in rule.segments:
                 names.update(dict.fromkeys(seg))
+        return list(names | dict.fromkeys(self.magnitude_probes()))
+
+    def magnitude_probes(self) -> list[str]:
+        """Probes whose mean absolute activation weighs a residual combination."""
+        names: dict[str, None] = {}
         for rule in self.rules:
             if isinstance(rule, CombineRule) and rule.policy.startswith("weighted"):
                 names.update(dict.fromkeys((rule.skip_probe, rule.branch_probe)))

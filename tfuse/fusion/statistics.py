@@ -7,6 +7,7 @@ calibration samples. Costs are computed from these sums alone (``cost.py``).
 from __future__ import annotations
 
 import inspect
+import ctypes
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ class Moments:
         return cls(0, z, z.clone())
 
     def add(self, x: torch.Tensor) -> None:
-        self.count += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sumsq += (x * x).sum(0, dtype=torch.float64)
+        self.count += x.shape[0]  # float32 within a batch, float64 across batches
+        self.sum += x.sum(0).double()
+        self.sumsq += (x * x).sum(0).double()
 
 
 @dataclass
@@ -169,6 +170,7 @@ def collect_statistics(
     total: int | None = None,
 ) -> Statistics:
     """Stream the calibration batches once through the reference and every model."""
+    _steady_allocator()
     names = plan.probes()
     spaces = plan.segments
     recorders = [Recorder(m, graph.probes, names) for m in models]
@@ -199,21 +201,21 @@ def collect_statistics(
                 acts = rec.run(inputs, mask)
                 for s, seg in spaces.items():
                     _accumulate(pairs[i], s, features(acts, seg), ref_feats[s], ref_moments[s])
-                for name in names:
+                for name in plan.magnitude_probes():
                     x = acts[name]
-                    abs_sums[i][name] = abs_sums[i].get(name, 0) + x.abs().sum(0, dtype=torch.float64)
+                    abs_sums[i][name] = abs_sums[i].get(name, 0) + x.abs().sum(0).double()
                     counts[i][name] = counts[i].get(name, 0) + x.shape[0]
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
     magnitude = [{n: abs_sums[i][n] / max(counts[i][n], 1) for n in abs_sums[i]} for i in range(len(models))]
-    _check_finite(magnitude, ref_moments, graph)
+    _check_finite(pairs, ref_moments, graph)
     return Statistics(pairs, magnitude)
 
 
-def _check_finite(magnitude: list[dict[str, torch.Tensor]], ref: dict[str, Moments], graph: FlowGraph) -> None:
+def _check_finite(pairs: list[dict[str, PairStats]], ref: dict[str, Moments], graph: FlowGraph) -> None:
     """Name the first layer, in forward order, whose activations are not finite."""
     order = {space: i for i, space in enumerate(graph.spaces())}
-    bad = [(name, f"parent {i}") for i, mags in enumerate(magnitude) for name, m in mags.items() if not torch.isfinite(m).all()]
+    bad = [(name, f"parent {i}") for i, stats in enumerate(pairs) for name, st in stats.items() if not torch.isfinite(st.a.sumsq).all()]
     bad += [(name, "the reference") for name, m in ref.items() if not torch.isfinite(m.sumsq).all()]
     if bad:
         name, who = min(bad, key=lambda item: order.get(item[0], len(order)))
@@ -221,6 +223,15 @@ def _check_finite(magnitude: list[dict[str, torch.Tensor]], ref: dict[str, Momen
             f"NaN or infinity in the activations of layer '{name}' of {who}: check that checkpoint's "
             "weights and the calibration data"
         )
+
+
+def _steady_allocator() -> None:
+    """Keep glibc from raising its mmap threshold as batch-sized buffers are freed: otherwise the
+    heap fragments and resident memory creeps up with the number of batches (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
+    except (OSError, AttributeError):
+        pass
 
 
 def _accumulate(
