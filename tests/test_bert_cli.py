@@ -154,3 +154,14 @@ def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
     assert results["one_shot"]["parent_1"]["cosine_parent_1"] == pytest.approx(1.0, abs=1e-5)
     assert results["one_shot"]["parent_0"]["cosine_parent_1"] < 0.999  # the permuted basis disagrees
     assert isinstance(hf_bert.load(str(tmp_path / "out" / "fused")), BertModel)
+
+
+def test_trained_tokenizer_ids_are_canonical():
+    """Ids do not depend on the trainer's tie-breaking: specials first, then sorted pieces, so
+    parents trained in separate processes share one tokenizer."""
+    from tfuse.data.text import SPECIAL, pydoc_documents
+
+    tok = train_tokenizer([d.text for d in pydoc_documents()[:20]], 300)
+    order = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    assert order[:len(SPECIAL)] == SPECIAL and order[len(SPECIAL):] == sorted(order[len(SPECIAL):])
+    assert tok("to be")["input_ids"][0] == tok.cls_token_id

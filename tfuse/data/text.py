@@ -228,6 +228,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    # The trainer breaks ties between equally frequent pieces in a run-dependent order: give the
+    # ids in a canonical order (specials, then sorted) so that every parent gets the same ids.
+    learned = sorted(t for t in tok.get_vocab() if t not in SPECIAL)
+    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL + learned)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
