@@ -31,8 +31,11 @@ def activation_cost(stats: PairStats, settings: FusionSettings) -> torch.Tensor:
     ca, sa, norm_a = _affine(stats.a, settings)
     cb, sb, norm_b = _affine(stats.b, settings)
     n = stats.a.count
-    dot = stats.cross - ca[:, None] * stats.b.sum[None, :] - stats.a.sum[:, None] * cb[None, :] + n * ca[:, None] * cb[None, :]
-    dot = dot / (sa[:, None] * sb[None, :])
+    dot = stats.cross
+    if settings.center:
+        dot = dot - ca[:, None] * stats.b.sum[None, :] - stats.a.sum[:, None] * cb[None, :] + n * ca[:, None] * cb[None, :]
+    if settings.standardize:
+        dot = dot / (sa[:, None] * sb[None, :])
     return _metric(dot, norm_a, norm_b, settings)
 
 
@@ -54,8 +57,8 @@ def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, setti
         norm_a, norm_b = torch.ones_like(norm_a), torch.ones_like(norm_b)
     if settings.metric == "cosine":
         return 1.0 - dot
-    sq = (norm_a[:, None] + norm_b[None, :] - 2 * dot).clamp_min(0)
-    return sq if settings.metric == "sqeuclidean" else sq.sqrt()
+    sq = dot.mul(-2.0).add_(norm_a[:, None]).add_(norm_b[None, :]).clamp_(min=0)
+    return sq if settings.metric == "sqeuclidean" else sq.sqrt_()
 
 
 def normalize(cost: torch.Tensor, how: str, space: str) -> torch.Tensor:

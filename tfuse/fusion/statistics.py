@@ -156,6 +156,8 @@ def call(model: nn.Module, inputs: Batch):
 def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Tensor]:
     """Sample blocks of a space: block b concatenates probe b of every segment along neurons."""
     blocks = len(segments[0])
+    if len(segments) == 1:  # no copy needed
+        return [acts[segments[0][b]] for b in range(blocks)]
     return [torch.cat([acts[seg[b]] for seg in segments], dim=1) for b in range(blocks)]
 
 
