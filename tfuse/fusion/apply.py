@@ -21,17 +21,38 @@ State = dict[str, torch.Tensor]
 
 
 def apply_out(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
-    """Barycentres of the rows along ``axis`` (computed in the weight's precision)."""
-    moved = w.movedim(axis, 0)
-    rows = moved.reshape(moved.shape[0], -1)
-    out = (t.shape[1] * t.T).to(w.dtype) @ rows
-    return out.reshape(t.shape[1], *moved.shape[1:]).movedim(0, axis)
+    """Barycentres of the rows along ``axis`` under the map ``t`` (n_a x n_b)."""
+    return _out(w, axis, (t.shape[1] * t.T).to(w.dtype))
 
 
 def apply_in(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
     """The consumer's columns along ``axis`` re-weighted by T / mu."""
-    out = w.movedim(axis, -1) @ (t.shape[0] * t).to(w.dtype)
-    return out.movedim(-1, axis)
+    return _in(w, axis, (t.shape[0] * t).to(w.dtype))
+
+
+def _out(w: torch.Tensor, axis: int, bary: torch.Tensor) -> torch.Tensor:
+    moved = w.movedim(axis, 0)
+    out = bary @ moved.reshape(moved.shape[0], -1)
+    return out.reshape(bary.shape[0], *moved.shape[1:]).movedim(0, axis)
+
+
+def _in(w: torch.Tensor, axis: int, keep: torch.Tensor) -> torch.Tensor:
+    return (w.movedim(axis, -1) @ keep).movedim(-1, axis)
+
+
+class SideMatrices:
+    """n_b T^T and n_a T of every map, converted to the weights' precision once."""
+
+    def __init__(self, maps: dict[str, torch.Tensor], dtype: torch.dtype):
+        self.maps, self.dtype = maps, dtype
+        self._cache: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def get(self, space: str, output: bool) -> torch.Tensor:
+        key = (space, output)
+        if key not in self._cache:
+            t = self.maps[space]
+            self._cache[key] = (t.shape[1] * t.T if output else t.shape[0] * t).to(self.dtype)
+        return self._cache[key]
 
 
 def _check(name: str, axis: int, w: torch.Tensor, t: torch.Tensor, space: str) -> None:
@@ -55,6 +76,7 @@ def align(
     ``maps`` yet are left as they are.
     """
     out: State = {}
+    side = SideMatrices(maps, next(iter(state.values())).dtype)
     stacked: dict[str, dict[int, list[tuple[str, int]]]] = defaultdict(lambda: defaultdict(list))
     for name in names or graph.params:
         w = state[name]
@@ -71,14 +93,15 @@ def align(
                 stacked[space][segment].append((name, axis))
                 continue
             _check(name, axis, w, t, spec.space)
-            w = apply_out(w, axis, t) if isinstance(spec, Out) else apply_in(w, axis, t)
+            output = isinstance(spec, Out)
+            w = (_out if output else _in)(w, axis, side.get(space, output))
         out[name] = w
     for space, by_segment in stacked.items():
-        _apply_stacked(out, maps[space], [by_segment[s] for s in sorted(by_segment)], space)
+        _apply_stacked(out, side.get(space, True), [by_segment[s] for s in sorted(by_segment)], space)
     return out
 
 
-def _apply_stacked(state: State, t: torch.Tensor, segments: list[list[tuple[str, int]]], space: str) -> None:
+def _apply_stacked(state: State, bary: torch.Tensor, segments: list[list[tuple[str, int]]], space: str) -> None:
     """Output side of a space stacked from segments (Q and K in ``qk=joint``): parameters at the
     same position of every segment are concatenated, transported together and split again."""
     if len({len(s) for s in segments}) != 1:
@@ -86,8 +109,9 @@ def _apply_stacked(state: State, t: torch.Tensor, segments: list[list[tuple[str,
     for group in zip(*segments):
         axis = group[0][1]
         parts = [state[name] for name, _ in group]
-        joined = apply_out(torch.cat(parts, dim=axis), axis, t)
-        for (name, _), piece in zip(group, joined.split([p.shape[axis] * t.shape[1] // t.shape[0] for p in parts], dim=axis)):
+        joined = _out(torch.cat(parts, dim=axis), axis, bary)
+        sizes = [p.shape[axis] * bary.shape[0] // bary.shape[1] for p in parts]
+        for (name, _), piece in zip(group, joined.split(sizes, dim=axis)):
             state[name] = piece
 
 

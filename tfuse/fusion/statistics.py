@@ -40,8 +40,8 @@ class Moments:
 
     def add(self, x: torch.Tensor) -> None:
         self.count += x.shape[0]  # float32 within a batch, float64 across batches
-        self.sum += x.sum(0).double()
-        self.sumsq += (x * x).sum(0).double()
+        self.sum += x.sum(0)
+        self.sumsq += torch.linalg.vector_norm(x, dim=0).square()
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Recorder:
     def __init__(self, model: nn.Module, probes: dict[str, Probe], names: Sequence[str]):
         self.model = model
         self.targets = {name: probes[name] for name in names}
-        self.mask: Callable[[int], torch.Tensor] | None = None
+        self.mask: Callable[[int, torch.device], torch.Tensor | None] | None = None
         self.acts: dict[str, torch.Tensor] = {}
 
     def _store(self, name: str, value: torch.Tensor | tuple) -> None:
@@ -115,8 +115,9 @@ class Recorder:
         if x.dim() == 2:  # one vector per example (a pooled output): each example is one sample
             self.acts[name] = x.detach().float()
             return
-        mask = self.mask(x.shape[1]).to(x.device)
-        self.acts[name] = x.detach()[mask].float()
+        rows = self.mask(x.shape[1], x.device)
+        flat = x.detach().reshape(-1, x.shape[-1])
+        self.acts[name] = (flat if rows is None else flat.index_select(0, rows)).float()
 
     @contextmanager
     def attached(self) -> Iterator["Recorder"]:
@@ -135,8 +136,8 @@ class Recorder:
             for h in handles:
                 h.remove()
 
-    def run(self, inputs: Batch, mask: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Forward ``inputs``; ``mask(tokens)`` selects the tokens kept as samples."""
+    def run(self, inputs: Batch, mask: Callable[[int, torch.device], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Forward ``inputs``; ``mask(tokens, device)`` gives the flat rows kept as samples (None: all)."""
         self.mask, self.acts = mask, {}
         try:
             call(self.model, inputs)
@@ -151,6 +152,11 @@ def call(model: nn.Module, inputs: Batch):
     params = inspect.signature(model.forward).parameters
     takes = all(k in params for k in inputs) or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return model(**inputs) if takes else model(*inputs.values())
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Flat indices of the kept (example, token) pairs; None when every token is kept."""
+    return None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1).to(device)
 
 
 def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Tensor]:
@@ -191,7 +197,7 @@ def collect_statistics(
         for batch in track(batches, "activation statistics", total=total):
             inputs = model_inputs(batch)
             mask = lru_cache(maxsize=None)(
-                lambda tokens, b=batch: token_mask(b, tokens, graph.tokens, settings, generator)
+                lambda tokens, device, b=batch: _rows(token_mask(b, tokens, graph.tokens, settings, generator), device)
             )
             ref_acts = ref_recorder.run(inputs, mask)
             ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
@@ -247,4 +253,4 @@ def _accumulate(
         stats[space] = entry
     for a, b in zip(blocks, ref_blocks):
         entry.a.add(a)
-        entry.cross += (a.T @ b).double()
+        entry.cross += a.T @ b
