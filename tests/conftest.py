@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -33,3 +37,13 @@ def batches_of(x: torch.Tensor, size: int):
 def logits(model, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(pixel_values=x).logits
+
+
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the `tfuse` command in a fresh process, offline."""
+    return subprocess.run(
+        [sys.executable, "-m", "tfuse.cli", *args], cwd=cwd, env=CLI_ENV, capture_output=True, text=True, timeout=600
+    )

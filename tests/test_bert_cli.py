@@ -1,9 +1,6 @@
 """BERT end to end through the command line (tiny MLM on Python's help texts, downstream genre),
 the pretrained all-MiniLM-L6-v2 encoder, and clear errors for bad parents."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +10,9 @@ from transformers import BertForMaskedLM
 
 from tfuse.arch import hf_bert
 from tfuse.data.text import shared_tokenizer, train_tokenizer
+from conftest import tfuse
 from tfuse.errors import TfuseError
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tfuse.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")

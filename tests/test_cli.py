@@ -1,23 +1,13 @@
 """The command line end to end on a seconds-scale experiment, and its answers to bad input."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from conftest import tiny_vit
+from conftest import tfuse, tiny_vit
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tfuse.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")

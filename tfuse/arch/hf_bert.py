@@ -92,13 +92,10 @@ def graph(model: nn.Module) -> FlowGraph:
     for layer in range(cfg.num_hidden_layers):
         block, name = f"{base}encoder.layer.{layer}", f"layers.{layer}"
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
-        q, k, v = g.attention(f"{name}.attn", cfg.num_attention_heads)
-        for space, proj in ((q, "query"), (k, "key"), (v, "value")):
-            g.linear(f"{block}.attention.self.{proj}", space, before)
-            g.probe(space, f"{block}.attention.self.{proj}")
-        attn_out = f"{name}.attn_out"
-        g.linear(f"{block}.attention.output.dense", attn_out, v)
-        g.probe(attn_out, f"{block}.attention.output.dense")
+        projections = tuple(f"{block}.attention.self.{p}" for p in ("query", "key", "value")) + (
+            f"{block}.attention.output.dense",
+        )
+        attn_out = g.attention_block(name, cfg.num_attention_heads, before, projections)
         g.residual(middle, before, attn_out)
         g.norm(f"{block}.attention.output.LayerNorm", middle)  # post-LN: on the residual point
         g.probe(middle, f"{block}.attention.output.LayerNorm")

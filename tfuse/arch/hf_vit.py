@@ -40,13 +40,8 @@ def graph(model: ViTForImageClassification) -> FlowGraph:
         block, name = f"vit.layers.{layer}", f"layers.{layer}"
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
         g.norm(f"{block}.layernorm_before", before)
-        q, k, v = g.attention(f"{name}.attn", cfg.num_attention_heads)
-        for space, proj in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
-            g.linear(f"{block}.attention.{proj}", space, before)
-            g.probe(space, f"{block}.attention.{proj}")
-        attn_out = f"{name}.attn_out"
-        g.linear(f"{block}.attention.o_proj", attn_out, v)
-        g.probe(attn_out, f"{block}.attention.o_proj")
+        projections = tuple(f"{block}.attention.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        attn_out = g.attention_block(name, cfg.num_attention_heads, before, projections)
         g.residual(middle, before, attn_out)
         g.probe(middle, f"{block}.layernorm_after", "input")
         g.norm(f"{block}.layernorm_after", middle)

@@ -107,15 +107,15 @@ def ot_fuse(
         aligned = {anchor: ref_state} if reference is models[anchor] else {}
         maps = [{} for _ in models]
         for k, i in enumerate(movers):
+            state = parameters(models[i], graph)
             start = time.perf_counter()
             maps[i] = compute_maps(
                 plan, graph, settings,
-                stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None,
-                parameters(models[i], graph), ref_state,
+                stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None, state, ref_state,
             )
             timings["transport"] += time.perf_counter() - start
             start = time.perf_counter()
-            aligned[i] = align(parameters(models[i], graph), graph, plan, maps[i])
+            aligned[i] = align(state, graph, plan, maps[i])
             timings["align"] += time.perf_counter() - start
         fused = average([aligned[i] for i in range(len(models))], weights)
         reference = with_state(models[anchor], fused, graph)

@@ -185,6 +185,18 @@ class GraphBuilder:
     def residual(self, out: str, skip: str, branch: str) -> None:
         self.graph.residuals.append(Residual(out, skip, branch))
 
+    def attention_block(self, name: str, heads: int, reads: str, modules: tuple[str, str, str, str]) -> str:
+        """Q, K, V projections (module paths ``modules[:3]``) reading ``reads`` and the output
+        projection ``modules[3]`` writing a new branch space, all probed; returns that space."""
+        q, k, v = self.attention(f"{name}.attn", heads)
+        for space, module in zip((q, k, v), modules[:3]):
+            self.linear(module, space, reads)
+            self.probe(space, module)
+        out = f"{name}.attn_out"
+        self.linear(modules[3], out, v)
+        self.probe(out, modules[3])
+        return out
+
     def attention(self, name: str, heads: int) -> tuple[str, str, str]:
         """Register an attention block; returns its query, key and value space names."""
         q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"
