@@ -51,7 +51,8 @@ class SideMatrices:
         key = (space, output)
         if key not in self._cache:
             t = self.maps[space]
-            self._cache[key] = (t.shape[1] * t.T if output else t.shape[0] * t).to(self.dtype)
+            side = t.T.to(self.dtype).mul_(t.shape[1]) if output else t.to(self.dtype).mul_(t.shape[0])
+            self._cache[key] = side
         return self._cache[key]
 
 

@@ -61,9 +61,16 @@ def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, setti
     return sq if settings.metric == "sqeuclidean" else sq.sqrt_()
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: one reduction (NaN and infinities reach the sum), with the
+    element-wise test only when the sum itself overflows."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def normalize(cost: torch.Tensor, how: str, space: str) -> torch.Tensor:
-    """Divide by the max, median or mean; refuse NaN or an all-zero cost with the space's name."""
-    if not torch.isfinite(cost).all():
+    """Divide by the max, median or mean (in place: costs are fresh tensors); refuse NaN or an
+    all-zero cost with the space's name."""
+    if not all_finite(cost):
         raise TfuseError(
             f"NaN or infinity in the transport cost of layer '{space}': the parents' activations or "
             "weights there are not finite (check the checkpoints and the calibration data)"
@@ -71,4 +78,4 @@ def normalize(cost: torch.Tensor, how: str, space: str) -> torch.Tensor:
     if how == "none":
         return cost
     scale = {"max": cost.max, "median": cost.median, "mean": cost.mean}[how]()
-    return cost / scale if scale > 0 else cost
+    return cost.div_(scale) if scale > 0 else cost

@@ -12,6 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
+from tfuse.fusion.cost import all_finite
 from tfuse.fusion.settings import FusionSettings
 
 # Plain Sinkhorn iterates exp(-C / reg) in float64; past this range it under/overflows and the
@@ -27,7 +28,7 @@ def solve(cost: torch.Tensor, settings: FusionSettings, space: str) -> torch.Ten
         plan = _exact(cost)
     else:
         plan = _sinkhorn(cost, settings, space)
-    if not torch.isfinite(plan).all():
+    if not all_finite(plan):
         raise TfuseError(f"NaN in the transport map of layer '{space}'; try a larger fusion.reg or solver=emd")
     return plan
 
@@ -48,11 +49,11 @@ def _sinkhorn(cost: torch.Tensor, settings: FusionSettings, space: str) -> torch
     n_a, n_b = cost.shape
     a = torch.full((n_a,), 1.0 / n_a, dtype=cost.dtype, device=cost.device)
     b = torch.full((n_b,), 1.0 / n_b, dtype=cost.dtype, device=cost.device)
-    spread = float(cost.max() - cost.min()) / settings.reg
-    method = "sinkhorn" if spread < _PLAIN_SINKHORN_RANGE else "sinkhorn_log"
+    low, high = torch.aminmax(cost)
+    method = "sinkhorn" if float(high - low) / settings.reg < _PLAIN_SINKHORN_RANGE else "sinkhorn_log"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = ot.sinkhorn(a, b, cost - cost.min(), settings.reg, method=method,
+        plan = ot.sinkhorn(a, b, cost - low, settings.reg, method=method,
                            numItermax=settings.sinkhorn_iters, stopThr=1e-7)
     error = max(
         float(((plan.sum(1) - a).abs() / a).max()),

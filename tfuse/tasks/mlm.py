@@ -94,8 +94,9 @@ class MLMTask:
         return model_inputs_of(batch, self.device)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(**self.model_inputs(batch)).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].to(self.device).flatten(), ignore_index=-100)
+        labels = batch["labels"].to(self.device)
+        keep = labels != -100
+        return F.cross_entropy(masked_logits(model, self.model_inputs(batch), keep).float(), labels[keep])
 
     def evaluation_batches(self, split: str) -> list[Batch]:
         """The split masked once with ``mask_seed`` (cached: every model sees the same masks)."""
@@ -126,7 +127,7 @@ class MLMTask:
                 inputs = self.model_inputs(batch)
                 labels = batch["labels"].to(self.device)
                 keep = labels != -100
-                logits = sum(m(**inputs).logits[keep].float() for m in models) / len(models)
+                logits = sum(masked_logits(m, inputs, keep).float() for m in models) / len(models)
                 target = labels[keep]
                 nll += float(F.cross_entropy(logits, target, reduction="sum"))
                 correct += int((logits.argmax(-1) == target).sum())
@@ -136,6 +137,14 @@ class MLMTask:
                 m.train(mode)
         loss = nll / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_accuracy": correct / max(count, 1)}
+
+
+def masked_logits(model: nn.Module, inputs: Batch, keep: torch.Tensor) -> torch.Tensor:
+    """The MLM head's logits at the ``keep`` positions only (rows in ``hidden[keep]`` order): the
+    head is per token, so this equals ``model(**inputs).logits[keep]`` without the vocabulary-wide
+    projection of the other 85% of the tokens."""
+    hidden = model.bert(**inputs).last_hidden_state
+    return model.cls(hidden[keep])
 
 
 def mean_pooled(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
