@@ -144,3 +144,14 @@ def test_ot_differs_from_vanilla_and_vanilla_self_fusion_is_identity():
     assert not torch.allclose(outputs(ot_model, data), outputs(vanilla_fuse([a, b], [0.5, 0.5]), data))
     # the decoder stays tied to the word embeddings
     assert ot_model.cls.predictions.decoder.weight is ot_model.bert.embeddings.word_embeddings.weight
+
+
+def test_masked_logits_equal_the_full_head_at_the_masked_positions():
+    from tfuse.tasks.mlm import masked_logits
+
+    model, data = tiny_bert("mlm"), text_batches(pad_from=6)
+    keep = (torch.rand(data["input_ids"].shape, generator=torch.Generator().manual_seed(0)) < 0.15) & data["attention_mask"].bool()
+    with torch.no_grad():
+        full = model(**data).logits[keep]
+        assert torch.allclose(masked_logits(model, data, keep), full, atol=1e-6)
+    assert full.shape[0] == int(keep.sum()) > 0
