@@ -72,12 +72,6 @@ def bert_case(seed: int):
     return model, hf_bert.graph, batches
 
 
-def bench_bert(samples: int = 200, large: int = 2000, repeats: int = 2) -> None:
-    """The BERT case of this benchmark (same output as the ViT case)."""
-    sys.argv = [__file__, "--case", "bert", "--samples", str(samples), "--large", str(large), "--repeats", str(repeats)]
-    main()
-
-
 CASES: dict[str, Callable] = {"vit": vit_case, "bert": bert_case}
 CASE_SETTINGS: dict[str, dict] = {"bert": {"tokens": "all"}}  # BERT has no patch grid: every real token
 

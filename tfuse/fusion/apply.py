@@ -22,12 +22,18 @@ State = dict[str, torch.Tensor]
 
 def apply_out(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
     """Barycentres of the rows along ``axis`` under the map ``t`` (n_a x n_b)."""
-    return _out(w, axis, (t.shape[1] * t.T).to(w.dtype))
+    return _out(w, axis, _side(t, True, w.dtype))
 
 
 def apply_in(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
     """The consumer's columns along ``axis`` re-weighted by T / mu."""
-    return _in(w, axis, (t.shape[0] * t).to(w.dtype))
+    return _in(w, axis, _side(t, False, w.dtype))
+
+
+def _side(t: torch.Tensor, output: bool, dtype: torch.dtype) -> torch.Tensor:
+    """n_b T^T (output side) or n_a T (input side), in ``dtype``: a fresh copy, cast first and then
+    scaled in place (the map itself is never touched, even when it already has ``dtype``)."""
+    return t.T.to(dtype, copy=True).mul_(t.shape[1]) if output else t.to(dtype, copy=True).mul_(t.shape[0])
 
 
 def _out(w: torch.Tensor, axis: int, bary: torch.Tensor) -> torch.Tensor:
@@ -50,9 +56,7 @@ class SideMatrices:
     def get(self, space: str, output: bool) -> torch.Tensor:
         key = (space, output)
         if key not in self._cache:
-            t = self.maps[space]
-            side = t.T.to(self.dtype).mul_(t.shape[1]) if output else t.to(self.dtype).mul_(t.shape[0])
-            self._cache[key] = side
+            self._cache[key] = _side(self.maps[space], output, self.dtype)
         return self._cache[key]
 
 

@@ -6,8 +6,8 @@ calibration samples. Costs are computed from these sums alone (``cost.py``).
 """
 from __future__ import annotations
 
-import inspect
 import ctypes
+import inspect
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
@@ -39,8 +39,8 @@ class Moments:
         return cls(0, z, z.clone())
 
     def add(self, x: torch.Tensor) -> None:
-        self.count += x.shape[0]  # float32 within a batch, float64 across batches
-        self.sum += x.sum(0)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)  # float32 within a batch, float64 across batches
         self.sumsq += (x * x).sum(0)
 
 

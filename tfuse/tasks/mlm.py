@@ -115,9 +115,6 @@ class MLMTask:
     @torch.no_grad()
     def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
         """Loss, perplexity and masked-token accuracy of the averaged logits of ``models``."""
-        for m in models:
-            if not hasattr(m, "cls"):
-                raise TfuseError(f"{type(m).__name__} has no masked-LM head; MLM metrics need BertForMaskedLM")
         modes = [m.training for m in models]
         for m in models:
             m.eval()
@@ -143,6 +140,8 @@ def masked_logits(model: nn.Module, inputs: Batch, keep: torch.Tensor) -> torch.
     """The MLM head's logits at the ``keep`` positions only (rows in ``hidden[keep]`` order): the
     head is per token, so this equals ``model(**inputs).logits[keep]`` without the vocabulary-wide
     projection of the other 85% of the tokens."""
+    if not (hasattr(model, "bert") and hasattr(model, "cls")):
+        raise TfuseError(f"{type(model).__name__} has no masked-LM head; MLM needs BertForMaskedLM")
     hidden = model.bert(**inputs).last_hidden_state
     return model.cls(hidden[keep])
 
