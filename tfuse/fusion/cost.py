@@ -31,7 +31,7 @@ def activation_cost(stats: PairStats, settings: FusionSettings) -> torch.Tensor:
     ca, sa, norm_a = _affine(stats.a, settings)
     cb, sb, norm_b = _affine(stats.b, settings)
     n = stats.a.count
-    dot = stats.cross
+    dot = stats.cross.clone()  # float32, like the GEMMs that summed it: float64 here would add no precision
     if settings.center:
         dot = dot - ca[:, None] * stats.b.sum[None, :] - stats.a.sum[:, None] * cb[None, :] + n * ca[:, None] * cb[None, :]
     if settings.standardize:
@@ -51,13 +51,15 @@ def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: FusionSett
 
 
 def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: FusionSettings) -> torch.Tensor:
+    """Distances from dot products and squared norms (``dot`` is a fresh tensor: used in place)."""
     if settings.unit_norm or settings.metric == "cosine":
         ra, rb = norm_a.clamp_min(1e-24).rsqrt(), norm_b.clamp_min(1e-24).rsqrt()
         dot = dot * ra[:, None] * rb[None, :]
         norm_a, norm_b = torch.ones_like(norm_a), torch.ones_like(norm_b)
     if settings.metric == "cosine":
         return 1.0 - dot
-    sq = dot.mul(-2.0).add_(norm_a[:, None]).add_(norm_b[None, :]).clamp_(min=0)
+    norm_a, norm_b = norm_a.to(dot.dtype), norm_b.to(dot.dtype)
+    sq = dot.mul_(-2.0).add_(norm_a[:, None]).add_(norm_b[None, :]).clamp_(min=0)
     return sq if settings.metric == "sqeuclidean" else sq.sqrt_()
 
 

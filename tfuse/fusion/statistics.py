@@ -50,7 +50,7 @@ class PairStats:
 
     a: Moments
     b: Moments
-    cross: torch.Tensor  # (n_a, n_b): sum over samples of a_i * b_j
+    cross: torch.Tensor  # (n_a, n_b) float32: sum over samples of a_i * b_j
 
 
 @dataclass
@@ -99,12 +99,14 @@ def _token_error(mode: str, why: str) -> Exception:
 
 
 class Recorder:
-    """Forward hooks that keep the selected tokens of every probe for the current batch."""
+    """Forward hooks that keep the selected tokens of every probe for the current batch, or hand
+    them to a ``sink`` as each probe fires."""
 
     def __init__(self, model: nn.Module, probes: dict[str, Probe], names: Sequence[str]):
         self.model = model
         self.targets = {name: probes[name] for name in names}
         self.mask: Callable[[int, torch.device], torch.Tensor | None] | None = None
+        self.sink: Callable[[str, torch.Tensor], None] | None = None
         self.acts: dict[str, torch.Tensor] = {}
 
     def _store(self, name: str, value: torch.Tensor | tuple) -> None:
@@ -113,11 +115,15 @@ class Recorder:
         x = value[0] if isinstance(value, (tuple, list)) else value
         x = self.targets[name].select(x)
         if x.dim() == 2:  # one vector per example (a pooled output): each example is one sample
-            self.acts[name] = x.detach().float()
-            return
-        rows = self.mask(x.shape[1], x.device)
-        flat = x.detach().reshape(-1, x.shape[-1])
-        self.acts[name] = (flat if rows is None else flat.index_select(0, rows)).float()
+            x = x.detach().float()
+        else:
+            rows = self.mask(x.shape[1], x.device)
+            flat = x.detach().reshape(-1, x.shape[-1])
+            x = (flat if rows is None else flat.index_select(0, rows)).float()
+        if self.sink is None:
+            self.acts[name] = x
+        else:
+            self.sink(name, x)
 
     @contextmanager
     def attached(self) -> Iterator["Recorder"]:
@@ -136,13 +142,19 @@ class Recorder:
             for h in handles:
                 h.remove()
 
-    def run(self, inputs: Batch, mask: Callable[[int, torch.device], torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """Forward ``inputs``; ``mask(tokens, device)`` gives the flat rows kept as samples (None: all)."""
-        self.mask, self.acts = mask, {}
+    def run(
+        self,
+        inputs: Batch,
+        mask: Callable[[int, torch.device], torch.Tensor | None],
+        sink: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Forward ``inputs``; ``mask(tokens, device)`` gives the flat rows kept as samples (None:
+        all). Returns the probes' samples, or passes each to ``sink`` as it fires (and keeps none)."""
+        self.mask, self.sink, self.acts = mask, sink, {}
         try:
             call(self.model, inputs)
         finally:
-            self.mask = None
+            self.mask, self.sink = None, None
         return self.acts
 
 
@@ -177,17 +189,20 @@ def collect_statistics(
     settings: FusionSettings,
     total: int | None = None,
 ) -> Statistics:
-    """Stream the calibration batches once through the reference and every model."""
+    """Stream the calibration batches once through the reference and every model.
+
+    The reference's samples of a batch are kept; each model's are multiplied with them as its
+    probes fire and dropped at once (while still in cache), so a model's samples are never all
+    held: memory is the reference's batch plus a block.
+    """
     _steady_allocator()
     names = plan.probes()
     spaces = plan.segments
     recorders = [Recorder(m, graph.probes, names) for m in models]
     ref_recorder = Recorder(reference, graph.probes, names)
     generator = torch.Generator().manual_seed(settings.seed)
-    pairs: list[dict[str, PairStats]] = [{} for _ in models]
-    abs_sums: list[dict[str, torch.Tensor]] = [{} for _ in models]
-    counts: list[dict[str, int]] = [{} for _ in models]
     ref_moments: dict[str, Moments] = {}
+    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes()) for _ in models]
     was_training = [m.training for m in (reference, *models)]
     for m in (reference, *models):
         m.eval()
@@ -201,23 +216,72 @@ def collect_statistics(
             )
             ref_acts = ref_recorder.run(inputs, mask)
             ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
+            del ref_acts
             for s, blocks in ref_feats.items():
                 mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device))
                 for block in blocks:
                     mom.add(block)
-            for i, rec in enumerate(recorders):
-                acts = rec.run(inputs, mask)
-                for s, seg in spaces.items():
-                    _accumulate(pairs[i], s, features(acts, seg), ref_feats[s], ref_moments[s])
-                for name in plan.magnitude_probes():
-                    x = acts[name]
-                    abs_sums[i][name] = abs_sums[i].get(name, 0) + x.abs().sum(0).double()
-                    counts[i][name] = counts[i].get(name, 0) + x.shape[0]
+            for rec, parent in zip(recorders, parents):
+                parent.reference = ref_feats
+                rec.run(inputs, mask, sink=parent.add)
+                parent.finish_batch()
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
-    magnitude = [{n: abs_sums[i][n] / max(counts[i][n], 1) for n in abs_sums[i]} for i in range(len(models))]
+    pairs = [p.pairs for p in parents]
     _check_finite(pairs, ref_moments, graph)
-    return Statistics(pairs, magnitude)
+    return Statistics(pairs, [p.magnitude() for p in parents])
+
+
+class _ParentStatistics:
+    """One model's sums against the reference, fed probe by probe during its forward pass.
+
+    A sample block (``features``) is accumulated as soon as every probe it joins has fired.
+    """
+
+    def __init__(self, spaces: dict[str, Segments], ref_moments: dict[str, Moments], magnitude_probes: list[str]):
+        self.spaces, self.ref_moments = spaces, ref_moments
+        self.blocks_of: dict[str, list[tuple[str, int]]] = {}
+        for space, segments in spaces.items():
+            for b in range(len(segments[0])):
+                for probe in dict.fromkeys(seg[b] for seg in segments):
+                    self.blocks_of.setdefault(probe, []).append((space, b))
+        self.magnitude_probes = set(magnitude_probes)
+        self.pairs: dict[str, PairStats] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.reference: dict[str, list[torch.Tensor]] = {}
+        self.waiting: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if name in self.magnitude_probes:
+            self.abs_sums[name] = self.abs_sums.get(name, 0) + x.abs().sum(0).double()
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+        for space, b in self.blocks_of.get(name, ()):
+            probes = [seg[b] for seg in self.spaces[space]]
+            parts = self.waiting.setdefault((space, b), {})
+            parts[name] = x
+            if len(parts) < len(set(probes)):
+                continue
+            del self.waiting[space, b]
+            block = x if len(probes) == 1 else torch.cat([parts[p] for p in probes], dim=1)
+            self._accumulate(space, block, self.reference[space][b])
+
+    def _accumulate(self, space: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        entry = self.pairs.get(space)
+        if entry is None:
+            cross = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+            entry = self.pairs[space] = PairStats(Moments.zeros(a.shape[1], a.device), self.ref_moments[space], cross)
+        entry.a.add(a)
+        entry.cross.addmm_(a.T, b)  # in place: no batch-sized product to allocate and add
+
+    def finish_batch(self) -> None:
+        if self.waiting:
+            space, _ = next(iter(self.waiting))
+            raise TfuseError(f"the forward pass did not reach every probe of space '{space}'")
+        self.reference = {}
+
+    def magnitude(self) -> dict[str, torch.Tensor]:
+        return {n: self.abs_sums[n] / max(self.counts[n], 1) for n in self.abs_sums}
 
 
 def _check_finite(pairs: list[dict[str, PairStats]], ref: dict[str, Moments], graph: FlowGraph) -> None:
@@ -234,27 +298,17 @@ def _check_finite(pairs: list[dict[str, PairStats]], ref: dict[str, Moments], gr
 
 
 def _steady_allocator() -> None:
-    """Pin glibc's mmap threshold at 32 MiB, the top of its own dynamic range (Linux only).
+    """Keep batch-sized buffers in glibc's heap, reused batch after batch (Linux only).
 
-    Batch-sized buffers then come from the heap and are reused batch after batch: a threshold
+    The mmap threshold is pinned at 32 MiB, the top of glibc's own dynamic range: a threshold
     that moves lets resident memory creep up with the number of batches, and a low one maps and
-    page-faults every buffer afresh (about a third slower on this workload).
+    page-faults every buffer afresh. The trim threshold is raised with it (pinning the first
+    leaves the second at 128 KiB): otherwise the memory a batch frees at the top of the heap goes
+    back to the system and the next batch faults it in again, zeroed page by page.
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _accumulate(
-    stats: dict[str, PairStats], space: str, blocks: list[torch.Tensor], ref_blocks: list[torch.Tensor], ref: Moments
-) -> None:
-    entry = stats.get(space)
-    if entry is None:
-        n_a, n_b = blocks[0].shape[1], ref_blocks[0].shape[1]
-        device = blocks[0].device
-        entry = PairStats(Moments.zeros(n_a, device), ref, torch.zeros(n_a, n_b, dtype=torch.float64, device=device))
-        stats[space] = entry
-    for a, b in zip(blocks, ref_blocks):
-        entry.a.add(a)
-        entry.cross += a.T @ b
