@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--case", choices=sorted(CASES), default="vit")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--large", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for both timings (interleaved)")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N for both timings (interleaved)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
     args = parser.parse_args()
     settings = FusionSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
