@@ -121,7 +121,7 @@ def test_widened_heterogeneous_fusion_runs_and_takes_the_anchor_widths():
 def test_padding_does_not_change_the_statistics():
     a, b = tiny_bert("cls", 0), tiny_bert("cls", 1)
     graph = hf_bert.graph(b)
-    settings = FusionSettings(tokens="all", residual="weighted_matrix", qk="joint")
+    settings = FusionSettings(tokens="all", residual="weighted_matrix", qk="joint", center=True)  # center: sums kept
     plan = make_plan(graph, settings)
     data = text_batches(n=6, length=10)
     padded = {k: torch.cat([v, torch.zeros(len(v), 7, dtype=v.dtype)], dim=1) for k, v in data.items()}

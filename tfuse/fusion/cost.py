@@ -16,6 +16,8 @@ from tfuse.fusion.statistics import Moments, PairStats
 def _affine(m: Moments, settings: FusionSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shift c and scale s of each neuron, and the squared norm of (a - c) / s."""
     n = m.count
+    if not (settings.center or settings.standardize):  # the plain sums were not even kept
+        return torch.zeros_like(m.sumsq), torch.ones_like(m.sumsq), m.sumsq
     mean = m.sum / n
     shift = mean if settings.center else torch.zeros_like(mean)
     centred_sq = m.sumsq - 2 * shift * m.sum + n * shift**2

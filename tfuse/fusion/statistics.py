@@ -27,20 +27,22 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class Moments:
-    """Per-neuron sums over samples of one model's activations in one space."""
+    """Per-neuron sums over samples of one model's activations in one space. The plain sums are
+    kept only where the cost centres or standardises (``sum`` is None otherwise)."""
 
     count: int
-    sum: torch.Tensor
+    sum: torch.Tensor | None
     sumsq: torch.Tensor
 
     @classmethod
-    def zeros(cls, n: int, device: torch.device) -> "Moments":
+    def zeros(cls, n: int, device: torch.device, sums: bool = True) -> "Moments":
         z = torch.zeros(n, dtype=torch.float64, device=device)
-        return cls(0, z, z.clone())
+        return cls(0, z.clone() if sums else None, z)
 
     def add(self, x: torch.Tensor) -> None:
         self.count += x.shape[0]
-        self.sum += x.sum(0)  # float32 within a batch, float64 across batches
+        if self.sum is not None:
+            self.sum += x.sum(0)  # float32 within a batch, float64 across batches
         self.sumsq += (x * x).sum(0)
 
 
@@ -202,7 +204,8 @@ def collect_statistics(
     ref_recorder = Recorder(reference, graph.probes, names)
     generator = torch.Generator().manual_seed(settings.seed)
     ref_moments: dict[str, Moments] = {}
-    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes()) for _ in models]
+    sums = settings.center or settings.standardize
+    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums) for _ in models]
     was_training = [m.training for m in (reference, *models)]
     for m in (reference, *models):
         m.eval()
@@ -218,7 +221,7 @@ def collect_statistics(
             ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
             del ref_acts
             for s, blocks in ref_feats.items():
-                mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device))
+                mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device, sums))
                 for block in blocks:
                     mom.add(block)
             for rec, parent in zip(recorders, parents):
@@ -238,8 +241,10 @@ class _ParentStatistics:
     A sample block (``features``) is accumulated as soon as every probe it joins has fired.
     """
 
-    def __init__(self, spaces: dict[str, Segments], ref_moments: dict[str, Moments], magnitude_probes: list[str]):
-        self.spaces, self.ref_moments = spaces, ref_moments
+    def __init__(
+        self, spaces: dict[str, Segments], ref_moments: dict[str, Moments], magnitude_probes: list[str], sums: bool
+    ):
+        self.spaces, self.ref_moments, self.sums = spaces, ref_moments, sums
         self.blocks_of: dict[str, list[tuple[str, int]]] = {}
         for space, segments in spaces.items():
             for b in range(len(segments[0])):
@@ -270,7 +275,7 @@ class _ParentStatistics:
         entry = self.pairs.get(space)
         if entry is None:
             cross = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
-            entry = self.pairs[space] = PairStats(Moments.zeros(a.shape[1], a.device), self.ref_moments[space], cross)
+            entry = self.pairs[space] = PairStats(Moments.zeros(a.shape[1], a.device, self.sums), self.ref_moments[space], cross)
         entry.a.add(a)
         entry.cross.addmm_(a.T, b)  # in place: no batch-sized product to allocate and add
 
