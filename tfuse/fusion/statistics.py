@@ -173,12 +173,19 @@ def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1).to(device)
 
 
+def block_probes(segments: Segments) -> list[tuple[str, ...]]:
+    """The probes of each sample block of a space: block b is probe b of every segment."""
+    return list(zip(*segments))
+
+
+def join(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One sample block from its probes' samples, side by side along neurons."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
+
+
 def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Tensor]:
-    """Sample blocks of a space: block b concatenates probe b of every segment along neurons."""
-    blocks = len(segments[0])
-    if len(segments) == 1:  # no copy needed
-        return [acts[segments[0][b]] for b in range(blocks)]
-    return [torch.cat([acts[seg[b]] for seg in segments], dim=1) for b in range(blocks)]
+    """Sample blocks of a space (``block_probes``)."""
+    return [join([acts[p] for p in probes]) for probes in block_probes(segments)]
 
 
 def collect_statistics(
@@ -244,12 +251,12 @@ class _ParentStatistics:
     def __init__(
         self, spaces: dict[str, Segments], ref_moments: dict[str, Moments], magnitude_probes: list[str], sums: bool
     ):
-        self.spaces, self.ref_moments, self.sums = spaces, ref_moments, sums
-        self.blocks_of: dict[str, list[tuple[str, int]]] = {}
+        self.ref_moments, self.sums = ref_moments, sums
+        self.blocks_of: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {}
         for space, segments in spaces.items():
-            for b in range(len(segments[0])):
-                for probe in dict.fromkeys(seg[b] for seg in segments):
-                    self.blocks_of.setdefault(probe, []).append((space, b))
+            for b, probes in enumerate(block_probes(segments)):
+                for probe in dict.fromkeys(probes):
+                    self.blocks_of.setdefault(probe, []).append((space, b, probes))
         self.magnitude_probes = set(magnitude_probes)
         self.pairs: dict[str, PairStats] = {}
         self.abs_sums: dict[str, torch.Tensor] = {}
@@ -261,15 +268,13 @@ class _ParentStatistics:
         if name in self.magnitude_probes:
             self.abs_sums[name] = self.abs_sums.get(name, 0) + x.abs().sum(0).double()
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
-        for space, b in self.blocks_of.get(name, ()):
-            probes = [seg[b] for seg in self.spaces[space]]
+        for space, b, probes in self.blocks_of.get(name, ()):
             parts = self.waiting.setdefault((space, b), {})
             parts[name] = x
             if len(parts) < len(set(probes)):
                 continue
             del self.waiting[space, b]
-            block = x if len(probes) == 1 else torch.cat([parts[p] for p in probes], dim=1)
-            self._accumulate(space, block, self.reference[space][b])
+            self._accumulate(space, join([parts[p] for p in probes]), self.reference[space][b])
 
     def _accumulate(self, space: str, a: torch.Tensor, b: torch.Tensor) -> None:
         entry = self.pairs.get(space)
