@@ -20,7 +20,7 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 
 from tfuse.errors import TfuseError
-from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
+from tfuse.fusion.graph import FlowGraph, GraphBuilder, Linear, Out, Probe, TokenLayout
 
 # model-config keys passed to timm.create_model when set (null: the architecture's default)
 OVERRIDES = (
@@ -94,9 +94,11 @@ def graph(model: VisionTransformer) -> FlowGraph:
         g.norm(f"{pre}.norm1", before, bias=block.norm1.bias is not None)
         q, k, v = g.attention(f"{name}.attn", block.attn.num_heads)
         has_bias = block.attn.qkv.bias is not None
+        source = Probe(f"{pre}.attn.qkv", "input")
         for i, (space, part) in enumerate(((q, "q"), (k, "k"), (v, "v"))):
             g.linear(f"{pre}.attn.{part}", space, before, bias=has_bias)
-            g.probe(space, f"{pre}.attn.qkv", part=(i, 3))
+            bias = f"{pre}.attn.{part}.bias" if has_bias else None
+            g.probe(space, f"{pre}.attn.qkv", part=(i, 3), linear=Linear(source, f"{pre}.attn.{part}.weight", bias))
         g.fused(f"{pre}.attn.qkv.weight", 0, *(f"{pre}.attn.{p}.weight" for p in "qkv"))
         if has_bias:
             g.fused(f"{pre}.attn.qkv.bias", 0, *(f"{pre}.attn.{p}.bias" for p in "qkv"))

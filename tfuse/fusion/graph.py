@@ -10,7 +10,10 @@ An architecture describes itself as plain data (``FlowGraph``); the engine never
   (the axis is read: the columns of a consumer). Axes that are never aligned (classes, pixels,
   positions) are ``None``.
 * ``probes`` says where each space's activations can be observed (a module's output or input,
-  shaped ``(batch, tokens, width)``).
+  shaped ``(batch, tokens, width)``). A probe may also say that its activations are an affine
+  image of another tensor (``Linear``: the queries, keys and values of the normalised stream):
+  then its cross-products with the reference follow from that source's, one product for all
+  the probes that share it.
 * ``residuals`` says how stream points are formed: ``out = skip + branch``. The residual policy
   of the fusion settings decides how their maps combine.
 * ``attention`` lists the multi-head attention blocks so that Q/K modes and head-aware maps can
@@ -53,6 +56,7 @@ class Probe:
     module: str
     where: str = "output"  # "output" | "input"
     part: tuple[int, int] | None = None  # (i, n): the i-th of n equal slices of the last dimension
+    linear: Linear | None = None  # the activations are an affine image of another probe's
 
     def select(self, x):
         """The observed slice of a module's input or output (all of it without ``part``)."""
@@ -61,6 +65,15 @@ class Probe:
         i, n = self.part
         width = x.shape[-1] // n
         return x[..., i * width:(i + 1) * width]
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Activations equal to ``source @ weight.T + bias`` (virtual parameter names)."""
+
+    source: Probe
+    weight: str
+    bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,8 +188,11 @@ class GraphBuilder:
         if bias:
             self.param(f"{prefix}.bias", Out(space))
 
-    def probe(self, space: str, module: str, where: str = "output", part: tuple[int, int] | None = None) -> None:
-        self.graph.probes[space] = Probe(module, where, part)
+    def probe(
+        self, space: str, module: str, where: str = "output", part: tuple[int, int] | None = None,
+        linear: Linear | None = None,
+    ) -> None:
+        self.graph.probes[space] = Probe(module, where, part, linear)
 
     def fused(self, name: str, axis: int, *parts: str) -> None:
         """Real parameter ``name`` holds the virtual ``parts`` concatenated along ``axis``."""
@@ -187,11 +203,13 @@ class GraphBuilder:
 
     def attention_block(self, name: str, heads: int, reads: str, modules: tuple[str, str, str, str]) -> str:
         """Q, K, V projections (module paths ``modules[:3]``) reading ``reads`` and the output
-        projection ``modules[3]`` writing a new branch space, all probed; returns that space."""
+        projection ``modules[3]`` writing a new branch space, all probed; returns that space.
+        The three projections read one tensor (the query projection's input)."""
         q, k, v = self.attention(f"{name}.attn", heads)
+        source = Probe(modules[0], "input")
         for space, module in zip((q, k, v), modules[:3]):
             self.linear(module, space, reads)
-            self.probe(space, module)
+            self.probe(space, module, linear=Linear(source, f"{module}.weight", f"{module}.bias"))
         out = f"{name}.attn_out"
         self.linear(modules[3], out, v)
         self.probe(out, modules[3])

@@ -3,11 +3,16 @@
 For every resolved OT space and every (model, reference) pair, the statistics are accumulated
 batch by batch, so memory depends on the widths and the batch size, never on the number of
 calibration samples. Costs are computed from these sums alone (``cost.py``).
+
+Where several probes are affine images of one tensor (``Linear``: Q, K and V of the normalised
+stream), their cross-products with the reference are not summed sample by sample: the source's
+is, once, and each probe's follows from it and the weights after the pass.
 """
 from __future__ import annotations
 
 import ctypes
 import inspect
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
@@ -17,7 +22,7 @@ import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
-from tfuse.fusion.graph import FlowGraph, Probe, TokenLayout
+from tfuse.fusion.graph import FlowGraph, Linear, Probe, TokenLayout
 from tfuse.fusion.plan import Plan, Segments
 from tfuse.fusion.settings import FusionSettings
 from tfuse.progress import track
@@ -188,6 +193,25 @@ def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Te
     return [join([acts[p] for p in probes]) for probes in block_probes(segments)]
 
 
+def derived_blocks(graph: FlowGraph, spaces: dict[str, Segments]) -> dict[tuple[str, int], Probe]:
+    """Sample blocks whose cross-products follow from a source's: (space, block) -> source.
+
+    A block qualifies when all its probes are ``Linear`` images of one source that feeds more
+    than one probe (a single image is cheaper to multiply directly)."""
+    def source(probe: str) -> Probe | None:
+        link = graph.probes[probe].linear
+        return None if link is None else link.source
+
+    blocks = [(space, b, probes) for space, segments in spaces.items() for b, probes in enumerate(block_probes(segments))]
+    feeds = Counter(source(p) for _, _, probes in blocks for p in dict.fromkeys(probes))
+    out = {}
+    for space, b, probes in blocks:
+        sources = {source(p) for p in probes}
+        if len(sources) == 1 and None not in sources and feeds[next(iter(sources))] > 1:
+            out[space, b] = next(iter(sources))
+    return out
+
+
 def collect_statistics(
     models: Sequence[nn.Module],
     reference: nn.Module,
@@ -205,14 +229,19 @@ def collect_statistics(
     held: memory is the reference's batch plus a block.
     """
     _steady_allocator()
-    names = plan.probes()
     spaces = plan.segments
-    recorders = [Recorder(m, graph.probes, names) for m in models]
-    ref_recorder = Recorder(reference, graph.probes, names)
+    derived = derived_blocks(graph, spaces)
+    sources = {f"source:{src.module}:{src.where}": src for src in dict.fromkeys(derived.values())}
+    names = plan.probes() + list(sources)
+    probes = {**graph.probes, **sources}
+    recorders = [Recorder(m, probes, names) for m in models]
+    ref_recorder = Recorder(reference, probes, names)
     generator = torch.Generator().manual_seed(settings.seed)
     ref_moments: dict[str, Moments] = {}
+    ref_source_sums: dict[str, torch.Tensor] = {}
     sums = settings.center or settings.standardize
-    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums) for _ in models]
+    source_of = {key: name for name, src in sources.items() for key, s in derived.items() if s == src}
+    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for _ in models]
     was_training = [m.training for m in (reference, *models)]
     for m in (reference, *models):
         m.eval()
@@ -226,15 +255,23 @@ def collect_statistics(
             )
             ref_acts = ref_recorder.run(inputs, mask)
             ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
+            ref_sources = {name: ref_acts[name] for name in sources}
             del ref_acts
             for s, blocks in ref_feats.items():
                 mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device, sums))
-                for block in blocks:
+                for b, block in enumerate(blocks):
                     mom.add(block)
+                    if (s, b) in derived:  # only its moments were needed
+                        blocks[b] = None
+            for name, x in ref_sources.items():
+                ref_source_sums[name] = ref_source_sums.get(name, 0) + x.sum(0).double()
             for rec, parent in zip(recorders, parents):
-                parent.reference = ref_feats
+                parent.reference, parent.ref_sources = ref_feats, ref_sources
                 rec.run(inputs, mask, sink=parent.add)
                 parent.finish_batch()
+        ref_state = _virtual_state(reference, graph)
+        for model, parent in zip(models, parents):
+            parent.derive(_virtual_state(model, graph), ref_state, ref_source_sums, {n: s.linear for n, s in graph.probes.items()})
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
     pairs = [p.pairs for p in parents]
@@ -242,29 +279,55 @@ def collect_statistics(
     return Statistics(pairs, [p.magnitude() for p in parents])
 
 
+def _virtual_state(model: nn.Module, graph: FlowGraph) -> dict[str, torch.Tensor]:
+    return graph.to_virtual({name: p.detach() for name, p in model.named_parameters()})
+
+
 class _ParentStatistics:
     """One model's sums against the reference, fed probe by probe during its forward pass.
 
-    A sample block (``features``) is accumulated as soon as every probe it joins has fired.
+    A sample block (``features``) is accumulated as soon as every probe it joins has fired; a
+    derived block (``source_of``) only adds to the moments, and its source's cross-product is
+    summed instead.
     """
 
     def __init__(
-        self, spaces: dict[str, Segments], ref_moments: dict[str, Moments], magnitude_probes: list[str], sums: bool
+        self,
+        spaces: dict[str, Segments],
+        ref_moments: dict[str, Moments],
+        magnitude_probes: list[str],
+        sums: bool,
+        source_of: dict[tuple[str, int], str],
     ):
-        self.ref_moments, self.sums = ref_moments, sums
+        self.ref_moments, self.sums, self.source_of = ref_moments, sums, source_of
         self.blocks_of: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {}
+        self.probes_of: dict[tuple[str, int], tuple[str, ...]] = {}
         for space, segments in spaces.items():
             for b, probes in enumerate(block_probes(segments)):
+                self.probes_of[space, b] = probes
                 for probe in dict.fromkeys(probes):
                     self.blocks_of.setdefault(probe, []).append((space, b, probes))
+        self.sources = set(source_of.values())
         self.magnitude_probes = set(magnitude_probes)
         self.pairs: dict[str, PairStats] = {}
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.reference: dict[str, list[torch.Tensor]] = {}
+        self.source_cross: dict[str, torch.Tensor] = {}
+        self.source_sums: dict[str, torch.Tensor] = {}
+        self.source_counts: dict[str, int] = {}
+        self.reference: dict[str, list[torch.Tensor | None]] = {}
+        self.ref_sources: dict[str, torch.Tensor] = {}
         self.waiting: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     def add(self, name: str, x: torch.Tensor) -> None:
+        if name in self.sources:
+            ref = self.ref_sources[name]
+            cross = self.source_cross.get(name)
+            if cross is None:
+                cross = self.source_cross[name] = torch.zeros(x.shape[1], ref.shape[1], dtype=torch.float32, device=x.device)
+            cross.addmm_(x.T, ref)
+            self.source_sums[name] = self.source_sums.get(name, 0) + x.sum(0).double()
+            self.source_counts[name] = self.source_counts.get(name, 0) + x.shape[0]
         if name in self.magnitude_probes:
             self.abs_sums[name] = self.abs_sums.get(name, 0) + x.abs().sum(0).double()
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
@@ -274,24 +337,54 @@ class _ParentStatistics:
             if len(parts) < len(set(probes)):
                 continue
             del self.waiting[space, b]
-            self._accumulate(space, join([parts[p] for p in probes]), self.reference[space][b])
+            self._accumulate(space, b, join([parts[p] for p in probes]))
 
-    def _accumulate(self, space: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    def _accumulate(self, space: str, b: int, a: torch.Tensor) -> None:
         entry = self.pairs.get(space)
         if entry is None:
-            cross = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+            width = self.ref_moments[space].sumsq.shape[0]
+            cross = torch.zeros(a.shape[1], width, dtype=torch.float32, device=a.device)
             entry = self.pairs[space] = PairStats(Moments.zeros(a.shape[1], a.device, self.sums), self.ref_moments[space], cross)
         entry.a.add(a)
-        entry.cross.addmm_(a.T, b)  # in place: no batch-sized product to allocate and add
+        if (space, b) not in self.source_of:
+            entry.cross.addmm_(a.T, self.reference[space][b])  # in place: no batch-sized product to allocate and add
 
     def finish_batch(self) -> None:
         if self.waiting:
             space, _ = next(iter(self.waiting))
             raise TfuseError(f"the forward pass did not reach every probe of space '{space}'")
-        self.reference = {}
+        self.reference, self.ref_sources = {}, {}
+
+    def derive(
+        self,
+        state: dict[str, torch.Tensor],
+        ref_state: dict[str, torch.Tensor],
+        ref_source_sums: dict[str, torch.Tensor],
+        links: dict[str, Linear | None],
+    ) -> None:
+        """Add the derived blocks' cross-products: with a = x W_a^T + c_a and b = y W_b^T + c_b,
+        sum a b^T = W_a (sum x y^T) W_b^T + (W_a sum x) c_b^T + c_a (W_b sum y)^T + n c_a c_b^T."""
+        for (space, b), source in self.source_of.items():
+            probes = self.probes_of[space, b]
+            w_a, c_a = _affine_of(state, [links[p] for p in probes])
+            w_b, c_b = _affine_of(ref_state, [links[p] for p in probes])
+            cross = w_a @ self.source_cross[source].double() @ w_b.T
+            cross += torch.outer(w_a @ self.source_sums[source], c_b) + torch.outer(c_a, w_b @ ref_source_sums[source])
+            cross += self.source_counts[source] * torch.outer(c_a, c_b)
+            self.pairs[space].cross += cross.to(self.pairs[space].cross.dtype)
 
     def magnitude(self) -> dict[str, torch.Tensor]:
         return {n: self.abs_sums[n] / max(self.counts[n], 1) for n in self.abs_sums}
+
+
+def _affine_of(state: dict[str, torch.Tensor], links: list[Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and shifts (float64) of a block joining affine images of one source."""
+    weights = [state[link.weight].double() for link in links]
+    shifts = [
+        state[link.bias].double() if link.bias else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        for link, w in zip(links, weights)
+    ]
+    return torch.cat(weights), torch.cat(shifts)
 
 
 def _check_finite(pairs: list[dict[str, PairStats]], ref: dict[str, Moments], graph: FlowGraph) -> None:
