@@ -5,6 +5,7 @@ import torch
 
 from tfuse.arch import hf_vit
 from tfuse.errors import TfuseError
+from tfuse.fusion.apply import average
 from tfuse.fusion.engine import ot_fuse, parameters
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.symmetry import permuted_copy
@@ -94,3 +95,18 @@ def test_three_timm_parents_with_the_best_anchor_end_to_end(tmp_path):
     model = timm.create_model(config["architecture"], pretrained=False, **config["kwargs"])
     model.load_state_dict(load_file(str(tmp_path / "run" / "fused" / "model.safetensors")))
     assert model.embed_dim == 32 and len(model.blocks) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_average_weighs_each_parent_and_leaves_them_untouched(dtype):
+    gen = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(5, 3, generator=gen, dtype=dtype), "b": torch.randn(5, generator=gen, dtype=dtype)} for _ in range(3)]
+    before = [{k: v.clone() for k, v in s.items()} for s in states]
+    weights = [0.2, 0.3, 0.5]
+    out = average(states, weights)
+    for name in ("w", "b"):
+        expected = sum(a * s[name].double() for a, s in zip(weights, before)).to(dtype)
+        assert out[name].dtype == dtype
+        torch.testing.assert_close(out[name], expected)  # float64 sums either way: rounding only
+    for s, b in zip(states, before):
+        assert all(torch.equal(s[k], b[k]) for k in s)

@@ -153,6 +153,10 @@ def average(states: Sequence[State], weights: Sequence[float]) -> State:
                     f"parameter '{name}' has shape {tuple(s[name].shape)} in parent {i} but "
                     f"{tuple(w.shape)} in parent 0; vanilla fusion needs identical architectures"
                 )
-    return {
-        name: sum(a * s[name].double() for a, s in zip(weights, states)).to(w.dtype) for name, w in first.items()
-    }
+    out: State = {}
+    for name, w in first.items():
+        total = w.to(torch.float64, copy=True).mul_(weights[0])  # a float64 copy (never w itself), then in place
+        for a, s in zip(weights[1:], states[1:]):
+            total.add_(s[name].double(), alpha=a)
+        out[name] = total.to(w.dtype)
+    return out
