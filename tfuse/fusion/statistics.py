@@ -231,7 +231,9 @@ def collect_statistics(
     _steady_allocator()
     spaces = plan.segments
     derived = derived_blocks(graph, spaces)
-    sources = {f"source:{src.module}:{src.where}": src for src in dict.fromkeys(derived.values())}
+    source_names = {src: f"source.{i}" for i, src in enumerate(dict.fromkeys(derived.values()))}
+    source_of = {key: source_names[src] for key, src in derived.items()}
+    sources = {name: src for src, name in source_names.items()}
     names = plan.probes() + list(sources)
     probes = {**graph.probes, **sources}
     recorders = [Recorder(m, probes, names) for m in models]
@@ -240,7 +242,6 @@ def collect_statistics(
     ref_moments: dict[str, Moments] = {}
     ref_source_sums: dict[str, torch.Tensor] = {}
     sums = settings.center or settings.standardize
-    source_of = {key: name for name, src in sources.items() for key, s in derived.items() if s == src}
     parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for _ in models]
     was_training = [m.training for m in (reference, *models)]
     for m in (reference, *models):
@@ -271,7 +272,7 @@ def collect_statistics(
                 parent.finish_batch()
         ref_state = _virtual_state(reference, graph)
         for model, parent in zip(models, parents):
-            parent.derive(_virtual_state(model, graph), ref_state, ref_source_sums, {n: s.linear for n, s in graph.probes.items()})
+            parent.derive(_virtual_state(model, graph), ref_state, ref_source_sums, graph.probes)
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
     pairs = [p.pairs for p in parents]
@@ -360,14 +361,14 @@ class _ParentStatistics:
         state: dict[str, torch.Tensor],
         ref_state: dict[str, torch.Tensor],
         ref_source_sums: dict[str, torch.Tensor],
-        links: dict[str, Linear | None],
+        probes: dict[str, Probe],
     ) -> None:
         """Add the derived blocks' cross-products: with a = x W_a^T + c_a and b = y W_b^T + c_b,
         sum a b^T = W_a (sum x y^T) W_b^T + (W_a sum x) c_b^T + c_a (W_b sum y)^T + n c_a c_b^T."""
         for (space, b), source in self.source_of.items():
-            probes = self.probes_of[space, b]
-            w_a, c_a = _affine_of(state, [links[p] for p in probes])
-            w_b, c_b = _affine_of(ref_state, [links[p] for p in probes])
+            links = [probes[p].linear for p in self.probes_of[space, b]]
+            w_a, c_a = _affine_of(state, links)
+            w_b, c_b = _affine_of(ref_state, links)
             cross = w_a @ self.source_cross[source].double() @ w_b.T
             cross += torch.outer(w_a @ self.source_sums[source], c_b) + torch.outer(c_a, w_b @ ref_source_sums[source])
             cross += self.source_counts[source] * torch.outer(c_a, c_b)
