@@ -239,8 +239,7 @@ def collect_statistics(
     recorders = [Recorder(m, probes, names) for m in models]
     ref_recorder = Recorder(reference, probes, names)
     generator = torch.Generator().manual_seed(settings.seed)
-    ref_moments: dict[str, Moments] = {}
-    ref_source_sums: dict[str, torch.Tensor] = {}
+    ref_moments: dict[str, Moments] = {}  # per space, and per source (sums kept: derived products need them)
     sums = settings.center or settings.standardize
     parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for _ in models]
     was_training = [m.training for m in (reference, *models)]
@@ -256,7 +255,7 @@ def collect_statistics(
             )
             ref_acts = ref_recorder.run(inputs, mask)
             ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
-            ref_sources = {name: ref_acts[name] for name in sources}
+            ref_source_acts = {name: ref_acts[name] for name in sources}
             del ref_acts
             for s, blocks in ref_feats.items():
                 mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device, sums))
@@ -264,15 +263,15 @@ def collect_statistics(
                     mom.add(block)
                     if (s, b) in derived:  # only its moments were needed
                         blocks[b] = None
-            for name, x in ref_sources.items():
-                ref_source_sums[name] = ref_source_sums.get(name, 0) + x.sum(0).double()
+            for name, x in ref_source_acts.items():
+                ref_moments.setdefault(name, Moments.zeros(x.shape[1], x.device)).add(x)
             for rec, parent in zip(recorders, parents):
-                parent.reference, parent.ref_sources = ref_feats, ref_sources
+                parent.start_batch(ref_feats, ref_source_acts)
                 rec.run(inputs, mask, sink=parent.add)
                 parent.finish_batch()
         ref_state = _virtual_state(reference, graph)
         for model, parent in zip(models, parents):
-            parent.derive(_virtual_state(model, graph), ref_state, ref_source_sums, graph.probes)
+            parent.derive(_virtual_state(model, graph), ref_state, graph.probes)
     for m, mode in zip((reference, *models), was_training):
         m.train(mode)
     pairs = [p.pairs for p in parents]
@@ -311,27 +310,21 @@ class _ParentStatistics:
         self.sources = set(source_of.values())
         self.magnitude_probes = set(magnitude_probes)
         self.pairs: dict[str, PairStats] = {}
-        self.abs_sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.source_cross: dict[str, torch.Tensor] = {}
-        self.source_sums: dict[str, torch.Tensor] = {}
-        self.source_counts: dict[str, int] = {}
+        self.source_pairs: dict[str, PairStats] = {}  # a source against the reference's (sums kept)
+        self.abs_moments: dict[str, Moments] = {}  # moments of |x| of the magnitude probes
         self.reference: dict[str, list[torch.Tensor | None]] = {}
         self.ref_sources: dict[str, torch.Tensor] = {}
         self.waiting: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
+    def start_batch(self, reference: dict[str, list[torch.Tensor | None]], sources: dict[str, torch.Tensor]) -> None:
+        """The reference's sample blocks and source samples of the batch this model is about to see."""
+        self.reference, self.ref_sources = reference, sources
+
     def add(self, name: str, x: torch.Tensor) -> None:
         if name in self.sources:
-            ref = self.ref_sources[name]
-            cross = self.source_cross.get(name)
-            if cross is None:
-                cross = self.source_cross[name] = torch.zeros(x.shape[1], ref.shape[1], dtype=torch.float32, device=x.device)
-            cross.addmm_(x.T, ref)
-            self.source_sums[name] = self.source_sums.get(name, 0) + x.sum(0).double()
-            self.source_counts[name] = self.source_counts.get(name, 0) + x.shape[0]
+            self._moments(self.source_pairs, name, x, True).cross.addmm_(x.T, self.ref_sources[name])
         if name in self.magnitude_probes:
-            self.abs_sums[name] = self.abs_sums.get(name, 0) + x.abs().sum(0).double()
-            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+            self.abs_moments.setdefault(name, Moments.zeros(x.shape[1], x.device)).add(x.abs())
         for space, b, probes in self.blocks_of.get(name, ()):
             parts = self.waiting.setdefault((space, b), {})
             parts[name] = x
@@ -341,14 +334,20 @@ class _ParentStatistics:
             self._accumulate(space, b, join([parts[p] for p in probes]))
 
     def _accumulate(self, space: str, b: int, a: torch.Tensor) -> None:
-        entry = self.pairs.get(space)
-        if entry is None:
-            width = self.ref_moments[space].sumsq.shape[0]
-            cross = torch.zeros(a.shape[1], width, dtype=torch.float32, device=a.device)
-            entry = self.pairs[space] = PairStats(Moments.zeros(a.shape[1], a.device, self.sums), self.ref_moments[space], cross)
-        entry.a.add(a)
+        entry = self._moments(self.pairs, space, a, self.sums)
         if (space, b) not in self.source_of:
             entry.cross.addmm_(a.T, self.reference[space][b])  # in place: no batch-sized product to allocate and add
+
+    def _moments(self, store: dict[str, PairStats], key: str, x: torch.Tensor, sums: bool) -> PairStats:
+        """The entry of ``key`` (created against the reference's moments of it), with ``x`` added
+        to its moments; the caller adds to its float32 cross-product."""
+        entry = store.get(key)
+        if entry is None:
+            ref = self.ref_moments[key]
+            cross = torch.zeros(x.shape[1], ref.sumsq.shape[0], dtype=torch.float32, device=x.device)
+            entry = store[key] = PairStats(Moments.zeros(x.shape[1], x.device, sums), ref, cross)
+        entry.a.add(x)
+        return entry
 
     def finish_batch(self) -> None:
         if self.waiting:
@@ -360,7 +359,6 @@ class _ParentStatistics:
         self,
         state: dict[str, torch.Tensor],
         ref_state: dict[str, torch.Tensor],
-        ref_source_sums: dict[str, torch.Tensor],
         probes: dict[str, Probe],
     ) -> None:
         """Add the derived blocks' cross-products: with a = x W_a^T + c_a and b = y W_b^T + c_b,
@@ -369,13 +367,14 @@ class _ParentStatistics:
             links = [probes[p].linear for p in self.probes_of[space, b]]
             w_a, c_a = _affine_of(state, links)
             w_b, c_b = _affine_of(ref_state, links)
-            cross = w_a @ self.source_cross[source].double() @ w_b.T
-            cross += torch.outer(w_a @ self.source_sums[source], c_b) + torch.outer(c_a, w_b @ ref_source_sums[source])
-            cross += self.source_counts[source] * torch.outer(c_a, c_b)
+            x = self.source_pairs[source]
+            cross = w_a @ x.cross.double() @ w_b.T
+            cross += torch.outer(w_a @ x.a.sum, c_b) + torch.outer(c_a, w_b @ x.b.sum)
+            cross += x.a.count * torch.outer(c_a, c_b)
             self.pairs[space].cross += cross.to(self.pairs[space].cross.dtype)
 
     def magnitude(self) -> dict[str, torch.Tensor]:
-        return {n: self.abs_sums[n] / max(self.counts[n], 1) for n in self.abs_sums}
+        return {n: m.sum / max(m.count, 1) for n, m in self.abs_moments.items()}
 
 
 def _affine_of(state: dict[str, torch.Tensor], links: list[Linear]) -> tuple[torch.Tensor, torch.Tensor]:
