@@ -19,7 +19,7 @@ from rich.table import Table
 from tfuse.arch import check_same_architecture, family
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
-from tfuse.fusion.engine import ot_fuse, vanilla_fuse
+from tfuse.fusion.engine import ot_fuse, repair_fused, vanilla_fuse
 from tfuse.fusion.settings import FusionSettings
 from tfuse.io import new_directory, write_json
 from tfuse.parents import obtain_parents, save_parent, train_parent
@@ -103,22 +103,29 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         one_shot["ensemble"] = task.evaluate_ensemble(models)
         anchor, val_scores = choose_anchor(settings.anchor, models, task)
     weights = settings.weights(len(models))
+    graph = family(cfg.model.family).graph(models[anchor])
+    repair_batches = lambda: task.calibration_batches(settings.repair_samples, settings.batch_size, settings.seed)  # noqa: E731
     fused: dict[str, torch.nn.Module] = {}
+    repair_fits: dict[str, list] = {}
     if not widths_differ:
         with clock.stage("vanilla"):
             fused["vanilla"] = vanilla_fuse(models, weights)
+            # the same repair as OT's (the parents are their own aligned selves): alignment's share of a repaired model
+            repair_fits["vanilla"] = repair_fused(
+                fused["vanilla"], models, weights, graph, settings, repair_batches, task.model_inputs
+            )
         one_shot["vanilla"] = task.evaluate(fused["vanilla"])
     if settings.method == "ot":
-        graph = family(cfg.model.family).graph(models[anchor])
         batches = math.ceil(settings.samples / settings.batch_size)
         with clock.stage("fuse"):
             outcome = ot_fuse(
                 models, graph, settings, anchor,
                 lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
-                task.model_inputs, batches,
+                task.model_inputs, batches, repair_batches,
             )
         clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
         fused["ot"] = outcome.model
+        repair_fits["ot"] = outcome.repair
         one_shot["ot"] = task.evaluate(fused["ot"])
     main = fused[settings.method]
     finetuned: dict[str, dict] = {}
@@ -151,6 +158,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         "parents": [{"source": p.source, "trained_seconds": p.trained_seconds} for p in parents],
         "primary_metric": task.primary_metric,
         "not_applicable": not_applicable,
+        "repair": {name: _fit_summary(fits) for name, fits in repair_fits.items() if fits},
     }
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
@@ -162,6 +170,15 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     write_json(out_dir / "results.json", results)
     console.print(results_table(results))
     return results
+
+
+def _fit_summary(fits: list) -> dict:
+    """Mean relative calibration error of the refit layers before and after, and per layer."""
+    return {
+        "mean_error_before": sum(f.before for f in fits) / len(fits),
+        "mean_error_after": sum(f.after for f in fits) / len(fits),
+        "layers": {f.layer: [f.before, f.after] for f in fits},
+    }
 
 
 def _save_model(fam, model, path: Path) -> None:

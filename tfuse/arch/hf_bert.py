@@ -91,6 +91,7 @@ def graph(model: nn.Module) -> FlowGraph:
     g.probe(s0, emb)
     for layer in range(cfg.num_hidden_layers):
         block, name = f"{base}encoder.layer.{layer}", f"layers.{layer}"
+        g.graph.blocks.append(block)
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
         projections = tuple(f"{block}.attention.self.{p}" for p in ("query", "key", "value")) + (
             f"{block}.attention.output.dense",

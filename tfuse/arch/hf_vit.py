@@ -38,6 +38,7 @@ def graph(model: ViTForImageClassification) -> FlowGraph:
     g.probe(s0, emb)
     for layer in range(cfg.num_hidden_layers):
         block, name = f"vit.layers.{layer}", f"layers.{layer}"
+        g.graph.blocks.append(block)
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
         g.norm(f"{block}.layernorm_before", before)
         projections = tuple(f"{block}.attention.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))

@@ -90,6 +90,7 @@ def graph(model: VisionTransformer) -> FlowGraph:
     g.probe(s0, "norm_pre")
     for layer, block in enumerate(blocks):
         pre, name = f"blocks.{layer}", f"blocks.{layer}"
+        g.graph.blocks.append(pre)
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
         g.norm(f"{pre}.norm1", before, bias=block.norm1.bias is not None)
         q, k, v = g.attention(f"{name}.attn", block.attn.num_heads)

@@ -1,4 +1,4 @@
-"""The generic fusion engine: statistics -> maps -> aligned parents -> weighted average.
+"""The generic fusion engine: statistics -> maps -> aligned parents -> weighted average -> repair.
 
 It reads the architecture only through its ``FlowGraph``; it never names a layer.
 """
@@ -17,6 +17,7 @@ from tfuse.fusion.apply import State, align, average
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.plan import make_plan
+from tfuse.fusion.repair import LayerFit, repair
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.statistics import Statistics, collect_statistics
 
@@ -28,6 +29,7 @@ class FusionOutcome:
     model: nn.Module
     maps: list[dict[str, torch.Tensor]]  # per parent, against the final reference
     timings: dict[str, float] = field(default_factory=dict)
+    repair: list[LayerFit] = field(default_factory=list)  # each refit layer's error before / after
 
 
 def parameters(model: nn.Module, graph: FlowGraph | None = None) -> State:
@@ -74,6 +76,23 @@ def vanilla_fuse(models: Sequence[nn.Module], weights: Sequence[float]) -> nn.Mo
     return with_state(models[0], average([parameters(m) for m in models], weights))
 
 
+def repair_fused(
+    fused: nn.Module,
+    targets: Sequence[nn.Module],
+    weights: Sequence[float],
+    graph: FlowGraph,
+    settings: FusionSettings,
+    calibration: Callable[[], Iterable[Batch]] | None,
+    model_inputs: Callable[[Batch], Batch],
+) -> list[LayerFit]:
+    """``fusion.repair`` on a fused model in the basis of ``targets`` (aligned parents)."""
+    if settings.repair == "none":
+        return []
+    if calibration is None:
+        raise TfuseError(f"fusion.repair={settings.repair} needs calibration data")
+    return repair(fused, targets, weights, graph, settings, calibration(), model_inputs)
+
+
 def ot_fuse(
     models: Sequence[nn.Module],
     graph: FlowGraph,
@@ -82,11 +101,13 @@ def ot_fuse(
     calibration: Callable[[], Iterable[Batch]] | None,
     model_inputs: Callable[[Batch], Batch],
     batches: int | None = None,
+    repair_calibration: Callable[[], Iterable[Batch]] | None = None,
 ) -> FusionOutcome:
     """Fuse ``models`` into the anchor's architecture.
 
     Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
-    parent (anchor included) to the current fused model, an OT barycentre.
+    parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
+    refits the result toward the aligned parents on ``repair_calibration`` (default: ``calibration``).
     """
     if len(models) < 2:
         raise TfuseError("fusion needs at least two parents")
@@ -120,7 +141,13 @@ def ot_fuse(
         fused = average([aligned[i] for i in range(len(models))], weights)
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
-    return FusionOutcome(reference, maps, timings)
+    fits: list[LayerFit] = []
+    if settings.repair != "none":
+        start = time.perf_counter()
+        targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
+        fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs)
+        timings["repair"] = time.perf_counter() - start
+    return FusionOutcome(reference, maps, timings, fits)
 
 
 def _check_fixed_axes(models: Sequence[nn.Module], graph: FlowGraph, anchor: int) -> None:

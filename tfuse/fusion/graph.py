@@ -18,6 +18,9 @@ An architecture describes itself as plain data (``FlowGraph``); the engine never
   of the fusion settings decides how their maps combine.
 * ``attention`` lists the multi-head attention blocks so that Q/K modes and head-aware maps can
   tie the query, key and value spaces together.
+* ``blocks`` lists the module paths of the repeated blocks in the order they run, each called
+  with the previous one's output tensor as its first argument and returning a tensor: the repair
+  replays a model from any block with that block's input cached.
 * ``views`` says how a parameter stored fused (timm's ``qkv``: rows ``[q; k; v]``) splits into
   equal *virtual* parameters along one axis. ``params`` describes the virtual ones, and the
   engine works on the virtual parameter dict (``to_virtual`` / ``to_real``). A probe may likewise
@@ -124,6 +127,7 @@ class FlowGraph:
     tokens: TokenLayout = field(default_factory=TokenLayout)
     stream: str = "stream"  # prefix naming the stream points (``stream.0`` is the embeddings')
     views: dict[str, Split] = field(default_factory=dict)  # real parameter -> its virtual parts
+    blocks: list[str] = field(default_factory=list)  # module paths of the repeated blocks, in order
 
     def to_virtual(self, state: dict) -> dict:
         """Real parameter dict -> the virtual one ``params`` describes (fused ones split)."""
@@ -146,6 +150,11 @@ class FlowGraph:
             if all(part in out for part in view.parts):
                 out[name] = torch.cat([out.pop(part) for part in view.parts], dim=view.axis)
         return out
+
+    def real_names(self) -> set[str]:
+        """The model's own parameter names that ``params`` describes (fused parameters whole)."""
+        part_of = {part: name for name, view in self.views.items() for part in view.parts}
+        return {part_of.get(name, name) for name in self.params}
 
     def spaces(self) -> list[str]:
         """Every space, in the order the forward pass first touches it."""

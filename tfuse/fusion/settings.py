@@ -15,6 +15,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tokens": ("all", "cls", "window", "random"),
     "residual": ("no_resid", "only_resid", "mean", "weighted_scalar", "weighted_matrix", "global"),
     "qk": ("separate", "eq_t_map", "joint", "head_aware"),
+    "repair": ("none", "rescale", "lstsq"),
+    "repair_tokens": ("all", "cls", "window", "random"),
 }
 
 DEFAULT_REG = {"activations": 0.08, "weights": 0.06}
@@ -46,6 +48,10 @@ class FusionSettings:
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
     seed: int = 0
+    repair: str = "none"  # after averaging: none | rescale (REPAIR) | lstsq (layer-wise ridge refit)
+    repair_ridge: float = 1e-3  # lstsq: pull toward the fused weights, relative to mean diag(X^T X)
+    repair_samples: int = 1000  # calibration examples of the repair (its own count)
+    repair_tokens: str = "all"  # which tokens are the repair's samples (as ``tokens``)
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
@@ -60,6 +66,10 @@ class FusionSettings:
             raise TfuseError(f"fusion.reg={self.reg} must be positive for fusion.solver=sinkhorn")
         if self.samples < 1 or self.batch_size < 1:
             raise TfuseError("fusion.samples and fusion.batch_size must be at least 1")
+        if not self.repair_ridge >= 0:
+            raise TfuseError(f"fusion.repair_ridge={self.repair_ridge} must be 0 (plain least squares) or positive")
+        if self.repair_samples < 1:
+            raise TfuseError(f"fusion.repair_samples={self.repair_samples} must be at least 1")
         if self.iterations < 1:
             raise TfuseError(f"fusion.iterations={self.iterations} must be at least 1")
         if not (isinstance(self.anchor, int) or self.anchor == "best"):

@@ -173,7 +173,7 @@ def call(model: nn.Module, inputs: Batch):
     return model(**inputs) if takes else model(*inputs.values())
 
 
-def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+def kept_rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """Flat indices of the kept (example, token) pairs; None when every token is kept."""
     return None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1).to(device)
 
@@ -251,7 +251,7 @@ def collect_statistics(
         for batch in track(batches, "activation statistics", total=total):
             inputs = model_inputs(batch)
             mask = lru_cache(maxsize=None)(
-                lambda tokens, device, b=batch: _rows(token_mask(b, tokens, graph.tokens, settings, generator), device)
+                lambda tokens, device, b=batch: kept_rows(token_mask(b, tokens, graph.tokens, settings, generator), device)
             )
             ref_acts = ref_recorder.run(inputs, mask)
             ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
