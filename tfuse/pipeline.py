@@ -127,6 +127,10 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         fused["ot"] = outcome.model
         repair_fits["ot"] = outcome.repair
         one_shot["ot"] = task.evaluate(fused["ot"])
+    with clock.stage("evaluate_val"):  # what settings are selected on
+        one_shot_val = {f"parent_{i}": task.evaluate(m, "val") for i, m in enumerate(models)}
+        one_shot_val["ensemble"] = task.evaluate_ensemble(models, "val")
+        one_shot_val.update({name: task.evaluate(m, "val") for name, m in fused.items()})
     main = fused[settings.method]
     finetuned: dict[str, dict] = {}
     tuned_models: dict[str, torch.nn.Module] = {}
@@ -149,6 +153,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     not_applicable = {"vanilla": "widths differ"} if widths_differ else {}
     results = {
         "one_shot": one_shot,
+        "one_shot_val": one_shot_val,
         "finetuned": finetuned,
         "timings": clock.seconds,
         "settings": settings.as_dict(),

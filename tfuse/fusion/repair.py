@@ -9,7 +9,8 @@ after the repair of every earlier layer.
 * ``lstsq``: ridge regression with bias, pulled toward the current fused weights,
   ``W = argmin ||[X 1] W - Y||^2 + lambda ||W - W_fused||^2`` with ``lambda = repair_ridge x mean
   diag([X 1]^T [X 1])``, from streamed ``X^T X`` and ``X^T Y`` (float64 solves). Since ``W_fused``
-  is a candidate, a refit never raises the layer's calibration error to its target.
+  is a candidate, a refit never raises the layer's calibration error to its target. Ridge 0 is
+  the limit: the least-squares solution nearest the fused weights.
 * ``rescale`` (REPAIR): every output neuron's mean and standard deviation over the calibration
   tokens set to the alpha-weighted mean of the aligned parents' (the parents' own spread, not the
   smaller spread of their average), folded into the weight rows and the bias.
@@ -39,6 +40,7 @@ from tfuse.fusion.statistics import call, kept_rows, token_mask
 from tfuse.progress import track
 
 Batch = dict[str, torch.Tensor]
+PINV_CUTOFF = 1e-6  # ridge 0: directions of X^T X below this share of its largest eigenvalue are rounding noise
 
 
 @dataclass(frozen=True)
@@ -227,25 +229,39 @@ class _LeastSquares:
     def solve(self) -> list[LayerFit]:
         fits = []
         for name, layer in self.layers.items():
-            bias = layer.bias is not None
-            gram, rhs, current = self._system(layer, name, bias)
-            lam = self.ridge * float(gram.diagonal().mean())
-            factor, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
-            if int(info) != 0:
+            gram, rhs, current = self._system(layer, name, layer.bias is not None)
+            if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
                 raise TfuseError(
-                    f"repair: the least-squares system of layer '{name}' is singular (an input that never varies "
-                    f"over the calibration samples?); raise fusion.repair_ridge above {self.ridge}"
+                    f"repair: the inputs or targets of layer '{name}' are not finite; check the parents' weights"
                 )
-            new = torch.cholesky_solve(rhs + lam * current, factor)
+            new = self._solve(gram, rhs, current, name)
             if not torch.isfinite(new).all():
                 raise TfuseError(f"repair: the refit of layer '{name}' is not finite; raise fusion.repair_ridge")
             energy = max(self.ysq[name], 1e-30)
             fits.append(LayerFit(name, self._error(gram, rhs, current, name) / energy, self._error(gram, rhs, new, name) / energy))
             with torch.no_grad():
                 layer.weight.copy_(new[: layer.in_features].T.to(layer.weight.dtype))
-                if bias:
+                if layer.bias is not None:
                     layer.bias.copy_(new[-1].to(layer.bias.dtype))
         return fits
+
+    def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, name: str) -> torch.Tensor:
+        """(G + lambda I)^-1 (R + lambda W) by Cholesky; with ridge 0 its limit, the least-squares
+        solution nearest the current weights (pseudo-inverse: [X 1] is rank-deficient whenever X
+        is a LayerNorm's output, whose features sum to a constant)."""
+        if self.ridge == 0:
+            values, vectors = torch.linalg.eigh(gram)
+            keep = values > PINV_CUTOFF * values.max().clamp_min(1e-300)
+            v = vectors[:, keep]
+            return current + v @ ((v.T @ (rhs - gram @ current)) / values[keep, None])
+        lam = self.ridge * float(gram.diagonal().mean())
+        factor, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+        if int(info) != 0:
+            raise TfuseError(
+                f"repair: the least-squares system of layer '{name}' is not positive definite; raise "
+                f"fusion.repair_ridge above {self.ridge}"
+            )
+        return torch.cholesky_solve(rhs + lam * current, factor)
 
     def _system(self, layer: nn.Linear, name: str, bias: bool) -> tuple[torch.Tensor, ...]:
         """[X 1]^T [X 1], [X 1]^T Y and the current weights [W^T; b^T] (without the ones column
@@ -279,9 +295,16 @@ class _Rescale:
 
     @staticmethod
     def _add(moments: list, x: torch.Tensor) -> None:
-        moments[0] += x.shape[0]
-        moments[1] += x.sum(0)
-        moments[2] += (x * x).sum(0)
+        """Count, mean and centred sum of squares, merged batch by batch (Chan et al.): a neuron
+        that barely varies (the class token before the first block) keeps a true spread near
+        zero, where sums of squares would leave rounding noise."""
+        n, m = moments[0], x.shape[0]
+        batch_mean = x.sum(0, dtype=torch.float64) / m
+        centred = ((x - batch_mean.to(x.dtype)) ** 2).sum(0, dtype=torch.float64)
+        delta = batch_mean - moments[1]
+        moments[0] = n + m
+        moments[1] += delta * (m / (n + m))
+        moments[2] += centred + delta * delta * (n * m / (n + m))
 
     def add(self, outputs: dict[str, torch.Tensor], parents: list[dict[str, torch.Tensor]]) -> None:
         for name, z in outputs.items():
@@ -294,7 +317,8 @@ class _Rescale:
             mean, std = _mean_std(self.fused[name])
             goal_mean = sum(a * _mean_std(p[name])[0] for a, p in zip(self.weights, self.parents))
             goal_std = sum(a * _mean_std(p[name])[1] for a, p in zip(self.weights, self.parents))
-            scale = torch.where(std > 1e-8 * (1 + mean.abs()), goal_std / std.clamp_min(1e-30), torch.ones_like(std))
+            # a neuron constant over the samples has no spread to rescale: only its mean moves
+            scale = torch.where(std > 1e-6 * (1e-6 + mean.abs()), goal_std / std.clamp_min(1e-30), torch.ones_like(std))
             if not (torch.isfinite(scale).all() and torch.isfinite(goal_mean).all()):
                 raise TfuseError(f"repair: the rescaling of layer '{name}' is not finite; check the parents' activations")
             with torch.no_grad():
@@ -305,9 +329,8 @@ class _Rescale:
 
 
 def _mean_std(moments: list) -> tuple[torch.Tensor, torch.Tensor]:
-    n, total, squares = moments
-    mean = total / max(n, 1)
-    return mean, (squares / max(n, 1) - mean * mean).clamp_min(0).sqrt()
+    n, mean, centred = moments
+    return mean, (centred / max(n, 1)).sqrt()
 
 
 def repair(
