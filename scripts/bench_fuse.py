@@ -1,17 +1,20 @@
 """Benchmark OT fusion against the bare forward passes of its parents, and its peak memory.
 
-    python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000]
+    python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000] [--repair lstsq]
 
 Two paper-sized parents with random weights (ViT: 7 layers, width 384, 12 heads, MLP 1536,
 patch 4 on 32x32, 65 tokens) and random inputs. Prints the time of each fusion stage, the time
 of the bare forward passes of both parents over the same inputs (the baseline, measured in the
 same process), their ratio (each fuse against the mean of the forward passes timed just before
 and after it, the median over ``--repeats`` fuses), and the peak resident memory of a fresh
-process fusing with ``--samples`` and with ``--large`` samples. Ends with one JSON line.
+process fusing with ``--samples`` and with ``--large`` samples. The same again for fusion followed
+by ``--repair`` on ``--samples`` repair samples (``repair_ratio``, ``repair_s``), and its peak memory
+with ``--samples`` and ``--large`` repair samples. Ends with one JSON line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -82,7 +85,10 @@ def fuse_once(case: str, samples: int, settings: FusionSettings) -> tuple[float,
     make = CASES[case]
     (a, graph, batches), (b, _, _) = make(0), make(1)
     start = time.perf_counter()
-    outcome = ot_fuse([a, b], graph(b), settings, 1, lambda: batches(samples, settings.batch_size), lambda x: x)
+    outcome = ot_fuse(
+        [a, b], graph(b), settings, 1, lambda: batches(samples, settings.batch_size), lambda x: x,
+        repair_calibration=lambda: batches(settings.repair_samples, settings.batch_size),
+    )
     return time.perf_counter() - start, outcome.timings
 
 
@@ -97,9 +103,11 @@ def forward_once(case: str, samples: int, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mb(case: str, samples: int) -> float:
-    """Peak RSS of a fresh process that builds both parents and fuses them."""
+def peak_rss_mb(case: str, samples: int, repair: str = "none", repair_samples: int = 0) -> float:
+    """Peak RSS of a fresh process that builds both parents and fuses them (then repairs)."""
     cmd = [sys.executable, __file__, "--case", case, "--child", str(samples)]
+    if repair != "none":
+        cmd += ["--repair", repair, "--child-repair", str(repair_samples)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -110,39 +118,64 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--large", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5, help="fuses, each between two forward timings")
+    parser.add_argument("--repair", choices=("none", "rescale", "lstsq"), default="lstsq",
+                        help="also time fusion followed by this repair (none: skip)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
+    parser.add_argument("--child-repair", type=int, help=argparse.SUPPRESS)  # ... with this many repair samples
     args = parser.parse_args()
     settings = FusionSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
+    repaired = dataclasses.replace(settings, repair=args.repair, repair_samples=args.samples)
     if args.child:
-        fuse_once(args.case, args.child, settings)
+        child = settings
+        if args.child_repair:
+            child = dataclasses.replace(settings, repair=args.repair, repair_samples=args.child_repair)
+        fuse_once(args.case, args.child, child)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return
     forward_once(args.case, 8, settings.batch_size)  # warm-up
     # Every fuse is bracketed by forward passes (F U F U ... F): its ratio is to the mean of its
     # two neighbours, so a machine that speeds up or slows down over the run cancels out.
     forwards = [forward_once(args.case, args.samples, settings.batch_size)]
-    fuses: list[tuple[float, dict[str, float]]] = []
+    # kinds alternate (F U F R F U F R ... F): each fuse's ratio is to the mean of its two neighbours
+    runs: dict[str, list[tuple[float, dict[str, float]]]] = {"fuse": [], "repair": []}
+    ratios: dict[str, list[float]] = {"fuse": [], "repair": []}
+    kinds = [("fuse", settings)] + ([("repair", repaired)] if args.repair != "none" else [])
     for _ in range(args.repeats):
-        fuses.append(fuse_once(args.case, args.samples, settings))
-        forwards.append(forward_once(args.case, args.samples, settings.batch_size))
-    ratios = [u / ((before + after) / 2) for (u, _), before, after in zip(fuses, forwards, forwards[1:])]
-    ratio = statistics.median(ratios)
-    fuse_s, stages = min(fuses, key=lambda f: f[0])
+        for kind, chosen in kinds:
+            runs[kind].append(fuse_once(args.case, args.samples, chosen))
+            forwards.append(forward_once(args.case, args.samples, settings.batch_size))
+            ratios[kind].append(runs[kind][-1][0] / ((forwards[-2] + forwards[-1]) / 2))
     forward_s = min(forwards)
     print(f"case {args.case}, {args.samples} calibration samples, {torch.get_num_threads()} threads")
-    for stage, seconds in stages.items():
-        print(f"  {stage:<12} {seconds:8.2f} s")
-    print(f"  fuse total   {fuse_s:8.2f} s  (best of {args.repeats})")
-    print(f"  forward      {forward_s:8.2f} s  (best of {args.repeats + 1}; bare forward passes of both parents, same inputs)")
-    print(f"  ratio        {ratio:8.2f}  (median over the fuses of fuse / mean of the forwards around it; "
-          f"each: {', '.join(f'{r:.2f}' for r in ratios)}; best / best: {fuse_s / forward_s:.2f})")
+    summary = {"case": args.case}
+    for kind, label in (("fuse", "fuse"), ("repair", f"fuse + repair={args.repair}")):
+        if not runs[kind]:
+            continue
+        total, stages = min(runs[kind], key=lambda f: f[0])
+        ratio = statistics.median(ratios[kind])
+        print(f"{label}:")
+        for stage, seconds in stages.items():
+            print(f"  {stage:<12} {seconds:8.2f} s")
+        print(f"  total        {total:8.2f} s  (best of {args.repeats})")
+        print(f"  ratio        {ratio:8.2f}  (median over the fuses of fuse / mean of the forwards around it; "
+              f"each: {', '.join(f'{r:.2f}' for r in ratios[kind])}; best / best: {total / forward_s:.2f})")
+        if kind == "fuse":
+            summary.update({"fuse_s": round(total, 3), "ratio": round(ratio, 3), "ratio_best": round(total / forward_s, 3)})
+        else:
+            summary.update({"repair_fuse_s": round(total, 3), "repair_s": round(stages["repair"], 3),
+                            "repair_ratio": round(ratio, 3), "repair_ratio_best": round(total / forward_s, 3)})
+    print(f"  forward      {forward_s:8.2f} s  (best of {len(forwards)}; bare forward passes of both parents, same inputs)")
+    summary["forward_s"] = round(forward_s, 3)
     small, large = peak_rss_mb(args.case, args.samples), peak_rss_mb(args.case, args.large)
     print(f"  peak RSS     {small:8.0f} MB at {args.samples} samples, {large:.0f} MB at {args.large}")
-    print(json.dumps({
-        "case": args.case, "fuse_s": round(fuse_s, 3), "forward_s": round(forward_s, 3), "ratio": round(ratio, 3),
-        "ratio_best": round(fuse_s / forward_s, 3),
-        f"peak_rss_mb_{args.samples}": round(small, 1), f"peak_rss_mb_{args.large}": round(large, 1),
-    }))
+    summary.update({f"peak_rss_mb_{args.samples}": round(small, 1), f"peak_rss_mb_{args.large}": round(large, 1)})
+    if args.repair != "none":
+        small_r = peak_rss_mb(args.case, args.samples, args.repair, args.samples)
+        large_r = peak_rss_mb(args.case, args.samples, args.repair, args.large)
+        print(f"  peak RSS     {small_r:8.0f} MB with {args.samples} repair samples, {large_r:.0f} MB with {args.large}")
+        summary.update({f"peak_rss_mb_repair_{args.samples}": round(small_r, 1),
+                        f"peak_rss_mb_repair_{args.large}": round(large_r, 1)})
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,27 @@ def test_explicit_parents_sweep_and_report(first_run: Path, workdir: Path):
     assert (sweep / "report.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_repair_sweep_from_the_shell(first_run: Path, workdir: Path):
+    parents = sorted(str(p) for p in (workdir / "parents").iterdir())
+    sweep = workdir / "repair"
+    proc = tfuse(
+        "fuse", "-m", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
+        "fusion.repair=none,rescale,lstsq", "fusion.repair_samples=300", f"hydra.sweep.dir={sweep}", cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    none, rescale, lstsq = (json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3))
+    assert [r["settings"]["repair"] for r in (none, rescale, lstsq)] == ["none", "rescale", "lstsq"]
+    accuracy = lambda r, model, stage="one_shot": r[stage][model]["accuracy"]  # noqa: E731
+    assert accuracy(lstsq, "ot") > accuracy(none, "ot") - 0.02 and accuracy(lstsq, "ot") > 0.8
+    assert accuracy(lstsq, "vanilla") > accuracy(none, "vanilla") + 0.2  # the same repair of the plain average
+    assert accuracy(lstsq, "ot", "one_shot_val") > 0.8
+    fits = lstsq["repair"]["ot"]
+    assert fits["mean_error_after"] < 0.5 * fits["mean_error_before"] and len(fits["layers"]) == 13
+    assert "repair" not in none or not none["repair"]
+    err = _bad(workdir, "fusion.repair=refit", f"hydra.run.dir={workdir / 'bad6'}")
+    assert "fusion.repair='refit'" in err and "lstsq" in err
+
+
 def test_train_one_parent(workdir: Path):
     out = workdir / "train"
     proc = tfuse("train", "+experiment=vit_digits_tiny", "seed=3", "train.epochs=1", f"hydra.run.dir={out}", cwd=workdir)

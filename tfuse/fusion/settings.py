@@ -50,7 +50,7 @@ class FusionSettings:
     seed: int = 0
     repair: str = "none"  # after averaging: none | rescale (REPAIR) | lstsq (layer-wise ridge refit)
     repair_ridge: float = 1e-3  # lstsq: pull toward the fused weights, relative to mean diag(X^T X)
-    repair_samples: int = 1000  # calibration examples of the repair (its own count)
+    repair_samples: int = 3000  # calibration examples of the repair (its own count)
     repair_tokens: str = "all"  # which tokens are the repair's samples (as ``tokens``)
 
     def __post_init__(self) -> None:
