@@ -29,7 +29,9 @@ def test_end_to_end_fusion_writes_results_and_ot_beats_vanilla(first_run: Path, 
     assert set(one_shot) == {"parent_0", "parent_1", "ensemble", "vanilla", "ot"}
     assert min(one_shot["parent_0"]["accuracy"], one_shot["parent_1"]["accuracy"]) > 0.85
     assert one_shot["ot"]["accuracy"] > one_shot["vanilla"]["accuracy"] + 0.2
-    assert set(results["finetuned"]) == {"ot", "vanilla"}
+    assert set(results["finetuned"]) == {"ot", "vanilla"} and set(results["finetuned_val"]) == {"ot", "vanilla"}
+    assert set(results["one_shot_val"]) == set(one_shot)  # what settings are selected on
+    assert results["one_shot_val"]["ot"]["accuracy"] != one_shot["ot"]["accuracy"] or results["one_shot_val"]["parent_0"] != one_shot["parent_0"]
     assert {"parents", "fuse", "fuse.statistics", "fuse.transport", "finetune_ot"} <= set(results["timings"])
     assert results["settings"]["qk"] == "head_aware" and results["settings"]["reg"] == 0.08
     assert (first_run / ".hydra" / "config.yaml").exists()

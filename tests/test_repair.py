@@ -7,7 +7,7 @@ from torch import nn
 from tfuse.arch import hf_bert, hf_vit, timm_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.engine import ot_fuse, parameters, vanilla_fuse
-from tfuse.fusion.repair import find_stages, linear_layers, repair
+from tfuse.fusion.repair import _Replay, find_stages, linear_layers, repair
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
@@ -115,6 +115,47 @@ def test_streamed_repair_equals_all_at_once(method, tokens, images):
     if tokens == "all":  # 240 samples of 33 unknowns: the weights themselves are well determined
         for name, w in parameters(repaired[0]).items():
             assert (parameters(repaired[1])[name] - w).abs().max() <= 5e-3 * w.abs().max() + 1e-7, name
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "timm_vit", "hf_bert"])
+def test_a_replay_from_a_cached_block_input_equals_the_whole_forward(family, images):
+    """What makes the repair linear in depth: bypassing blocks 0..k-1 with block k's cached input
+    gives the same block outputs and the same final outputs."""
+    if family == "hf_bert":
+        model, x = tiny_bert("cls"), inputs_only(text_batches(8, pad_from=4))
+        graph, run = hf_bert.graph(model), lambda m: m(**x).logits
+    elif family == "timm_vit":
+        model, x = tiny_timm(), {"x": images[:8]}
+        graph, run = timm_vit.graph(model), lambda m: m(**x)
+    else:
+        model, x = tiny_vit(), {"pixel_values": images[:8]}
+        graph, run = hf_vit.graph(model), lambda m: m(**x).logits
+    replay = _Replay(model, graph.blocks)
+    with torch.no_grad():
+        expected = run(model)
+        outs = []
+        for k in range(len(graph.blocks)):
+            replay.next_cache = [replay.run(0, x, block_output=True)["block"]]
+            outs.append(replay.next_cache[0])
+            replay.advance()
+        seen = {}
+        hooks = [dict(model.named_modules())[b].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+                 for k, b in enumerate(graph.blocks)]
+        assert torch.equal(run(model), expected)
+        for h in hooks:
+            h.remove()
+        for k, out in enumerate(outs):
+            torch.testing.assert_close(out, seen[k], atol=0, rtol=0)
+        last = linear_layers(model, graph)
+        head = list(last)[-1]
+        got = replay.run(0, x, outputs_of=[head])[("out", head)]  # the tail alone, every block bypassed
+        assert replay.start == len(graph.blocks) and all("forward" not in vars(b) for b in replay.blocks)
+    captured = {}
+    handle = dict(model.named_modules())[head].register_forward_hook(lambda m, i, o: captured.setdefault("o", o))
+    with torch.no_grad():
+        run(model)
+    handle.remove()
+    torch.testing.assert_close(got, captured["o"], atol=0, rtol=0)
 
 
 def test_stages_group_the_layers_that_read_one_tensor(images):

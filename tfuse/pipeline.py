@@ -133,6 +133,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         one_shot_val.update({name: task.evaluate(m, "val") for name, m in fused.items()})
     main = fused[settings.method]
     finetuned: dict[str, dict] = {}
+    finetuned_val: dict[str, dict] = {}
     tuned_models: dict[str, torch.nn.Module] = {}
     tuned_main = None
     if cfg.finetune.steps > 0:
@@ -141,6 +142,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
             with clock.stage(f"finetune_{name}"):
                 finetune(tuned, task, cfg, cfg.seed, device, name)
             finetuned[name] = task.evaluate(tuned)
+            finetuned_val[name] = task.evaluate(tuned, "val")
             tuned_models[name] = tuned
             if model is main:
                 tuned_main = tuned
@@ -150,11 +152,13 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         with clock.stage("finetune_anchor"):
             finetune(tuned, task, cfg, cfg.seed, device, f"parent {anchor} (the anchor)")
         finetuned[f"parent_{anchor}"] = task.evaluate(tuned)
+        finetuned_val[f"parent_{anchor}"] = task.evaluate(tuned, "val")
     not_applicable = {"vanilla": "widths differ"} if widths_differ else {}
     results = {
         "one_shot": one_shot,
         "one_shot_val": one_shot_val,
         "finetuned": finetuned,
+        "finetuned_val": finetuned_val,
         "timings": clock.seconds,
         "settings": settings.as_dict(),
         "anchor": anchor,

@@ -20,8 +20,8 @@ from rich.table import Table
 
 from tfuse.errors import TfuseError
 
-STAGES = ("one_shot", "one_shot_val", "finetuned")
-STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--"}
+STAGES = ("one_shot", "one_shot_val", "finetuned", "finetuned_val")
+STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--", "finetuned_val": "-."}
 PLOT_GROUP_MODEL = "ot"
 _MISSING = object()
 
