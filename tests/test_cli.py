@@ -52,15 +52,20 @@ def test_existing_results_are_never_overwritten(first_run: Path, workdir: Path):
     assert (first_run / "results.json").read_text() == before
 
 
-def test_explicit_parents_sweep_and_report(first_run: Path, workdir: Path):
+def _sweep_first_parents(workdir: Path, name: str, jobs: int, *overrides: str) -> tuple[Path, list[dict]]:
+    """A one-shot multirun over the first run's parents; its folder and each job's results."""
     parents = sorted(str(p) for p in (workdir / "parents").iterdir())
-    sweep = workdir / "sweep"
+    sweep = workdir / name
     proc = tfuse(
         "fuse", "-m", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
-        "fusion.solver=sinkhorn", "fusion.reg=0.01,0.1", f"hydra.sweep.dir={sweep}", cwd=workdir,
+        *overrides, f"hydra.sweep.dir={sweep}", cwd=workdir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
+    return sweep, [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(jobs)]
+
+
+def test_explicit_parents_sweep_and_report(first_run: Path, workdir: Path):
+    sweep, runs = _sweep_first_parents(workdir, "sweep", 2, "fusion.solver=sinkhorn", "fusion.reg=0.01,0.1")
     assert [r["settings"]["reg"] for r in runs] == [0.01, 0.1]
     assert all(r["finetuned"] == {} for r in runs)
     assert not (sweep / "0" / "finetuned").exists() and (sweep / "0" / "fused").is_dir()
@@ -72,14 +77,9 @@ def test_explicit_parents_sweep_and_report(first_run: Path, workdir: Path):
 
 
 def test_repair_sweep_from_the_shell(first_run: Path, workdir: Path):
-    parents = sorted(str(p) for p in (workdir / "parents").iterdir())
-    sweep = workdir / "repair"
-    proc = tfuse(
-        "fuse", "-m", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
-        "fusion.repair=none,rescale,lstsq", "fusion.repair_samples=300", f"hydra.sweep.dir={sweep}", cwd=workdir,
+    _, (none, rescale, lstsq) = _sweep_first_parents(
+        workdir, "repair", 3, "fusion.repair=none,rescale,lstsq", "fusion.repair_samples=300"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    none, rescale, lstsq = (json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3))
     assert [r["settings"]["repair"] for r in (none, rescale, lstsq)] == ["none", "rescale", "lstsq"]
     accuracy = lambda r, model, stage="one_shot": r[stage][model]["accuracy"]  # noqa: E731
     assert accuracy(lstsq, "ot") > accuracy(none, "ot") - 0.02 and accuracy(lstsq, "ot") > 0.8
