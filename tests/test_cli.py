@@ -92,6 +92,27 @@ def test_repair_sweep_from_the_shell(first_run: Path, workdir: Path):
     assert "fusion.repair='refit'" in err and "lstsq" in err
 
 
+def test_seed_pairs_sweep_and_report_mean_std(first_run: Path, workdir: Path):
+    """``parent_seeds`` as a sweep axis (the cached seeds, in both orders), grouped by `tfuse report`."""
+    sweep = workdir / "seeds"
+    proc = tfuse(
+        "fuse", "-m", "+experiment=vit_digits_tiny", "parent_seeds=[0,1],[1,0]", "finetune.steps=0",
+        f"cache_dir={workdir / 'parents'}", f"hydra.sweep.dir={sweep}", cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [[p["seed"] for p in r["parents"]] for r in runs] == [[0, 1], [1, 0]]
+    assert all(r["parents"][0]["trained_seconds"] == 0 for r in runs)  # the first run's cache
+    proc = tfuse("report", str(sweep), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    seeds = pd.read_csv(sweep / "seeds.csv")
+    ot = [r["one_shot"]["ot"]["accuracy"] for r in runs]
+    assert list(seeds["runs"]) == [2] and seeds["one_shot/ot/accuracy/mean"][0] == pytest.approx(sum(ot) / 2)
+    assert "mean +- std over seeds" in proc.stdout
+
+
 def test_train_one_parent(workdir: Path):
     out = workdir / "train"
     proc = tfuse("train", "+experiment=vit_digits_tiny", "seed=3", "train.epochs=1", f"hydra.run.dir={out}", cwd=workdir)

@@ -166,3 +166,38 @@ def test_broken_results_json_names_file(tmp_path: Path) -> None:
 )
 def test_parse_override(item: str, expected: tuple | None) -> None:
     assert parse_override(item) == expected
+
+
+def test_runs_differing_only_in_seeds_are_grouped_with_mean_std_and_count(tmp_path: Path):
+    """2 settings x 3 parent seed pairs (plus a run seed on one): mean, sample std, count, and
+    the paired OT - VF difference, on the test and the validation split."""
+    root = tmp_path / "seeds"
+    ot = {0.01: [0.70, 0.74, 0.78], 0.1: [0.60, 0.61, 0.65]}
+    vf = {0.01: [0.40, 0.50, 0.42], 0.1: [0.40, 0.50, 0.42]}
+    index = 0
+    for reg in ot:
+        for k, pair in enumerate(["[0,1]", "[2,3]", "[4,5]"]):
+            results = scores(ot[reg][k])
+            results["one_shot"]["vanilla"]["accuracy"] = vf[reg][k]
+            results["one_shot_val"] = {"ot": {"accuracy": ot[reg][k] - 0.01}, "vanilla": {"accuracy": vf[reg][k]}}
+            make_job(root, index, ["+experiment=vit_mnist", f"fusion.reg={reg}", f"parent_seeds={pair}"], results)
+            index += 1
+    paths = run_report(str(root), console=quiet())
+    table = pd.read_csv(paths["seeds_csv"])
+    assert list(table["fusion.reg"]) == [0.01, 0.1] and list(table["runs"]) == [3, 3]
+    for i, reg in enumerate(ot):
+        expect = pd.Series(ot[reg])
+        assert table.loc[i, "one_shot/ot/accuracy/mean"] == pytest.approx(expect.mean())
+        assert table.loc[i, "one_shot/ot/accuracy/std"] == pytest.approx(expect.std(ddof=1))
+        paired = expect - pd.Series(vf[reg])
+        assert table.loc[i, "one_shot/ot-vanilla/accuracy/mean"] == pytest.approx(paired.mean())
+        assert table.loc[i, "one_shot/ot-vanilla/accuracy/std"] == pytest.approx(paired.std(ddof=1))
+        assert table.loc[i, "one_shot_val/ot/accuracy/mean"] == pytest.approx(expect.mean() - 0.01)
+    markdown = paths["seeds_md"].read_text()
+    assert "0.74 +- 0.04" in markdown and "| runs |" in markdown
+    assert len(pd.read_csv(paths["csv"])) == 6  # the per-run table is unchanged
+
+
+def test_a_sweep_without_seed_axes_writes_no_seed_report(reg_sweep: Path):
+    paths = run_report(str(reg_sweep), console=quiet())
+    assert "seeds_csv" not in paths and not (reg_sweep / "seeds.csv").exists()

@@ -23,6 +23,7 @@ class Parent:
     model: nn.Module
     source: str
     trained_seconds: float = 0.0  # 0 when loaded or taken from the cache
+    seed: int | None = None  # a recipe parent's training seed
 
 
 def recipe(cfg: DictConfig, seed: int) -> dict:
@@ -63,18 +64,29 @@ def save_parent(model: nn.Module, cfg: DictConfig, metrics: dict, seed: int, pat
         write_json(tmp / "recipe.json", recipe(cfg, seed))
 
 
+def parent_seeds(cfg: DictConfig) -> list[int]:
+    """The recipe parents' training seeds: ``parent_seeds``, else 0 .. n_parents-1."""
+    seeds = cfg.get("parent_seeds")
+    if seeds is None:
+        if cfg.n_parents < 1:
+            raise TfuseError(f"n_parents={cfg.n_parents}: give at least one parent")
+        return list(range(cfg.n_parents))
+    if not OmegaConf.is_list(seeds) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise TfuseError(f"parent_seeds={seeds}: give a list of integer seeds, one per parent (e.g. parent_seeds=[2,3])")
+    return list(seeds)
+
+
 def parent_configs(cfg: DictConfig) -> list[DictConfig]:
     """One config per recipe parent: ``cfg`` itself, or with ``parent_models[i]`` merged into its
     ``model`` group (heterogeneous parents: e.g. a wide and a narrow ViT)."""
+    count = len(parent_seeds(cfg))
     overrides = cfg.get("parent_models")
     if not overrides:
-        if cfg.n_parents < 1:
-            raise TfuseError(f"n_parents={cfg.n_parents}: give at least one parent")
-        return [cfg] * cfg.n_parents
-    if len(overrides) != cfg.n_parents:
+        return [cfg] * count
+    if len(overrides) != count:
         raise TfuseError(
-            f"parent_models has {len(overrides)} entries but n_parents={cfg.n_parents}; give one model "
-            "override per parent"
+            f"parent_models has {len(overrides)} entries but there are {count} parents (n_parents or "
+            "parent_seeds); give one model override per parent"
         )
     out = []
     for i, extra in enumerate(overrides):
@@ -87,18 +99,19 @@ def parent_configs(cfg: DictConfig) -> list[DictConfig]:
 
 
 def obtain_parents(cfg: DictConfig, task: Task, device: str) -> list[Parent]:
-    """``parents=[...]`` when given, else the experiment's recipe (trained once, then cached):
-    ``n_parents`` parents with seeds 0 .. n_parents-1, each with its ``parent_models`` override."""
+    """``parents=[...]`` when given, else the experiment's recipe (trained once, then cached): one
+    parent per seed of ``parent_seeds`` (default 0 .. n_parents-1), each with its ``parent_models``
+    override."""
     fam = cfg.model.family
     if cfg.parents:
         return [Parent(load_parent(str(s), fam, f"parents[{i}]").to(device), str(s)) for i, s in enumerate(cfg.parents)]
     out = []
-    for seed, one in enumerate(parent_configs(cfg)):
+    for seed, one in zip(parent_seeds(cfg), parent_configs(cfg)):
         path = recipe_dir(one, seed)
         if path.is_dir():
-            out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path)))
+            out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path), seed=seed))
             continue
         model, metrics = train_parent(one, task, seed, device)
         save_parent(model, one, metrics, seed, path)
-        out.append(Parent(model, str(path), metrics["train"]["seconds"]))
+        out.append(Parent(model, str(path), metrics["train"]["seconds"], seed))
     return out

@@ -164,7 +164,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         "anchor": anchor,
         "anchor_val_scores": val_scores,
         "alpha": weights,
-        "parents": [{"source": p.source, "trained_seconds": p.trained_seconds} for p in parents],
+        "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds} for p in parents],
         "primary_metric": task.primary_metric,
         "not_applicable": not_applicable,
         "repair": {name: _fit_summary(fits) for name, fits in repair_fits.items() if fits},

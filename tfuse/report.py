@@ -1,4 +1,6 @@
-"""`tfuse report DIR`: gather the results.json of a Hydra multirun into a table, markdown, CSV and plot."""
+"""`tfuse report DIR`: gather the results.json of a Hydra multirun into a table, markdown, CSV and plot;
+where runs differ only in a seed (``parent_seeds``, the run ``seed``, or the ``parents`` themselves),
+also their mean, standard deviation and count per setting, with the paired difference OT - VF."""
 from __future__ import annotations
 
 import json
@@ -23,6 +25,8 @@ from tfuse.errors import TfuseError
 STAGES = ("one_shot", "one_shot_val", "finetuned", "finetuned_val")
 STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--", "finetuned_val": "-."}
 PLOT_GROUP_MODEL = "ot"
+SEED_AXES = ("parent_seeds", "seed", "parents")  # overrides that draw another sample of the same setting
+PAIRED = ("ot", "vanilla")  # the paired difference reported over seeds
 _MISSING = object()
 
 
@@ -71,8 +75,77 @@ def run_report(root: str, metric: str | None = None, console: Console | None = N
     """Build the report of ``root``, write it into ``root``, print it; return the paths written."""
     report = build_report(Path(root), metric)
     paths = write_report(report, report.root)
-    print_report(report, console or Console())
+    console = console or Console()
+    print_report(report, console)
+    seeds = over_seeds(report)
+    if seeds is not None:
+        paths.update(write_seed_report(seeds, report.root))
+        print_seed_report(report, seeds, console)
     return paths
+
+
+def over_seeds(report: Report) -> pd.DataFrame | None:
+    """One row per setting (the swept parameters that are not seed axes): ``runs`` and, for every
+    metric column and the paired difference ``stage/ot-vanilla/metric``, its ``/mean`` and ``/std``
+    (sample standard deviation) over the runs. None when no seed axis is swept."""
+    if not any(param in SEED_AXES for param in report.params):
+        return None
+    keys = [param for param in report.params if param not in SEED_AXES]
+    table = report.table.copy()
+    columns = list(table.columns[1 + len(report.params):])
+    a, b = PAIRED
+    for stage in STAGES:
+        for metric in report.metrics:
+            first, second = f"{stage}/{a}/{metric}", f"{stage}/{b}/{metric}"
+            if first in table and second in table:
+                table[f"{stage}/{a}-{b}/{metric}"] = table[first] - table[second]
+                columns.append(f"{stage}/{a}-{b}/{metric}")
+    groups = table.groupby(keys, dropna=False, sort=False) if keys else [((), table)]
+    rows = []
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = {**dict(zip(keys, key)), "runs": len(group)}
+        for column in columns:
+            row[f"{column}/mean"] = group[column].mean()
+            row[f"{column}/std"] = group[column].std(ddof=1) if group[column].count() > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_seed_report(seeds: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """seeds.md (``mean +- std`` cells) and seeds.csv (separate columns), atomically."""
+    paths = {"seeds_md": out_dir / "seeds.md", "seeds_csv": out_dir / "seeds.csv"}
+    _write_atomic(paths["seeds_md"], lambda tmp: tmp.write_text(to_markdown(_mean_std_cells(seeds)), encoding="utf-8"))
+    _write_atomic(paths["seeds_csv"], lambda tmp: seeds.to_csv(tmp, index=False))
+    return paths
+
+
+def print_seed_report(report: Report, seeds: pd.DataFrame, console: Console) -> None:
+    """The chosen metric's ``mean +- std`` over seeds, one row per setting."""
+    cells = _mean_std_cells(seeds)
+    suffix = f"/{report.metric}"
+    settings = list(cells.columns[: list(cells.columns).index("runs") + 1])
+    columns = settings + [c for c in cells.columns[len(settings):] if c.endswith(suffix)]
+    view = Table(title=f"{report.root}: {report.metric}, mean +- std over seeds", caption="all metrics: seeds.md, seeds.csv",
+                 box=box.SIMPLE_HEAD)
+    for column in columns:
+        view.add_column(column.removesuffix(suffix).replace("/", "\n"), justify="left" if column in settings[:-1] else "right")
+    for row in cells[columns].itertuples(index=False):
+        view.add_row(*map(format_value, row))
+    console.print(view)
+
+
+def _mean_std_cells(seeds: pd.DataFrame) -> pd.DataFrame:
+    """``stage/model/metric`` columns holding ``mean +- std`` text (mean alone for one run)."""
+    out = seeds[[c for c in seeds.columns if not c.endswith(("/mean", "/std"))]].copy()
+    for column in seeds.columns:
+        if column.endswith("/mean"):
+            base = column.removesuffix("/mean")
+            out[base] = [
+                format_value(m) if math.isnan(sd) else f"{format_value(m)} +- {format_value(sd)}"
+                for m, sd in zip(seeds[column], seeds[f"{base}/std"])
+            ]
+    return out
 
 
 def find_runs(root: Path) -> list[Run]:
