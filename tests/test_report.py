@@ -201,3 +201,32 @@ def test_runs_differing_only_in_seeds_are_grouped_with_mean_std_and_count(tmp_pa
 def test_a_sweep_without_seed_axes_writes_no_seed_report(reg_sweep: Path):
     paths = run_report(str(reg_sweep), console=quiet())
     assert "seeds_csv" not in paths and not (reg_sweep / "seeds.csv").exists()
+
+
+def test_select_val_picks_by_validation_and_shows_the_optimism_of_picking_on_test(tmp_path: Path):
+    """reg 0.01 is best on validation, reg 0.1 on test (by luck of the split): --select val
+    reports 0.01's test score and the gap to the test-best."""
+    root = tmp_path / "select"
+    val = {0.01: [0.80, 0.82], 0.1: [0.75, 0.77]}
+    test = {0.01: [0.70, 0.72], 0.1: [0.74, 0.76]}
+    index = 0
+    for reg in val:
+        for k, pair in enumerate(["[0,1]", "[2,3]"]):
+            results = scores(test[reg][k])
+            results["one_shot_val"] = {"ot": {"accuracy": val[reg][k], "loss": 1 - val[reg][k]}}
+            make_job(root, index, ["+experiment=vit_mnist", f"fusion.reg={reg}", f"parent_seeds={pair}"], results)
+            index += 1
+    run_report(str(root), console=quiet(), select="val")
+    chosen = (root / "select.md").read_text()
+    assert "fusion.reg=0.01" in chosen.splitlines()[2].split("|")[4]
+    row = chosen.splitlines()[2].split("|")
+    assert row[1].strip() == "one_shot" and float(row[6]) == pytest.approx(0.71)  # its test
+    assert "fusion.reg=0.1" in row[8] and float(row[9]) == pytest.approx(0.75) and float(row[10]) == pytest.approx(0.04)
+    run_report(str(root), console=quiet(), select="val", metric="loss")  # lower is better for a loss
+    row = (root / "select.md").read_text().splitlines()[2].split("|")
+    assert "fusion.reg=0.01" in row[4] and float(row[10]) == pytest.approx(0.04)
+
+
+def test_select_val_without_validation_scores_is_a_clear_error(reg_sweep: Path):
+    with pytest.raises(TfuseError, match="no validation scores"):
+        run_report(str(reg_sweep), console=quiet(), select="val")

@@ -55,8 +55,11 @@ def _report(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="tfuse report", description="Tables (and a plot) from a sweep's results.")
     parser.add_argument("dir", help="a multirun directory (or any directory holding results.json files)")
     parser.add_argument("--metric", default=None, help="metric to plot (default: accuracy, else the first)")
+    parser.add_argument("--select", choices=("val",), default=None,
+                        help="also pick the setting with the best mean validation score and show its test score "
+                             "beside the test-best setting's (select.md)")
     ns = parser.parse_args(args)
-    run_report(ns.dir, metric=ns.metric)
+    run_report(ns.dir, metric=ns.metric, select=ns.select)
 
 
 def main(argv: list[str] | None = None) -> None:

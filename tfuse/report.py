@@ -71,8 +71,11 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def run_report(root: str, metric: str | None = None, console: Console | None = None) -> dict[str, Path]:
-    """Build the report of ``root``, write it into ``root``, print it; return the paths written."""
+def run_report(
+    root: str, metric: str | None = None, console: Console | None = None, select: str | None = None
+) -> dict[str, Path]:
+    """Build the report of ``root``, write it into ``root``, print it; return the paths written.
+    ``select="val"`` adds the setting chosen by validation score beside the test-best one."""
     report = build_report(Path(root), metric)
     paths = write_report(report, report.root)
     console = console or Console()
@@ -81,15 +84,25 @@ def run_report(root: str, metric: str | None = None, console: Console | None = N
     if seeds is not None:
         paths.update(write_seed_report(seeds, report.root))
         print_seed_report(report, seeds, console)
+    if select is not None:
+        if select != "val":
+            raise TfuseError(f"--select {select}: settings are selected on the validation split; use --select val")
+        chosen = select_by_validation(report)
+        _write_atomic(report.root / "select.md", lambda tmp: tmp.write_text(to_markdown(chosen), encoding="utf-8"))
+        paths["select_md"] = report.root / "select.md"
+        _print_frame(chosen, f"{report.root}: {report.metric}, setting selected by validation vs by test", console)
     return paths
 
 
 def over_seeds(report: Report) -> pd.DataFrame | None:
+    """:func:`by_setting` when a seed axis is swept, else None."""
+    return by_setting(report) if any(param in SEED_AXES for param in report.params) else None
+
+
+def by_setting(report: Report) -> pd.DataFrame:
     """One row per setting (the swept parameters that are not seed axes): ``runs`` and, for every
     metric column and the paired difference ``stage/ot-vanilla/metric``, its ``/mean`` and ``/std``
-    (sample standard deviation) over the runs. None when no seed axis is swept."""
-    if not any(param in SEED_AXES for param in report.params):
-        return None
+    (sample standard deviation) over the runs."""
     keys = [param for param in report.params if param not in SEED_AXES]
     table = report.table.copy()
     columns = list(table.columns[1 + len(report.params):])
@@ -112,6 +125,39 @@ def over_seeds(report: Report) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+def select_by_validation(report: Report, model: str = PLOT_GROUP_MODEL) -> pd.DataFrame:
+    """Per stage that has a validation twin: the setting with the best mean validation score of
+    ``model`` (the report's metric) and its test score, beside the setting with the best mean test
+    score; ``optimism`` is how much better the test-best looks than the honest choice."""
+    if report.metric is None:
+        raise TfuseError(f"{report.root}: the runs report no metric to select on")
+    settings = by_setting(report)
+    keys = [param for param in report.params if param not in SEED_AXES]
+    higher = not any(word in report.metric for word in ("loss", "perplexity"))
+    rows = []
+    for stage in ("one_shot", "finetuned"):
+        val, test = f"{stage}_val/{model}/{report.metric}/mean", f"{stage}/{model}/{report.metric}/mean"
+        if val not in settings or test not in settings or settings[val].isna().all():
+            continue
+        pick = settings[val].idxmax() if higher else settings[val].idxmin()
+        best = settings[test].idxmax() if higher else settings[test].idxmin()
+        describe = lambda i: ", ".join(f"{k}={format_value(settings.loc[i, k])}" for k in keys) or "(one setting)"  # noqa: E731
+        gap = settings.loc[best, test] - settings.loc[pick, test]
+        rows.append({
+            "stage": stage, "model": model, "runs": int(settings.loc[pick, "runs"]),
+            "selected by val": describe(pick), "its val": settings.loc[pick, val], "its test": settings.loc[pick, test],
+            "its test std": settings.loc[pick, test.removesuffix("/mean") + "/std"],
+            "best by test": describe(best), "best test": settings.loc[best, test],
+            "optimism": gap if higher else -gap,
+        })
+    if not rows:
+        raise TfuseError(
+            f"{report.root}: no validation scores ({model}) in these results; rerun with this version of tfuse, "
+            "which writes one_shot_val and finetuned_val"
+        )
+    return pd.DataFrame(rows)
+
+
 def write_seed_report(seeds: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """seeds.md (``mean +- std`` cells) and seeds.csv (separate columns), atomically."""
     paths = {"seeds_md": out_dir / "seeds.md", "seeds_csv": out_dir / "seeds.csv"}
@@ -126,11 +172,15 @@ def print_seed_report(report: Report, seeds: pd.DataFrame, console: Console) -> 
     suffix = f"/{report.metric}"
     settings = list(cells.columns[: list(cells.columns).index("runs") + 1])
     columns = settings + [c for c in cells.columns[len(settings):] if c.endswith(suffix)]
-    view = Table(title=f"{report.root}: {report.metric}, mean +- std over seeds", caption="all metrics: seeds.md, seeds.csv",
-                 box=box.SIMPLE_HEAD)
-    for column in columns:
-        view.add_column(column.removesuffix(suffix).replace("/", "\n"), justify="left" if column in settings[:-1] else "right")
-    for row in cells[columns].itertuples(index=False):
+    view = cells[columns].rename(columns=lambda c: c.removesuffix(suffix))
+    _print_frame(view, f"{report.root}: {report.metric}, mean +- std over seeds (all metrics: seeds.md, seeds.csv)", console)
+
+
+def _print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
+    view = Table(title=title, box=box.SIMPLE_HEAD)
+    for column in frame.columns:
+        view.add_column(str(column).replace("/", "\n"), justify="right" if _is_numeric(frame[column]) else "left", overflow="fold")
+    for row in frame.itertuples(index=False):
         view.add_row(*map(format_value, row))
     console.print(view)
 
