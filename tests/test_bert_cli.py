@@ -38,7 +38,7 @@ def test_tiny_mlm_experiment_end_to_end(mlm_run: Path, workdir: Path):
     for scores in results["one_shot"].values():
         assert set(scores) == {"loss", "perplexity", "masked_accuracy"}
         assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
-    assert set(results["finetuned"]) == {"ot", "vanilla"} and results["primary_metric"] == "loss"
+    assert set(results["finetuned"]) == {"ot", "vanilla", "parent_0", "parent_1"} and results["primary_metric"] == "loss"
     down = results["downstream"]
     assert down["task"] == "genre" and set(down["results"]) == {"parent_0", "parent_1", "vanilla", "ot", "ensemble"}
     assert {"accuracy", "f1", "loss"} <= set(down["results"]["ot"]) and down["fused_from"]["ot"] == "mlm_finetuned"

@@ -29,7 +29,13 @@ def test_end_to_end_fusion_writes_results_and_ot_beats_vanilla(first_run: Path, 
     assert set(one_shot) == {"parent_0", "parent_1", "ensemble", "vanilla", "ot"}
     assert min(one_shot["parent_0"]["accuracy"], one_shot["parent_1"]["accuracy"]) > 0.85
     assert one_shot["ot"]["accuracy"] > one_shot["vanilla"]["accuracy"] + 0.2
-    assert set(results["finetuned"]) == {"ot", "vanilla"} and set(results["finetuned_val"]) == {"ot", "vanilla"}
+    tuned = {"ot", "vanilla", "parent_0", "parent_1"}  # the parents finetuned alike: the controls
+    assert set(results["finetuned"]) == tuned and set(results["finetuned_val"]) == tuned
+    assert set(results["curves"]) == tuned and [c[0] for c in results["curves"]["ot"]] == [0, 5, 10, 15, 20]
+    assert results["curves"]["ot"][0][1] == pytest.approx(results["one_shot_val"]["ot"]["accuracy"])
+    assert results["curves"]["ot"][-1][1] == pytest.approx(results["finetuned_val"]["ot"]["accuracy"])
+    assert set(results["steps_to_beat_best_parent"]) == tuned
+    assert (first_run / "finetune.png").read_bytes().startswith(b"\x89PNG")
     assert set(results["one_shot_val"]) == set(one_shot)  # what settings are selected on
     assert results["one_shot_val"]["ot"]["accuracy"] != one_shot["ot"]["accuracy"] or results["one_shot_val"]["parent_0"] != one_shot["parent_0"]
     assert {"parents", "fuse", "fuse.statistics", "fuse.transport", "finetune_ot"} <= set(results["timings"])

@@ -148,3 +148,30 @@ def test_ensemble_of_identical_models_equals_single(trained_vit):
     ensemble = task.evaluate_ensemble([model, model], "val")
     assert ensemble["accuracy"] == single["accuracy"]
     assert ensemble["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_a_validation_curve_does_not_change_the_finetune(digits):
+    """Evaluating every few steps leaves the trajectory (weights, losses) exactly as without."""
+    from conftest import tiny_vit
+
+    task = ImageClassificationTask(digits)
+    runs = []
+    for every in (0, 4):
+        model = tiny_vit(seed=2)
+        stats = train(model, task, steps=10, lr=1e-3, batch_size=32, seed=5, eval_every=every,
+                      evaluate=lambda m=model: task.evaluate(m, "val")["accuracy"])
+        runs.append((model, stats))
+    (plain, a), (curved, b) = runs
+    assert "curve" not in a and [step for step, _ in b["curve"]] == [0, 4, 8, 10]
+    assert a["final_loss"] == b["final_loss"]
+    for p, q in zip(plain.parameters(), curved.parameters()):
+        assert torch.equal(p, q)
+    assert b["curve"][-1][1] == pytest.approx(task.evaluate(curved, "val")["accuracy"])
+
+
+def test_steps_to_beat_reads_the_curve():
+    from tfuse.pipeline import steps_to_beat
+
+    curve = [[0, 0.5], [25, 0.89], [50, 0.91], [75, 0.95]]
+    assert steps_to_beat(curve, 0.9, True) == 50 and steps_to_beat(curve, 0.96, True) is None
+    assert steps_to_beat([[0, 3.0], [10, 2.0]], 2.5, False) == 10

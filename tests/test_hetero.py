@@ -154,7 +154,7 @@ def test_vit_hetero_experiment_end_to_end(tmp_path):
     console = Console(file=io.StringIO(), width=200)
     results = run_fuse(cfg, tmp_path / "run", console)
     assert set(results["one_shot"]) == {"parent_0", "parent_1", "ensemble", "ot"}
-    assert set(results["finetuned"]) == {"ot", "parent_1"}  # the small parent, same budget
+    assert set(results["finetuned"]) == {"ot", "parent_0", "parent_1"}  # the small parent (and the large), same budget
     assert results["not_applicable"] == {"vanilla": "widths differ"} and results["anchor"] == 1
     assert "n/a" in console.file.getvalue()
     fused = hf_vit.load(str(tmp_path / "run" / "fused"))

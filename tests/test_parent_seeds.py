@@ -37,5 +37,5 @@ def test_parent_seeds_default_and_bad_values(tmp_path):
     for bad in ("parent_seeds=[]", "parent_seeds=[a,b]", "parent_seeds=7"):
         with pytest.raises(TfuseError, match="parent_seeds="):
             parent_seeds(config(tmp_path, bad))
-    with pytest.raises(TfuseError, match="parent_models has 2 entries but there are 3 parents"):
+    with pytest.raises(TfuseError, match="parent_models has 2 entries but parent_seeds has 3"):
         obtain_parents(config(tmp_path, "parent_seeds=[0,1,2]", "parent_models=[{},{}]"), None, "cpu")

@@ -38,3 +38,20 @@ def new_directory(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextmanager
+def new_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling file that becomes ``path`` only when the block succeeds; refuses
+    to replace an existing ``path``."""
+    if path.exists():
+        raise TfuseError(f"'{path}' already exists; tfuse never overwrites a result (choose another directory)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -84,10 +84,8 @@ def parent_configs(cfg: DictConfig) -> list[DictConfig]:
     if not overrides:
         return [cfg] * count
     if len(overrides) != count:
-        raise TfuseError(
-            f"parent_models has {len(overrides)} entries but there are {count} parents (n_parents or "
-            "parent_seeds); give one model override per parent"
-        )
+        given = f"n_parents={count}" if cfg.get("parent_seeds") is None else f"parent_seeds has {count}"
+        raise TfuseError(f"parent_models has {len(overrides)} entries but {given}; give one model override per parent")
     out = []
     for i, extra in enumerate(overrides):
         one = copy.deepcopy(cfg)

@@ -21,7 +21,7 @@ from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
 from tfuse.fusion.engine import ot_fuse, repair_fused, vanilla_fuse
 from tfuse.fusion.settings import FusionSettings
-from tfuse.io import new_directory, write_json
+from tfuse.io import new_directory, new_file, write_json
 from tfuse.parents import obtain_parents, save_parent, train_parent
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
@@ -70,12 +70,42 @@ def choose_anchor(anchor: int | str, models: list, task: Task) -> tuple[int, lis
 
 
 def finetune(model, task: Task, cfg: DictConfig, seed: int, device: str, label: str) -> dict:
+    """The short finetune every fused model and control gets alike; with ``finetune.eval_every``,
+    its validation curve of the task's primary metric."""
     f = cfg.finetune
     return train(
         model, task, steps=f.steps, lr=f.lr, batch_size=f.batch_size, seed=seed, warmup=f.warmup,
         schedule="cosine" if f.cosine else "constant", weight_decay=f.weight_decay, device=device,
-        description=f"finetuning {label}",
+        description=f"finetuning {label}", eval_every=f.get("eval_every", 0),
+        evaluate=lambda: task.evaluate(model, "val")[task.primary_metric],
     )
+
+
+def steps_to_beat(curve: list, level: float, higher_is_better: bool) -> int | None:
+    """The first evaluated step whose score is better than ``level`` (None: never)."""
+    for step, value in curve:
+        if (value > level) if higher_is_better else (value < level):
+            return int(step)
+    return None
+
+
+def plot_curves(curves: dict[str, list], level: float, metric: str, path: Path) -> None:
+    """finetune.png: validation metric against steps, one line per model, the best parent's
+    one-shot level across."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, curve in curves.items():
+        axes.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3, label=RESULT_LABELS.get(name, name))
+    axes.axhline(level, color="grey", linestyle="--", label="best parent, one-shot")
+    axes.set(xlabel="finetuning step", ylabel=f"validation {metric}", title="finetuning (same budget and schedule for every model)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    with new_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=150)
 
 
 def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
@@ -136,23 +166,23 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     finetuned_val: dict[str, dict] = {}
     tuned_models: dict[str, torch.nn.Module] = {}
     tuned_main = None
+    curves: dict[str, list] = {}
     if cfg.finetune.steps > 0:
-        for name, model in fused.items():
+        # the controls: every parent finetuned with the fused models' budget and schedule (with
+        # widths that differ, the anchor finetuned alone is the compression baseline)
+        controls = {f"parent_{i}": m for i, m in enumerate(models)} if _controls(cfg) == "parents" else {}
+        for name, model in {**fused, **controls}.items():
             tuned = copy.deepcopy(model)
             with clock.stage(f"finetune_{name}"):
-                finetune(tuned, task, cfg, cfg.seed, device, name)
+                stats = finetune(tuned, task, cfg, cfg.seed, device, RESULT_LABELS.get(name, name.replace("_", " ")))
             finetuned[name] = task.evaluate(tuned)
             finetuned_val[name] = task.evaluate(tuned, "val")
-            tuned_models[name] = tuned
+            if "curve" in stats:
+                curves[name] = stats["curve"]
+            if name in fused:
+                tuned_models[name] = tuned
             if model is main:
                 tuned_main = tuned
-    if cfg.finetune.steps > 0 and widths_differ and settings.method == "ot":
-        # compression: does fusing the other parents in beat training the anchor alone as long?
-        tuned = copy.deepcopy(models[anchor])
-        with clock.stage("finetune_anchor"):
-            finetune(tuned, task, cfg, cfg.seed, device, f"parent {anchor} (the anchor)")
-        finetuned[f"parent_{anchor}"] = task.evaluate(tuned)
-        finetuned_val[f"parent_{anchor}"] = task.evaluate(tuned, "val")
     not_applicable = {"vanilla": "widths differ"} if widths_differ else {}
     results = {
         "one_shot": one_shot,
@@ -169,6 +199,14 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         "not_applicable": not_applicable,
         "repair": {name: _fit_summary(fits) for name, fits in repair_fits.items() if fits},
     }
+    if curves:
+        pick = max if task.higher_is_better else min
+        level = pick(one_shot_val[f"parent_{i}"][task.primary_metric] for i in range(len(models)))
+        results["curves"] = curves
+        results["steps_to_beat_best_parent"] = {
+            name: steps_to_beat(curve, level, task.higher_is_better) for name, curve in curves.items()
+        }
+        plot_curves(curves, level, task.primary_metric, out_dir / "finetune.png")
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
             results["downstream"] = run_downstream(cfg, models, fused, tuned_models, device, console)
@@ -195,6 +233,16 @@ def _save_model(fam, model, path: Path) -> None:
         fam.save(model, str(tmp))
 
 
+RESULT_LABELS = {"vanilla": "VF", "ot": "OT"}
+
+
+def _controls(cfg: DictConfig) -> str:
+    controls = cfg.finetune.get("controls", "parents")
+    if controls not in ("parents", "none"):
+        raise TfuseError(f"finetune.controls={controls!r} is not known; allowed: parents, none")
+    return controls
+
+
 def results_table(results: dict) -> Table:
     """Models as rows; one-shot and finetuned metrics as columns."""
     one_shot, tuned = results["one_shot"], results["finetuned"]
@@ -205,11 +253,16 @@ def results_table(results: dict) -> Table:
         table.add_column(f"one-shot {m}", justify="right")
     for m in metrics if tuned else []:
         table.add_column(f"finetuned {m}", justify="right")
-    labels = {"vanilla": "VF", "ot": "OT"}
+    beat = results.get("steps_to_beat_best_parent")
+    if beat:
+        table.add_column("steps until above the best parent (val)", justify="right")
+    labels = RESULT_LABELS
     for name, scores in one_shot.items():
         row = [labels.get(name, name.replace("_", " "))] + [_fmt(m, scores[m]) for m in metrics]
         if tuned:
             row += [_fmt(m, tuned[name][m]) if name in tuned else "" for m in metrics]
+        if beat:
+            row.append("" if name not in beat else "never" if beat[name] is None else str(beat[name]))
         table.add_row(*row)
     for name, why in results.get("not_applicable", {}).items():
         table.add_row(labels.get(name, name), *[f"n/a: {why}" if i == 0 else "" for i in range(len(table.columns) - 1)])

@@ -34,8 +34,12 @@ def train(
     grad_clip: float = 1.0,
     device: str | torch.device = "cpu",
     description: str = "training",
+    evaluate: Callable[[], float] | None = None,
+    eval_every: int = 0,
 ) -> dict:
-    """Train ``model`` on ``task`` for ``steps`` steps; returns steps, final_loss and seconds.
+    """Train ``model`` on ``task`` for ``steps`` steps; returns steps, final_loss, seconds and, with
+    ``evaluate`` and ``eval_every``, ``curve``: ``[step, evaluate()]`` before the first step, every
+    ``eval_every`` steps and after the last (evaluation time is not counted in ``seconds``).
 
     ``warmup`` is a fraction of ``steps`` when below 1, else a number of steps. ``final_loss`` is
     the mean loss over the last 10% of steps (None when ``steps`` is 0).
@@ -43,6 +47,17 @@ def train(
     factor = lr_factor(schedule, steps, warmup)
     if steps == 0:
         return {"steps": 0, "final_loss": None, "seconds": 0.0}
+    curve: list[list[float]] = []
+
+    def probe(step: int) -> float:
+        """Evaluate (timed apart) at ``step``; returns the seconds it took."""
+        if evaluate is None or eval_every <= 0 or not (step % eval_every == 0 or step == steps):
+            return 0.0
+        start = time.perf_counter()
+        curve.append([step, evaluate()])
+        model.train()
+        return time.perf_counter() - start
+
     torch.manual_seed(seed)
     model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
@@ -50,10 +65,13 @@ def train(
     was_training = model.training
     model.train()
     start = time.perf_counter()
-    losses = _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip, description)
+    losses, evaluating = _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip, description, probe)
     model.train(was_training)
     tail = losses[-max(1, math.ceil(0.1 * steps)) :]
-    return {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+    out = {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start - evaluating}
+    if curve:
+        out["curve"] = curve
+    return out
 
 
 def lr_factor(schedule: str, steps: int, warmup: float) -> Callable[[int], float]:
@@ -82,14 +100,16 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip, description) -> list[float]:
-    """The optimisation loop under a progress bar; returns the loss of every step."""
+def _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip, description, probe) -> tuple[list[float], float]:
+    """The optimisation loop under a progress bar; returns the loss of every step and the seconds
+    spent in ``probe(step)`` (called before step 1 and after every step)."""
     losses: list[float] = []
     running = None
     batches = task.train_batches(batch_size, seed)
+    evaluating = probe(0)
     with make_progress() as progress:
         bar = progress.add_task(description, total=steps, info="loss -")
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             loss = task.loss(model, next(batches))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -100,4 +120,5 @@ def _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip,
             losses.append(loss.item())
             running = losses[-1] if running is None else 0.9 * running + 0.1 * losses[-1]
             progress.update(bar, advance=1, info=f"loss {running:.4f}")
-    return losses
+            evaluating += probe(step)
+    return losses, evaluating
