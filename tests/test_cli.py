@@ -167,3 +167,17 @@ def test_nan_weights_name_the_layer(workdir: Path):
     tiny_vit(seed=1).save_pretrained(b)
     err = _bad(workdir, f"parents=[{a},{b}]", f"hydra.run.dir={workdir / 'bad5'}")
     assert "layers.1.mlp" in err and "NaN" in err
+
+
+def test_distilled_finetune_from_the_shell(first_run: Path, workdir: Path):
+    out = workdir / "distilled"
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", "finetune.teacher=ensemble", "finetune.kd_weight=0.7",
+                 f"cache_dir={workdir / 'parents'}", f"hydra.run.dir={out}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads((first_run / "results.json").read_text())
+    distilled = json.loads((out / "results.json").read_text())
+    assert distilled["one_shot"] == plain["one_shot"]  # only the finetune differs
+    assert set(distilled["finetuned"]) == set(plain["finetuned"])
+    assert distilled["finetuned"]["ot"] != plain["finetuned"]["ot"] and distilled["finetuned"]["parent_0"] != plain["finetuned"]["parent_0"]
+    err = _bad(workdir, "finetune.steps=2", "finetune.teacher=oracle", f"hydra.run.dir={workdir / 'bad7'}")
+    assert "finetune.teacher='oracle'" in err and "ensemble" in err

@@ -175,3 +175,32 @@ def test_steps_to_beat_reads_the_curve():
     curve = [[0, 0.5], [25, 0.89], [50, 0.91], [75, 0.95]]
     assert steps_to_beat(curve, 0.9, True) == 50 and steps_to_beat(curve, 0.96, True) is None
     assert steps_to_beat([[0, 3.0], [10, 2.0]], 2.5, False) == 10
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_distillation_loss_is_the_cross_entropy_when_the_teacher_is_one_hot(weight):
+    from tfuse.tasks.distill import distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(16, 10, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    one_hot = torch.nn.functional.one_hot(targets, 10).float()
+    ce = torch.nn.functional.cross_entropy(logits, targets)
+    assert distillation_loss(logits, targets, one_hot, 1.0, weight) == pytest.approx(float(ce), rel=1e-6)
+    soft = torch.softmax(torch.randn(16, 10, generator=gen), -1)
+    assert distillation_loss(logits, targets, soft, 2.0, 1.0) > 0
+
+
+def test_distilled_task_mixes_the_parents_predictions(digits):
+    from conftest import tiny_vit
+    from tfuse.tasks.distill import Distilled
+
+    task = ImageClassificationTask(digits)
+    student, parents = tiny_vit(0), [tiny_vit(1), tiny_vit(2)]
+    batch = next(task.train_batches(32, 0))
+    assert float(Distilled(task, parents, 2.0, 0.0).loss(student, batch)) == pytest.approx(float(task.loss(student, batch)))
+    # a student identical to its only teacher: the distillation term vanishes
+    alone = Distilled(task, [student], 3.0, 1.0).loss(student, batch)
+    assert float(alone) == pytest.approx(0.0, abs=1e-6)
+    assert float(Distilled(task, parents, 2.0, 1.0).loss(student, batch)) > 1e-3
+    with pytest.raises(TfuseError, match="kd_weight"):
+        Distilled(task, parents, 2.0, 1.5)

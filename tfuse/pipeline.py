@@ -25,6 +25,7 @@ from tfuse.io import new_directory, new_file, write_json
 from tfuse.parents import obtain_parents, save_parent, train_parent
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
+from tfuse.tasks.distill import TEACHERS, Distilled
 from tfuse.tasks.mlm import for_models
 from tfuse.training import train
 
@@ -69,10 +70,16 @@ def choose_anchor(anchor: int | str, models: list, task: Task) -> tuple[int, lis
     return scores.index(pick(scores)), scores
 
 
-def finetune(model, task: Task, cfg: DictConfig, seed: int, device: str, label: str) -> dict:
-    """The short finetune every fused model and control gets alike; with ``finetune.eval_every``,
-    its validation curve of the task's primary metric."""
+def finetune(model, task: Task, cfg: DictConfig, seed: int, device: str, label: str, parents=()) -> dict:
+    """The short finetune every fused model and control gets alike (distilled from the ``parents``'
+    ensemble with ``finetune.teacher=ensemble``); with ``finetune.eval_every``, its validation curve
+    of the task's primary metric."""
     f = cfg.finetune
+    teacher = f.get("teacher", "none")
+    if teacher not in TEACHERS:
+        raise TfuseError(f"finetune.teacher={teacher!r} is not known; allowed: {', '.join(TEACHERS)}")
+    if teacher == "ensemble":
+        task = Distilled(task, parents, f.get("temperature", 2.0), f.get("kd_weight", 0.5))
     return train(
         model, task, steps=f.steps, lr=f.lr, batch_size=f.batch_size, seed=seed, warmup=f.warmup,
         schedule="cosine" if f.cosine else "constant", weight_decay=f.weight_decay, device=device,
@@ -174,7 +181,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         for name, model in {**fused, **controls}.items():
             tuned = copy.deepcopy(model)
             with clock.stage(f"finetune_{name}"):
-                stats = finetune(tuned, task, cfg, cfg.seed, device, RESULT_LABELS.get(name, name.replace("_", " ")))
+                stats = finetune(tuned, task, cfg, cfg.seed, device, RESULT_LABELS.get(name, name.replace("_", " ")), models)
             finetuned[name] = task.evaluate(tuned)
             finetuned_val[name] = task.evaluate(tuned, "val")
             if "curve" in stats:

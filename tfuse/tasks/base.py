@@ -30,6 +30,9 @@ class Task(Protocol):
     def model_inputs(self, batch: Batch) -> Batch:
         """The keyword arguments for ``model(**inputs)``."""
 
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (one row per scored item) and the class indices they are scored against."""
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Training loss of ``model`` on ``batch`` (mean over examples)."""
 

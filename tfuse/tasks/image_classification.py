@@ -60,10 +60,13 @@ class ImageClassificationTask:
         """The model's keyword inputs, on the task's device."""
         return {"pixel_values": batch["pixel_values"].to(self.device)}
 
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits of ``model`` on ``batch`` and the labels they are scored against."""
+        return logits(model, self.model_inputs(batch)["pixel_values"]), batch["labels"].to(self.device)
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy of ``model`` on ``batch``."""
-        out = logits(model, self.model_inputs(batch)["pixel_values"])
-        return F.cross_entropy(out, batch["labels"].to(self.device))
+        return F.cross_entropy(*self.predict(model, batch))
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         """Accuracy and mean cross-entropy of one model on ``split``."""

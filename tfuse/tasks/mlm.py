@@ -93,10 +93,14 @@ class MLMTask:
     def model_inputs(self, batch: Batch) -> Batch:
         return model_inputs_of(batch, self.device)
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the masked positions and the tokens they must predict."""
         labels = batch["labels"].to(self.device)
         keep = labels != -100
-        return F.cross_entropy(masked_logits(model, self.model_inputs(batch), keep).float(), labels[keep])
+        return masked_logits(model, self.model_inputs(batch), keep).float(), labels[keep]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(*self.predict(model, batch))
 
     def evaluation_batches(self, split: str) -> list[Batch]:
         """The split masked once with ``mask_seed`` (cached: every model sees the same masks)."""

@@ -67,8 +67,11 @@ class TextClassificationTask:
     def model_inputs(self, batch: Batch) -> Batch:
         return model_inputs_of(batch, self.device)
 
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(**self.model_inputs(batch)).logits.float(), batch["labels"].to(self.device)
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(model(**self.model_inputs(batch)).logits.float(), batch["labels"].to(self.device))
+        return F.cross_entropy(*self.predict(model, batch))
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         return self.evaluate_ensemble([model], split)
