@@ -135,8 +135,8 @@ def test_a_replay_from_a_cached_block_input_equals_the_whole_forward(family, ima
         expected = run(model)
         outs = []
         for k in range(len(graph.blocks)):
-            replay.next_cache = [replay.run(0, x, block_output=True)["block"]]
-            outs.append(replay.next_cache[0])
+            replay.advance_batch(0, replay.run(0, x, block_output=True)["block"])
+            outs.append(replay.cache[0])
             replay.advance()
         seen = {}
         hooks = [dict(model.named_modules())[b].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))

@@ -125,7 +125,6 @@ class _Replay:
         self.block_names = list(blocks)
         self.start = 0
         self.cache: list[torch.Tensor] = []
-        self.next_cache: list[torch.Tensor] = []
 
     def run(
         self, b: int, inputs: Batch, inputs_of: Sequence[str] = (), outputs_of: Sequence[str] = (),
@@ -174,9 +173,16 @@ class _Replay:
             )
         return out
 
+    def advance_batch(self, b: int, block_output: torch.Tensor) -> None:
+        """Batch ``b``'s cached input becomes the next block's (in place: the old one is dropped at
+        once, so two blocks' caches are never held whole)."""
+        if b < len(self.cache):
+            self.cache[b] = block_output
+        else:
+            self.cache.append(block_output)
+
     def advance(self) -> None:
-        """The cached inputs become those of the next block (``next_cache``, one per batch)."""
-        self.cache, self.next_cache = self.next_cache, []
+        """Every batch holds the next block's input: replays start there."""
         self.start += 1
 
 
@@ -375,7 +381,8 @@ def _repair(fused, targets, weights, graph, settings, inputs, rows) -> list[Laye
         start = max(stage.segment - 1, 0)
         for replay in replays:
             while replay.start < start:
-                replay.next_cache = [replay.run(b, x, block_output=True)["block"] for b, x in enumerate(inputs)]
+                for b, x in enumerate(inputs):
+                    replay.advance_batch(b, replay.run(b, x, block_output=True)["block"])
                 replay.advance()
         ends_block = 1 <= stage.segment <= last_block and (
             index + 1 == len(stages) or stages[index + 1].segment != stage.segment
@@ -392,8 +399,8 @@ def _repair(fused, targets, weights, graph, settings, inputs, rows) -> list[Laye
             parents = []
             for replay in replays[1:]:
                 got = replay.run(b, x, outputs_of=stage.modules, block_output=ends_block)
-                if ends_block:
-                    replay.next_cache.append(got["block"])
+                if ends_block:  # the block's last use of this batch's input
+                    replay.advance_batch(b, got["block"])
                 parents.append({n: rows(b, got["out", n]) for n in stage.modules})
             if method.needs_inputs:
                 method.add(fused_in, {n: sum(a * p[n] for a, p in zip(weights, parents)) for n in stage.modules})
