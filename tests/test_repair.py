@@ -136,7 +136,7 @@ def test_a_replay_from_a_cached_block_input_equals_the_whole_forward(family, ima
         outs = []
         for k in range(len(graph.blocks)):
             replay.advance_batch(0, replay.run(0, x, block_output=True)["block"])
-            outs.append(replay.cache[0])
+            outs.append(replay.cache[0].clone())
             replay.advance()
         seen = {}
         hooks = [dict(model.named_modules())[b].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))

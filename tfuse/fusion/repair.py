@@ -174,12 +174,14 @@ class _Replay:
         return out
 
     def advance_batch(self, b: int, block_output: torch.Tensor) -> None:
-        """Batch ``b``'s cached input becomes the next block's (in place: the old one is dropped at
-        once, so two blocks' caches are never held whole)."""
-        if b < len(self.cache):
-            self.cache[b] = block_output
+        """Batch ``b``'s cached input becomes the next block's, copied into the buffer it had: the
+        cache is allocated once and two blocks' inputs are never held whole."""
+        if b >= len(self.cache):
+            self.cache.append(block_output.clone())
+        elif self.cache[b].shape == block_output.shape:
+            self.cache[b].copy_(block_output)
         else:
-            self.cache.append(block_output)
+            self.cache[b] = block_output.clone()
 
     def advance(self) -> None:
         """Every batch holds the next block's input: replays start there."""
