@@ -106,8 +106,7 @@ def plot_curves(curves: dict[str, list], level: float, metric: str, path: Path) 
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, curve in curves.items():
-        label = RESULT_LABELS.get(name, name.replace("_", " "))
-        axes.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3, label=label)
+        axes.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3, label=label_of(name))
     axes.axhline(level, color="grey", linestyle="--", label="best parent, one-shot")
     axes.set(xlabel="finetuning step", ylabel=f"validation {metric}", title="finetuning (same budget and schedule for every model)")
     axes.grid(alpha=0.3)
@@ -182,7 +181,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         for name, model in {**fused, **controls}.items():
             tuned = copy.deepcopy(model)
             with clock.stage(f"finetune_{name}"):
-                stats = finetune(tuned, task, cfg, cfg.seed, device, RESULT_LABELS.get(name, name.replace("_", " ")), models)
+                stats = finetune(tuned, task, cfg, cfg.seed, device, label_of(name), models)
             finetuned[name] = task.evaluate(tuned)
             finetuned_val[name] = task.evaluate(tuned, "val")
             if "curve" in stats:
@@ -244,6 +243,11 @@ def _save_model(fam, model, path: Path) -> None:
 RESULT_LABELS = {"vanilla": "VF", "ot": "OT"}
 
 
+def label_of(name: str) -> str:
+    """How a results key is shown: VF, OT, parent 0, ..."""
+    return RESULT_LABELS.get(name, name.replace("_", " "))
+
+
 def _controls(cfg: DictConfig) -> str:
     controls = cfg.finetune.get("controls", "parents")
     if controls not in ("parents", "none"):
@@ -264,16 +268,15 @@ def results_table(results: dict) -> Table:
     beat = results.get("steps_to_beat_best_parent")
     if beat:
         table.add_column("steps until above the best parent (val)", justify="right")
-    labels = RESULT_LABELS
     for name, scores in one_shot.items():
-        row = [labels.get(name, name.replace("_", " "))] + [_fmt(m, scores[m]) for m in metrics]
+        row = [label_of(name)] + [_fmt(m, scores[m]) for m in metrics]
         if tuned:
             row += [_fmt(m, tuned[name][m]) if name in tuned else "" for m in metrics]
         if beat:
             row.append("" if name not in beat else "never" if beat[name] is None else str(beat[name]))
         table.add_row(*row)
     for name, why in results.get("not_applicable", {}).items():
-        table.add_row(labels.get(name, name), *[f"n/a: {why}" if i == 0 else "" for i in range(len(table.columns) - 1)])
+        table.add_row(label_of(name), *[f"n/a: {why}" if i == 0 else "" for i in range(len(table.columns) - 1)])
     return table
 
 
