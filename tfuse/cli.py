@@ -20,6 +20,7 @@ commands:
   fuse     fuse parents (default experiment: vit_mnist); e.g. tfuse fuse +experiment=vit_cifar
   train    train one parent from scratch;            e.g. tfuse train +experiment=vit_mnist seed=3
   report   gather a multirun's results into tables;  e.g. tfuse report outputs/multirun/DATE/TIME
+  paper    the paper's six claims from scripts/paper_tables.sh's sweeps; e.g. tfuse paper outputs/paper
 
 `tfuse fuse --cfg job` prints the resolved config; `-m` sweeps (Hydra multirun).
 """
@@ -62,6 +63,15 @@ def _report(args: list[str]) -> None:
     run_report(ns.dir, metric=ns.metric, select=ns.select)
 
 
+def _paper(args: list[str]) -> None:
+    from tfuse.paper import write_paper_report
+
+    parser = argparse.ArgumentParser(prog="tfuse paper", description="The paper's claims over seed pairs.")
+    parser.add_argument("dir", help="the directory scripts/paper_tables.sh wrote (default outputs/paper)")
+    ns = parser.parse_args(args)
+    write_paper_report(Path(ns.dir), Console())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             _hydra_app(command, rest)
         elif command == "report":
             _report(rest)
+        elif command == "paper":
+            _paper(rest)
         else:
-            raise TfuseError(f"unknown command {command!r}; allowed: fuse, train, report")
+            raise TfuseError(f"unknown command {command!r}; allowed: fuse, train, report, paper")
     except TfuseError as err:
         fail(command, err)
 

@@ -54,7 +54,7 @@ def build_report(root: Path, metric: str | None = None) -> Report:
     """Collect every results.json under ``root`` into a :class:`Report`."""
     runs = find_runs(root)
     params = swept_params(runs)
-    table = _table(runs, params)
+    table = runs_table(runs, params)
     metrics = _unique(column.rsplit("/", 1)[1] for column in table.columns[1 + len(params):])
     return Report(root, table, params, metrics, _choose_metric(root, metrics, metric))
 
@@ -62,12 +62,12 @@ def build_report(root: Path, metric: str | None = None) -> Report:
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     """Write report.md, report.csv and (with one numeric swept parameter) report.png atomically."""
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv"}
-    _write_atomic(paths["md"], lambda tmp: tmp.write_text(to_markdown(report.table), encoding="utf-8"))
-    _write_atomic(paths["csv"], lambda tmp: report.table.to_csv(tmp, index=False))
+    write_atomic(paths["md"], lambda tmp: tmp.write_text(to_markdown(report.table), encoding="utf-8"))
+    write_atomic(paths["csv"], lambda tmp: report.table.to_csv(tmp, index=False))
     figure = plot(report)
     if figure is not None:
         paths["png"] = out_dir / "report.png"
-        _write_atomic(paths["png"], lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+        write_atomic(paths["png"], lambda tmp: figure.savefig(tmp, format="png", dpi=150))
     return paths
 
 
@@ -88,7 +88,7 @@ def run_report(
         if select != "val":
             raise TfuseError(f"--select {select}: settings are selected on the validation split; use --select val")
         chosen = select_by_validation(report)
-        _write_atomic(report.root / "select.md", lambda tmp: tmp.write_text(to_markdown(chosen), encoding="utf-8"))
+        write_atomic(report.root / "select.md", lambda tmp: tmp.write_text(to_markdown(chosen), encoding="utf-8"))
         paths["select_md"] = report.root / "select.md"
         _print_frame(chosen, f"{report.root}: {report.metric}, setting selected by validation vs by test", console)
     return paths
@@ -161,8 +161,8 @@ def select_by_validation(report: Report, model: str = PLOT_GROUP_MODEL) -> pd.Da
 def write_seed_report(seeds: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """seeds.md (``mean +- std`` cells) and seeds.csv (separate columns), atomically."""
     paths = {"seeds_md": out_dir / "seeds.md", "seeds_csv": out_dir / "seeds.csv"}
-    _write_atomic(paths["seeds_md"], lambda tmp: tmp.write_text(to_markdown(_mean_std_cells(seeds)), encoding="utf-8"))
-    _write_atomic(paths["seeds_csv"], lambda tmp: seeds.to_csv(tmp, index=False))
+    write_atomic(paths["seeds_md"], lambda tmp: tmp.write_text(to_markdown(_mean_std_cells(seeds)), encoding="utf-8"))
+    write_atomic(paths["seeds_csv"], lambda tmp: seeds.to_csv(tmp, index=False))
     return paths
 
 
@@ -319,7 +319,7 @@ def _parse_value(raw: str) -> Any:
     return value if value is None or isinstance(value, (bool, int, float)) else raw
 
 
-def _table(runs: list[Run], params: list[str]) -> pd.DataFrame:
+def runs_table(runs: list[Run], params: list[str]) -> pd.DataFrame:
     """The report rows, sorted by the swept parameters."""
     scores = [_flatten(run.results) for run in runs]
     columns = _unique(column for score in scores for column in score)
@@ -379,7 +379,7 @@ def _lines(report: Report, x: str) -> Iterator[tuple[str, str, str, pd.DataFrame
                 yield label, f"C{index % 10}", stage, data
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Write via a temporary file in the same directory, then rename it over ``path``."""
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
