@@ -30,8 +30,9 @@ def results(one_shot: dict, val: dict | None = None, tuned: dict | None = None, 
 
 
 def fabricate(root: Path, ot_gain: list[float]) -> None:
-    """All five steps; OT beats VF by ``ot_gain[pair]`` everywhere, soft reg 0.02 is the best on
-    validation but reg 0.08 is the best on test."""
+    """All six steps; OT beats VF by ``ot_gain[pair]`` everywhere; with the activation cost, reg
+    0.02 is the best on validation but reg 0.08 on test (the weight cost is best of all, but is
+    not the claim's); residual mean is best on validation, global on test."""
     for i, pair in enumerate(PAIRS):
         gain = ot_gain[i]
         parents = {"parent_0": 0.92, "parent_1": 0.91 + 0.01 * i, "ensemble": 0.94}
@@ -45,9 +46,13 @@ def fabricate(root: Path, ot_gain: list[float]) -> None:
         for j, (cost, ot) in enumerate([("activations", 0.60 + gain), ("weights", 0.55)]):
             make_job(root / "hard", 2 * i + j, [f"parent_seeds={pair}", f"fusion.cost={cost}"],
                      results({**parents, "vanilla": 0.40, "ot": ot}))
-        for j, reg in enumerate([0.02, 0.08]):
-            test, val = (0.62, 0.70) if reg == 0.02 else (0.75, 0.60)
-            make_job(root / "soft", 2 * i + j, [f"parent_seeds={pair}", f"fusion.reg={reg}"],
+        for j, (cost, reg) in enumerate([("activations", 0.02), ("activations", 0.08), ("weights", 0.02)]):
+            test, val = {0.02: (0.62, 0.70), 0.08: (0.75, 0.60)}[reg] if cost == "activations" else (0.9, 0.9)
+            make_job(root / "reg", 3 * i + j, [f"parent_seeds={pair}", f"fusion.cost={cost}", f"fusion.reg={reg}"],
+                     results({**parents, "vanilla": 0.40, "ot": test}, val={**parents, "vanilla": 0.4, "ot": val}))
+        for j, residual in enumerate(["mean", "global"]):
+            test, val = (0.60, 0.65) if residual == "mean" else (0.63, 0.62)
+            make_job(root / "residual", 2 * i + j, [f"parent_seeds={pair}", f"fusion.residual={residual}"],
                      results({**parents, "vanilla": 0.40, "ot": test}, val={**parents, "vanilla": 0.4, "ot": val}))
         make_job(root / "hetero", i, [f"parent_seeds={pair}"], results(
             {**parents, "ot": 0.85}, tuned={"ot": 0.91, "parent_0": 0.93, "parent_1": 0.92}))
@@ -77,10 +82,12 @@ def test_claims_pair_runs_by_parent_seeds_and_pick_reg_on_validation(tmp_path: P
     plain = claim(table, "OT above VF (no repair")
     assert plain["difference mean"] == pytest.approx(0.20 + 0.025) and plain["pairs"] == 3
     assert plain["verdict"] == "holds"
-    soft = claim(table, "soft alignment above hard")
-    assert soft["first"] == "soft (fusion.reg=0.02)"  # the validation best, not the test best (0.08)
+    soft = claim(table, "soft alignment above hard, at the best reg, activation cost")
+    assert soft["first"] == "soft (fusion.reg=0.02)"  # the validation best, not the test best (0.08), nor weights
     assert soft["first mean"] == pytest.approx(0.62)
     assert soft["difference mean"] == pytest.approx(0.62 - 0.625)
+    soft_weights = claim(table, "soft alignment above hard, at the best reg, weight cost")
+    assert soft_weights["first"] == "soft (fusion.reg=0.02)" and soft_weights["difference mean"] == pytest.approx(0.9 - 0.55)
     weights = claim(table, "activations above aligning on weights")
     assert weights["difference mean"] == pytest.approx(0.075) and weights["verdict"] == "holds"
     # against every parent: the best finetuned parent of each pair, whichever it is
@@ -101,8 +108,10 @@ def test_report_writes_the_claims_table_curves_and_selection(tmp_path: Path) -> 
     text = paths["report.md"].read_text()
     assert "| a | one-shot, OT above VF (no repair: the paper's setting) | OT: 60.3 +- 3.8 | VF: 40.0 +- 0.0 |" in text
     assert "**within noise**" in text  # OT - VF after repair: +2, +3, -4
-    assert "| none | ot | 25 / 25 / 50 |" in text  # above 0.93 at step 25, or 50 where the gain is negative
-    assert "fusion.reg=0.02" in text and "fusion.reg=0.08" in text  # selected on val beside the test best
+    assert "| none | OT | 25 / 25 / 50 |" in text  # above 0.93 at step 25, or 50 where the gain is negative
+    # selected on val beside the test best: the weight cost in the reg ablation, mean vs global residual
+    assert "| reg | one_shot | ot | 3 | fusion.cost=weights, fusion.reg=0.02 |" in text
+    assert "| residual | one_shot | ot | 3 | fusion.residual=mean | 0.65 | 0.6 |" in text and "| 0.03 |" in text
     for name in ("finetune.png", "reg.png"):
         assert paths[name].read_bytes().startswith(PNG_MAGIC)
     assert len(pd.read_csv(paths["claims.csv"])) == len(CLAIMS)
@@ -138,22 +147,26 @@ def calls(tmp_path: Path) -> list[str]:
     return (tmp_path / "calls").read_text().splitlines()
 
 
-def test_script_runs_five_sweeps_then_the_report_and_skips_finished_sweeps_on_a_rerun(tmp_path: Path) -> None:
+STEPS = ["main", "hard", "reg", "residual", "hetero", "n3"]
+
+
+def test_script_runs_six_sweeps_then_the_report_and_skips_finished_sweeps_on_a_rerun(tmp_path: Path) -> None:
     assert run_script(tmp_path).returncode == 0
     first = calls(tmp_path)
-    assert [c.split()[-1].rsplit("/", 1)[-1] for c in first[:-1]] == ["main", "hard", "soft", "hetero", "n3"]
-    assert all(c.startswith("fuse -m +experiment=") and "parent_seeds=[0,1],[2,3],[4,5]" in c for c in first[:4])
-    assert "fusion.solver=sinkhorn" in first[2] and "fusion.repair=none" in first[2]
-    assert "parent_seeds=[0,1,2],[3,4,5],[6,7,8]" in first[4]
+    assert [c.split()[-1].rsplit("/", 1)[-1] for c in first[:-1]] == STEPS
+    assert all(c.startswith("fuse -m +experiment=") for c in first[:-1])
+    assert all("parent_seeds=[0,1],[2,3],[4,5]" in first[i] for i in (0, 1, 4))
+    assert "+ablation=reg fusion.repair=none" in first[2] and "+ablation=residual fusion.repair=none" in first[3]
+    assert "parent_seeds=[0,1,2],[3,4,5],[6,7,8]" in first[5]
     assert first[-1] == f"paper {tmp_path / 'out'}"
     assert run_script(tmp_path).returncode == 0
     assert calls(tmp_path)[len(first):] == [first[-1]]  # every sweep complete: only the report again
 
 
 def test_script_moves_an_unfinished_sweep_aside_and_reruns_it(tmp_path: Path) -> None:
-    assert run_script(tmp_path, fail_on="out/soft").returncode == 3
-    assert [c.rsplit("/", 1)[-1] for c in calls(tmp_path)] == ["main", "hard", "soft"]
+    assert run_script(tmp_path, fail_on="out/reg").returncode == 3
+    assert [c.rsplit("/", 1)[-1] for c in calls(tmp_path)] == STEPS[:3]
     assert run_script(tmp_path).returncode == 0
-    assert [c.split()[-1].rsplit("/", 1)[-1] for c in calls(tmp_path)[3:-1]] == ["soft", "hetero", "n3"]
-    partial = list((tmp_path / "out").glob("soft.partial-*"))
+    assert [c.split()[-1].rsplit("/", 1)[-1] for c in calls(tmp_path)[3:-1]] == STEPS[2:]
+    partial = list((tmp_path / "out").glob("reg.partial-*"))
     assert len(partial) == 1 and (partial[0] / "0").is_dir()  # kept, not deleted
