@@ -91,7 +91,8 @@ def test_streamed_statistics_equal_all_at_once(images):
         tokens = (b.config.image_size // b.config.patch_size) ** 2 + 1
         assert stats.a.count == other.a.count == len(images) * tokens * len(plan.segments[space][0])
         for x, y in ((stats.cross, other.cross), (stats.a.sum, other.a.sum), (stats.b.sumsq, other.b.sumsq)):
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+            # float32 sums in another order: equal up to rounding relative to the largest entry
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
     for probe, mag in whole.magnitude[0].items():
         torch.testing.assert_close(mag, small.magnitude[0][probe], rtol=1e-6, atol=1e-8)
     soft = FusionSettings(tokens="all", residual="weighted_matrix", qk="joint")
