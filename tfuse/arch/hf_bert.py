@@ -100,11 +100,9 @@ def graph(model: nn.Module) -> FlowGraph:
         g.residual(middle, before, attn_out)
         g.norm(f"{block}.attention.output.LayerNorm", middle)  # post-LN: on the residual point
         g.probe(middle, f"{block}.attention.output.LayerNorm")
-        hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
-        g.linear(f"{block}.intermediate.dense", hidden, middle)
-        g.probe(hidden, f"{block}.intermediate.intermediate_act_fn")
-        g.linear(f"{block}.output.dense", mlp_out, hidden)
-        g.probe(mlp_out, f"{block}.output.dense")
+        mlp_out = g.mlp_block(
+            name, middle, f"{block}.intermediate.dense", f"{block}.intermediate.intermediate_act_fn", f"{block}.output.dense"
+        )
         g.residual(after, middle, mlp_out)
         g.norm(f"{block}.output.LayerNorm", after)
         g.probe(after, f"{block}.output.LayerNorm")
