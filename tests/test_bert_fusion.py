@@ -11,7 +11,7 @@ from tfuse.fusion.engine import ot_fuse, parameters, vanilla_fuse
 from tfuse.fusion.plan import make_plan
 from tfuse.fusion.settings import CHOICES, FusionSettings
 from tfuse.fusion.statistics import collect_statistics
-from tfuse.fusion.symmetry import permuted_copy
+from symmetry import permuted_copy
 
 HEADS = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "bare": BertModel}
 inputs_only = lambda batch: {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}  # noqa: E731

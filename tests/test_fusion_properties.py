@@ -10,8 +10,8 @@ from tfuse.fusion.engine import ot_fuse, parameters, vanilla_fuse
 from tfuse.fusion.plan import make_plan
 from tfuse.fusion.settings import CHOICES, FusionSettings
 from tfuse.fusion.statistics import collect_statistics
-from tfuse.fusion.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
+from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 
