@@ -92,7 +92,7 @@ def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
     from tfuse.fusion.engine import ot_fuse, parameters
     from tfuse.fusion.settings import FusionSettings
     from symmetry import permuted_copy
-    from tfuse.tasks.mlm import model_inputs_of
+    from tfuse.tasks.text import model_inputs_of
 
     model = hf_bert.load(minilm_dir())
     assert isinstance(model, BertModel) and not hf_bert.has_head(model)
