@@ -91,8 +91,8 @@ def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
     from tfuse.data.text import pydoc_documents, token_stream, chunk, pad
     from tfuse.fusion.engine import parameters
     from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-    from tfuse.fusion.symmetry import permuted_copy
-    from tfuse.tasks.mlm import model_inputs_of
+    from symmetry import permuted_copy
+    from tfuse.tasks.text import model_inputs_of
 
     model = hf_bert.load(minilm_dir())
     assert isinstance(model, BertModel) and not hf_bert.has_head(model)
@@ -122,7 +122,7 @@ def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
 
     from tfuse.cli import CONFIG_DIR
     from tfuse.data.text import load_corpus
-    from tfuse.fusion.symmetry import permuted_copy
+    from symmetry import permuted_copy
     from tfuse.pipeline import run_fuse
 
     overrides = ["+experiment=bert_pydoc_tiny", "+data.max_doc_chars=3000", "data.max_eval=16", "finetune.steps=0"]

@@ -11,8 +11,8 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import apply_in, apply_out
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-from tfuse.fusion.symmetry import widened_copy
 from conftest import batches_of, logits, tiny_vit
+from symmetry import widened_copy
 
 identity = lambda batch: batch  # noqa: E731
 

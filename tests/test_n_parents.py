@@ -8,9 +8,9 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import average
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-from tfuse.fusion.symmetry import permuted_copy
 from tfuse.pipeline import choose_anchor
 from conftest import batches_of, logits, tiny_vit
+from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 HARD = dict(solver="emd", residual="global", qk="head_aware", tokens="all")

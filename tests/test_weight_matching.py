@@ -10,8 +10,10 @@ from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods import METHODS, Calibration, settings_from_config
 from tfuse.fusion.methods.weight_matching import SYMMETRIES, WeightMatchingSettings, match_weights
 from tfuse.fusion.plan import make_plan
-from tfuse.fusion.symmetry import permuted_copy
 from conftest import logits, tiny_vit
+from symmetry import permuted_copy
+from test_bert_fusion import tiny_bert
+from test_timm import tiny_timm
 
 
 def no_data():
@@ -26,22 +28,7 @@ def fuse(models, family, anchor=0, **settings):
     return METHODS["weight_matching"].fuse(models, family.graph(models[anchor]), anchor, DATA_FREE, settings)
 
 
-def tiny_timm(seed: int = 0):
-    torch.manual_seed(seed)
-    return timm_vit.create("vit_tiny_patch16_224", dict(img_size=8, patch_size=4, in_chans=1, num_classes=10,
-                                                        embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)).eval()
-
-
-def tiny_bert(seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=16)
-    return BertForMaskedLM(config).eval()
-
-
-@pytest.mark.parametrize("family,build", [(hf_vit, tiny_vit), (timm_vit, tiny_timm), (hf_bert, tiny_bert)])
+@pytest.mark.parametrize("family,build", [(hf_vit, tiny_vit), (timm_vit, tiny_timm), (hf_bert, lambda seed: tiny_bert(seed=seed))])
 def test_a_permuted_copy_is_recovered_exactly_without_data(family, build):
     model = build(0)
     graph = family.graph(model)

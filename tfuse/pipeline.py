@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from tfuse.arch import check_same_architecture, family
+from tfuse.arch import check_same_architecture, family_for
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
 from tfuse.fusion.engine import FusionOutcome
@@ -175,7 +175,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         with clock.stage("downstream"):
             results["downstream"] = run_downstream(cfg, setup.models, fused.models, tuned.models, setup.device, console)
     main = setup.settings.method
-    fam = family(cfg.model.family)
+    fam = family_for(setup.models[0])
     _save_model(fam, fused.models[main], out_dir / "fused")
     if main in tuned.models:
         _save_model(fam, tuned.models[main], out_dir / "finetuned")
@@ -218,7 +218,7 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
     """The configured method's fused model, and vanilla fusion as the control where the widths
     agree (repaired alike: alignment's share of a repaired model)."""
     settings, task = setup.settings, setup.task
-    graph = family(setup.cfg.model.family).graph(setup.models[baseline.anchor])
+    graph = family_for(setup.models[baseline.anchor]).graph(setup.models[baseline.anchor])
     calibration = Calibration(
         lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
         task.model_inputs,
