@@ -26,8 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from tfuse.fusion.engine import ot_fuse
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 
 Batch = dict[str, torch.Tensor]
 
@@ -82,7 +81,7 @@ CASES: dict[str, Callable] = {"vit": vit_case, "bert": bert_case}
 CASE_SETTINGS: dict[str, dict] = {"bert": {"tokens": "all"}}  # BERT has no patch grid: every real token
 
 
-def fuse_once(case: str, samples: int, settings: FusionSettings) -> tuple[float, dict[str, float]]:
+def fuse_once(case: str, samples: int, settings: OTSettings) -> tuple[float, dict[str, float]]:
     make = CASES[case]
     (a, graph, batches), (b, _, _) = make(0), make(1)
     start = time.perf_counter()
@@ -136,7 +135,7 @@ def main() -> None:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
     parser.add_argument("--child-repair", type=int, help=argparse.SUPPRESS)  # ... with this many repair samples
     args = parser.parse_args()
-    settings = FusionSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
+    settings = OTSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
     repaired = dataclasses.replace(settings, repair=args.repair, repair_samples=args.samples)
     if args.child:
         child = settings

@@ -89,10 +89,10 @@ def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
     from transformers import BertModel
 
     from tfuse.data.text import pydoc_documents, token_stream, chunk, pad
-    from tfuse.fusion.engine import ot_fuse, parameters
-    from tfuse.fusion.settings import FusionSettings
-    from tfuse.fusion.symmetry import permuted_copy
-    from tfuse.tasks.mlm import model_inputs_of
+    from tfuse.fusion.engine import parameters
+    from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+    from symmetry import permuted_copy
+    from tfuse.tasks.text import model_inputs_of
 
     model = hf_bert.load(minilm_dir())
     assert isinstance(model, BertModel) and not hf_bert.has_head(model)
@@ -105,7 +105,7 @@ def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
     with torch.no_grad():
         ref = model.eval()(**inputs(data)).last_hidden_state
     for parents in ([copy, model], [model, model]):
-        settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens="all")
+        settings = OTSettings(solver="emd", residual="global", qk="head_aware", tokens="all")
         fused = ot_fuse(parents, graph, settings, 1, lambda: iter([data]), inputs).model
         for name, w in parameters(model).items():
             torch.testing.assert_close(parameters(fused)[name], w, atol=1e-5, rtol=1e-4, msg=name)
@@ -122,7 +122,7 @@ def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
 
     from tfuse.cli import CONFIG_DIR
     from tfuse.data.text import load_corpus
-    from tfuse.fusion.symmetry import permuted_copy
+    from symmetry import permuted_copy
     from tfuse.pipeline import run_fuse
 
     overrides = ["+experiment=bert_pydoc_tiny", "+data.max_doc_chars=3000", "data.max_eval=16", "finetune.steps=0"]

@@ -7,11 +7,12 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
 from tfuse.arch import hf_bert
-from tfuse.fusion.engine import ot_fuse, parameters, vanilla_fuse
+from tfuse.fusion.engine import parameters
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from tfuse.fusion.methods.vanilla import vanilla_fuse
 from tfuse.fusion.plan import make_plan
-from tfuse.fusion.settings import CHOICES, FusionSettings
 from tfuse.fusion.statistics import collect_statistics
-from tfuse.fusion.symmetry import permuted_copy
+from symmetry import permuted_copy
 
 HEADS = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "bare": BertModel}
 inputs_only = lambda batch: {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}  # noqa: E731
@@ -72,12 +73,12 @@ def test_graph_describes_every_parameter_and_permuted_copy_is_the_same_function(
 
 
 @pytest.mark.parametrize("head", list(HEADS))
-@pytest.mark.parametrize("residual,qk", list(itertools.product(CHOICES["residual"], CHOICES["qk"])))
+@pytest.mark.parametrize("residual,qk", list(itertools.product(OTSettings.CHOICES["residual"], OTSettings.CHOICES["qk"])))
 def test_hard_fusion_with_permuted_copy_gives_back_the_model(head, residual, qk):
     model = tiny_bert(head)
     copy = permuted_copy(model, hf_bert.graph(model), seed=5)
     data = text_batches(pad_from=4)
-    settings = FusionSettings(solver="emd", residual=residual, qk=qk, tokens="all")
+    settings = OTSettings(solver="emd", residual=residual, qk=qk, tokens="all")
     fused = fuse([copy, model], settings, data, anchor=1)
     for name, w in parameters(model).items():
         torch.testing.assert_close(parameters(fused)[name], w, atol=1e-6, rtol=1e-5, msg=name)
@@ -89,9 +90,9 @@ def test_token_filters_and_weight_cost_keep_exact_recovery(tokens):
     model = tiny_bert("cls")
     copy = permuted_copy(model, hf_bert.graph(model), seed=2)
     data = text_batches(pad_from=4)
-    settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens=tokens, token_count=4)
+    settings = OTSettings(solver="emd", residual="global", qk="head_aware", tokens=tokens, token_count=4)
     torch.testing.assert_close(outputs(fuse([copy, model], settings, data, anchor=1), data), outputs(model, data), atol=1e-5, rtol=1e-5)
-    weights = FusionSettings(solver="emd", cost="weights", residual="global", qk="eq_t_map")
+    weights = OTSettings(solver="emd", cost="weights", residual="global", qk="eq_t_map")
     fused = ot_fuse([copy, model], hf_bert.graph(model), weights, 1, None, inputs_only).model
     torch.testing.assert_close(outputs(fused, data), outputs(model, data), atol=1e-5, rtol=1e-5)
 
@@ -100,11 +101,11 @@ def test_token_filters_and_weight_cost_keep_exact_recovery(tokens):
 def test_self_fusion_exact_when_hard_and_converging_as_reg_shrinks(head):
     model = tiny_bert(head)
     data = text_batches(pad_from=4)
-    hard = fuse([model, model], FusionSettings(solver="emd", tokens="all"), data)
+    hard = fuse([model, model], OTSettings(solver="emd", tokens="all"), data)
     torch.testing.assert_close(outputs(hard, data), outputs(model, data), atol=1e-5, rtol=1e-5)
     errors = []
     for reg in (0.3, 0.03, 0.003):
-        soft = fuse([model, model], FusionSettings(solver="sinkhorn", reg=reg, residual="global", tokens="all"), data)
+        soft = fuse([model, model], OTSettings(solver="sinkhorn", reg=reg, residual="global", tokens="all"), data)
         errors.append((outputs(soft, data) - outputs(model, data)).abs().max().item())
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-3 and errors[0] > 10 * errors[-1], errors
@@ -113,7 +114,7 @@ def test_self_fusion_exact_when_hard_and_converging_as_reg_shrinks(head):
 def test_widened_heterogeneous_fusion_runs_and_takes_the_anchor_widths():
     small, wide = tiny_bert("mlm", 0), tiny_bert("mlm", 1, hidden=48, mlp=96)
     data = text_batches()
-    fused = fuse([wide, small], FusionSettings(tokens="all", residual="global"), data, anchor=1)
+    fused = fuse([wide, small], OTSettings(tokens="all", residual="global"), data, anchor=1)
     assert all(p.shape == q.shape for p, q in zip(fused.parameters(), small.parameters()))
     assert torch.isfinite(outputs(fused, data)).all()
 
@@ -121,7 +122,7 @@ def test_widened_heterogeneous_fusion_runs_and_takes_the_anchor_widths():
 def test_padding_does_not_change_the_statistics():
     a, b = tiny_bert("cls", 0), tiny_bert("cls", 1)
     graph = hf_bert.graph(b)
-    settings = FusionSettings(tokens="all", residual="weighted_matrix", qk="joint", center=True)  # center: sums kept
+    settings = OTSettings(tokens="all", residual="weighted_matrix", qk="joint", center=True)  # center: sums kept
     plan = make_plan(graph, settings)
     data = text_batches(n=6, length=10)
     padded = {k: torch.cat([v, torch.zeros(len(v), 7, dtype=v.dtype)], dim=1) for k, v in data.items()}
@@ -140,7 +141,7 @@ def test_ot_differs_from_vanilla_and_vanilla_self_fusion_is_identity():
     a, b = tiny_bert("mlm", 0), tiny_bert("mlm", 1)
     data = text_batches()
     torch.testing.assert_close(outputs(vanilla_fuse([a, a], [0.5, 0.5]), data), outputs(a, data))
-    ot_model = fuse([a, b], FusionSettings(tokens="all"), data, anchor=1)
+    ot_model = fuse([a, b], OTSettings(tokens="all"), data, anchor=1)
     assert not torch.allclose(outputs(ot_model, data), outputs(vanilla_fuse([a, b], [0.5, 0.5]), data))
     # the decoder stays tied to the word embeddings
     assert ot_model.cls.predictions.decoder.weight is ot_model.bert.embeddings.word_embeddings.weight

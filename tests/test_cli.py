@@ -98,6 +98,29 @@ def test_repair_sweep_from_the_shell(first_run: Path, workdir: Path):
     assert "fusion.repair='refit'" in err and "lstsq" in err
 
 
+def test_method_sweep_tables_weight_matching_beside_ot(first_run: Path, workdir: Path):
+    sweep, (ot, wm) = _sweep_first_parents(workdir, "methods", 2, "fusion.method=ot,weight_matching")
+    assert set(ot["one_shot"]) == {"parent_0", "parent_1", "ensemble", "vanilla", "ot"}
+    assert set(wm["one_shot"]) == {"parent_0", "parent_1", "ensemble", "vanilla", "weight_matching"}
+    assert wm["settings"]["method"] == "weight_matching" and "solver" not in wm["settings"]
+    assert wm["methods"]["weight_matching"]["sweeps"][0] >= 1 and "fuse.match" in wm["timings"]
+    assert wm["one_shot"]["weight_matching"]["accuracy"] > wm["one_shot"]["vanilla"]["accuracy"]
+    proc = tfuse("report", str(sweep), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    table = pd.read_csv(sweep / "report.csv")
+    assert list(table["fusion.method"]) == ["ot", "weight_matching"]
+    assert table["one_shot/weight_matching/accuracy"].notna().tolist() == [False, True]
+    assert table["one_shot/ot/accuracy"].notna().tolist() == [True, False]
+    run = workdir / "wm_group"
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", "fusion=weight_matching", "fusion.max_sweeps=1",
+                 f"parents=[{','.join(ot['parents'][i]['source'] for i in range(2))}]", "finetune.steps=0",
+                 f"hydra.run.dir={run}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["methods"]["weight_matching"]["sweeps"] == [1]
+
+
 def test_seed_pairs_sweep_and_report_mean_std(first_run: Path, workdir: Path):
     """``parent_seeds`` as a sweep axis (the cached seeds, in both orders), grouped by `tfuse report`."""
     sweep = workdir / "seeds"

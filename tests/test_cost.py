@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from tfuse.fusion.cost import activation_cost
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.methods.ot import OTSettings
 from tfuse.fusion.statistics import Moments, PairStats
 
 
-def streamed(a: torch.Tensor, b: torch.Tensor, settings: FusionSettings, batch: int = 7) -> PairStats:
+def streamed(a: torch.Tensor, b: torch.Tensor, settings: OTSettings, batch: int = 7) -> PairStats:
     sums = settings.center or settings.standardize
     ma, mb = Moments.zeros(a.shape[1], a.device, sums), Moments.zeros(b.shape[1], b.device, sums)
     cross = torch.zeros(a.shape[1], b.shape[1])
@@ -21,7 +21,7 @@ def streamed(a: torch.Tensor, b: torch.Tensor, settings: FusionSettings, batch: 
     return PairStats(ma, mb, cross)
 
 
-def direct(a: torch.Tensor, b: torch.Tensor, settings: FusionSettings) -> torch.Tensor:
+def direct(a: torch.Tensor, b: torch.Tensor, settings: OTSettings) -> torch.Tensor:
     def transform(x):
         x = x.double()
         if settings.center:
@@ -46,7 +46,7 @@ def test_cost_from_sums_equals_cost_from_activations(center, standardize, metric
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(60, 12, generator=gen) * 2 + 1.5  # offset means: centring matters
     b = torch.randn(60, 9, generator=gen) + torch.linspace(-1, 1, 9)
-    settings = FusionSettings(center=center, standardize=standardize, metric=metric)
+    settings = OTSettings(center=center, standardize=standardize, metric=metric)
     stats = streamed(a, b, settings)
     assert (stats.a.sum is None) == (not (center or standardize))
     expected = direct(a, b, settings)

@@ -6,12 +6,14 @@ import torch
 
 from tfuse.arch import hf_vit
 from tfuse.errors import TfuseError
-from tfuse.fusion.engine import ot_fuse, parameters, vanilla_fuse
+from tfuse.fusion.engine import parameters
+from tfuse.fusion.methods import settings_from_config
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from tfuse.fusion.methods.vanilla import vanilla_fuse
 from tfuse.fusion.plan import make_plan
-from tfuse.fusion.settings import CHOICES, FusionSettings
 from tfuse.fusion.statistics import collect_statistics
-from tfuse.fusion.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
+from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 
@@ -28,11 +30,11 @@ def test_permuted_copy_computes_the_same_function(images):
     torch.testing.assert_close(logits(copy, images), logits(model, images), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("residual,qk", list(itertools.product(CHOICES["residual"], CHOICES["qk"])))
+@pytest.mark.parametrize("residual,qk", list(itertools.product(OTSettings.CHOICES["residual"], OTSettings.CHOICES["qk"])))
 def test_hard_fusion_with_permuted_copy_gives_back_the_model(images, residual, qk):
     model = tiny_vit()
     copy = permuted_copy(model, hf_vit.graph(model), seed=5)
-    settings = FusionSettings(solver="emd", residual=residual, qk=qk, tokens="all")
+    settings = OTSettings(solver="emd", residual=residual, qk=qk, tokens="all")
     fused = fuse([copy, model], settings, images, anchor=1)
     torch.testing.assert_close(logits(fused, images), logits(model, images), atol=1e-5, rtol=1e-5)
     for name, w in parameters(model).items():
@@ -43,7 +45,7 @@ def test_hard_fusion_with_permuted_copy_gives_back_the_model(images, residual, q
 def test_weight_cost_recovers_the_permutation(residual, qk, images):
     model = tiny_vit()
     copy = permuted_copy(model, hf_vit.graph(model), seed=7)
-    settings = FusionSettings(solver="emd", cost="weights", residual=residual, qk=qk)
+    settings = OTSettings(solver="emd", cost="weights", residual=residual, qk=qk)
     fused = ot_fuse([copy, model], hf_vit.graph(model), settings, 1, None, identity).model
     torch.testing.assert_close(logits(fused, images), logits(model, images), atol=1e-5, rtol=1e-5)
 
@@ -52,18 +54,18 @@ def test_weight_cost_recovers_the_permutation(residual, qk, images):
 def test_token_filters_keep_exact_recovery(tokens, images):
     model = tiny_vit()
     copy = permuted_copy(model, hf_vit.graph(model), seed=2)
-    settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens=tokens, window=2, token_count=5)
+    settings = OTSettings(solver="emd", residual="global", qk="head_aware", tokens=tokens, window=2, token_count=5)
     fused = fuse([copy, model], settings, images, anchor=1)
     torch.testing.assert_close(logits(fused, images), logits(model, images), atol=1e-5, rtol=1e-5)
 
 
 def test_self_fusion_is_exact_when_hard_and_converges_as_reg_shrinks(images):
     model = tiny_vit()
-    hard = fuse([model, model], FusionSettings(solver="emd", tokens="all"), images)
+    hard = fuse([model, model], OTSettings(solver="emd", tokens="all"), images)
     torch.testing.assert_close(logits(hard, images), logits(model, images), atol=1e-6, rtol=1e-6)
     errors = []
     for reg in (0.3, 0.1, 0.03, 0.01):
-        soft = fuse([model, model], FusionSettings(solver="sinkhorn", reg=reg, residual="global", tokens="all"), images)
+        soft = fuse([model, model], OTSettings(solver="sinkhorn", reg=reg, residual="global", tokens="all"), images)
         errors.append((logits(soft, images) - logits(model, images)).abs().max().item())
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-3 < errors[0]
@@ -74,7 +76,7 @@ def test_three_permuted_copies_fuse_back_to_the_model(images):
     graph = hf_vit.graph(model)
     parents = [permuted_copy(model, graph, seed=s) for s in (1, 2)] + [model]
     for iterations in (1, 2):
-        settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens="all", iterations=iterations)
+        settings = OTSettings(solver="emd", residual="global", qk="head_aware", tokens="all", iterations=iterations)
         fused = fuse(parents, settings, images, anchor=2)
         torch.testing.assert_close(logits(fused, images), logits(model, images), atol=1e-5, rtol=1e-5)
 
@@ -82,7 +84,7 @@ def test_three_permuted_copies_fuse_back_to_the_model(images):
 def test_streamed_statistics_equal_all_at_once(images):
     a, b = tiny_vit(0), tiny_vit(1)
     graph = hf_vit.graph(b)
-    settings = FusionSettings(tokens="all", residual="weighted_matrix", qk="joint", center=True)  # center: sums kept
+    settings = OTSettings(tokens="all", residual="weighted_matrix", qk="joint", center=True)  # center: sums kept
     plan = make_plan(graph, settings)
     small = collect_statistics([a], b, graph, plan, batches_of(images, 5)(), identity, settings)
     whole = collect_statistics([a], b, graph, plan, batches_of(images, len(images))(), identity, settings)
@@ -95,7 +97,7 @@ def test_streamed_statistics_equal_all_at_once(images):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
     for probe, mag in whole.magnitude[0].items():
         torch.testing.assert_close(mag, small.magnitude[0][probe], rtol=1e-6, atol=1e-8)
-    soft = FusionSettings(tokens="all", residual="weighted_matrix", qk="joint")
+    soft = OTSettings(tokens="all", residual="weighted_matrix", qk="joint")
     fused_small = fuse([a, b], soft, images, anchor=1, batch=5)
     fused_whole = fuse([a, b], soft, images, anchor=1, batch=len(images))
     torch.testing.assert_close(logits(fused_small, images), logits(fused_whole, images), atol=1e-4, rtol=1e-4)
@@ -104,15 +106,15 @@ def test_streamed_statistics_equal_all_at_once(images):
 def test_vanilla_self_fusion_and_ot_differs_from_vanilla(images):
     a, b = tiny_vit(0), tiny_vit(1)
     torch.testing.assert_close(logits(vanilla_fuse([a, a], [0.5, 0.5]), images), logits(a, images))
-    ot_model = fuse([a, b], FusionSettings(tokens="all"), images, anchor=1)
+    ot_model = fuse([a, b], OTSettings(tokens="all"), images, anchor=1)
     assert not torch.allclose(logits(ot_model, images), logits(vanilla_fuse([a, b], [0.5, 0.5]), images))
 
 
 def test_unknown_option_lists_allowed_values():
     with pytest.raises(TfuseError, match="fusion.solver='lp'.*allowed: emd, sinkhorn"):
-        FusionSettings(solver="lp")
+        OTSettings(solver="lp")
     with pytest.raises(TfuseError, match="unknown fusion setting.*regg"):
-        FusionSettings.from_config({"regg": 0.1})
+        settings_from_config({"regg": 0.1})
 
 
 def test_nan_in_cost_names_the_layer(images):
@@ -120,11 +122,11 @@ def test_nan_in_cost_names_the_layer(images):
     with torch.no_grad():
         a.vit.layers[1].mlp.fc1.weight[0, 0] = float("nan")
     with pytest.raises(TfuseError, match="layers.1.mlp"):
-        fuse([a, b], FusionSettings(tokens="all", residual="global"), images, anchor=1)
+        fuse([a, b], OTSettings(tokens="all", residual="global"), images, anchor=1)
 
 
 def test_sinkhorn_that_does_not_converge_is_an_error(images):
     a, b = tiny_vit(0), tiny_vit(1)
-    settings = FusionSettings(solver="sinkhorn", reg=1e-4, sinkhorn_iters=2, tokens="all")
+    settings = OTSettings(solver="sinkhorn", reg=1e-4, sinkhorn_iters=2, tokens="all")
     with pytest.raises(TfuseError, match="Sinkhorn did not converge for layer"):
         fuse([a, b], settings, images, anchor=1)

@@ -9,10 +9,10 @@ from transformers import ViTConfig, ViTForImageClassification
 from tfuse.arch import check_same_architecture, hf_vit, timm_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import apply_in, apply_out
-from tfuse.fusion.engine import ot_fuse, parameters
-from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.symmetry import widened_copy
+from tfuse.fusion.engine import parameters
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from conftest import batches_of, logits, tiny_vit
+from symmetry import widened_copy
 
 identity = lambda batch: batch  # noqa: E731
 
@@ -53,7 +53,7 @@ def test_widened_copy_fused_into_the_original_width_gives_back_the_original(wide
     assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(logits(wide, images), logits(model, images), atol=1e-5, rtol=1e-5)
     residual, qk = modes
-    settings = FusionSettings(solver="emd", residual=residual, qk=qk, tokens="all")
+    settings = OTSettings(solver="emd", residual=residual, qk=qk, tokens="all")
     fused = fuse([wide, model], settings, images, anchor=1).model
     torch.testing.assert_close(logits(fused, images), logits(model, images), atol=1e-5, rtol=1e-5)
     for name, w in parameters(model).items():
@@ -70,7 +70,7 @@ def test_widened_timm_copy_fuses_back(images):
                         ["blocks.0.mlp", "blocks.1.mlp"])
     with torch.no_grad():
         torch.testing.assert_close(wide.eval()(images), small(images), atol=1e-5, rtol=1e-5)
-    settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens="all")
+    settings = OTSettings(solver="emd", residual="global", qk="head_aware", tokens="all")
     fused = ot_fuse([wide, small], graph, settings, 1, batches_of(images, 16), identity).model
     with torch.no_grad():
         torch.testing.assert_close(fused.eval()(images), small(images), atol=1e-5, rtol=1e-5)
@@ -82,7 +82,7 @@ def test_widened_timm_copy_fuses_back(images):
 ])
 def test_rectangular_maps_keep_their_marginals(solver, qk, cost, images):
     large, small = vit(0, hidden=48, mlp=96, head_dim=12), vit(1, hidden=32, mlp=64, head_dim=8)
-    settings = FusionSettings(solver=solver, reg=0.05, residual="mean", qk=qk, tokens="all", cost=cost)
+    settings = OTSettings(solver=solver, reg=0.05, residual="mean", qk=qk, tokens="all", cost=cost)
     outcome = fuse([large, small], settings, images, anchor=1)
     maps = outcome.maps[0]
     assert any(t.shape[0] != t.shape[1] for t in maps.values())
@@ -113,7 +113,7 @@ def test_different_depths_are_a_clear_error(images):
     with pytest.raises(TfuseError, match="different depths"):
         check_same_architecture([tiny_vit(depth=2), tiny_vit(depth=3)], allow_widths=True)
     with pytest.raises(TfuseError, match="flow graph does not describe"):
-        fuse([tiny_vit(depth=3), tiny_vit(depth=2)], FusionSettings(tokens="all"), images, anchor=1)
+        fuse([tiny_vit(depth=3), tiny_vit(depth=2)], OTSettings(tokens="all"), images, anchor=1)
     check_same_architecture([vit(hidden=32), vit(hidden=48, head_dim=12)], allow_widths=True)
     with pytest.raises(TfuseError, match="shape"):
         check_same_architecture([vit(hidden=32), vit(hidden=48, head_dim=12)], allow_widths=False)
@@ -126,7 +126,7 @@ def test_parents_may_differ_in_widths_only(images):
         patch_size=2, num_channels=1, num_labels=10,
     )).eval()
     with pytest.raises(TfuseError, match="not a hidden width"):
-        fuse([other, vit()], FusionSettings(tokens="all"), images, anchor=1)
+        fuse([other, vit()], OTSettings(tokens="all"), images, anchor=1)
 
 
 def compose(*overrides):

@@ -6,11 +6,11 @@ import torch
 from tfuse.arch import hf_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import average
-from tfuse.fusion.engine import ot_fuse, parameters
-from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.symmetry import permuted_copy
+from tfuse.fusion.engine import parameters
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.pipeline import choose_anchor
 from conftest import batches_of, logits, tiny_vit
+from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 HARD = dict(solver="emd", residual="global", qk="head_aware", tokens="all")
@@ -26,7 +26,7 @@ def test_n_permuted_copies_fuse_back_to_the_model(n, anchor, iterations, images)
     graph = hf_vit.graph(model)
     parents = [permuted_copy(model, graph, seed=s + 10) for s in range(n)]
     parents[anchor] = model
-    fused = fuse(parents, FusionSettings(iterations=iterations, **HARD), images, anchor)
+    fused = fuse(parents, OTSettings(iterations=iterations, **HARD), images, anchor)
     torch.testing.assert_close(logits(fused, images), logits(model, images), atol=1e-5, rtol=1e-5)
 
 
@@ -34,9 +34,9 @@ def test_alpha_weighs_every_layer_alike(images):
     """alpha one-hot on a non-anchor parent: hard global/head-aware maps are a permutation, so the
     fused model must compute that parent's function exactly (no layer may weigh the anchor 1/2)."""
     parents = [tiny_vit(s) for s in range(3)]
-    fused = fuse(parents, FusionSettings(alpha=[0.0, 0.0, 1.0], **HARD), images, anchor=0)
+    fused = fuse(parents, OTSettings(alpha=[0.0, 0.0, 1.0], **HARD), images, anchor=0)
     torch.testing.assert_close(logits(fused, images), logits(parents[2], images), atol=1e-5, rtol=1e-5)
-    fused = fuse(parents, FusionSettings(alpha=[1.0, 0.0, 0.0], **HARD), images, anchor=0)
+    fused = fuse(parents, OTSettings(alpha=[1.0, 0.0, 0.0], **HARD), images, anchor=0)
     for name, w in parameters(parents[0]).items():
         torch.testing.assert_close(parameters(fused)[name], w, msg=name)
 
@@ -46,11 +46,11 @@ def test_uniform_alpha_is_one_over_n_everywhere(images):
     in every parameter, classifier and embeddings included."""
     a, b = tiny_vit(0), tiny_vit(1)
     graph = hf_vit.graph(a)
-    outcome = ot_fuse([a, b, a], graph, FusionSettings(**HARD), 0, batches_of(images, 16), identity)
+    outcome = ot_fuse([a, b, a], graph, OTSettings(**HARD), 0, batches_of(images, 16), identity)
     from tfuse.fusion.apply import align
     from tfuse.fusion.plan import make_plan
 
-    aligned_b = align(parameters(b), graph, make_plan(graph, FusionSettings(**HARD)), outcome.maps[1])
+    aligned_b = align(parameters(b), graph, make_plan(graph, OTSettings(**HARD)), outcome.maps[1])
     for name, w in parameters(outcome.model).items():
         torch.testing.assert_close(w, (2 * parameters(a)[name] + aligned_b[name]) / 3, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -67,7 +67,7 @@ def test_anchor_by_index_or_best():
     with pytest.raises(TfuseError, match="3 parents"):
         choose_anchor(3, [0.1, 0.9, 0.5], Task())
     with pytest.raises(TfuseError, match="needs 3 non-negative weights"):
-        FusionSettings(alpha=[0.5, 0.5]).weights(3)
+        OTSettings(alpha=[0.5, 0.5]).weights(3)
 
 
 def test_three_timm_parents_with_the_best_anchor_end_to_end(tmp_path):

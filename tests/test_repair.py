@@ -6,11 +6,12 @@ from torch import nn
 
 from tfuse.arch import hf_bert, hf_vit, timm_vit
 from tfuse.errors import TfuseError
-from tfuse.fusion.engine import ot_fuse, parameters, vanilla_fuse
+from tfuse.fusion.engine import parameters
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from tfuse.fusion.methods.vanilla import vanilla_fuse
 from tfuse.fusion.repair import _Replay, find_stages, linear_layers, repair
-from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
+from symmetry import permuted_copy
 from test_bert_fusion import batches_of as text_batches_of, inputs_only, outputs, text_batches, tiny_bert
 from test_hetero import vit as hetero_vit
 from test_timm import out as timm_out, tiny_timm
@@ -36,7 +37,7 @@ def trained_like(model: nn.Module, seed: int) -> nn.Module:
 def test_repair_of_a_model_fused_with_its_permuted_copy_returns_the_model(method, ridge, images):
     model = trained_like(tiny_vit(), 3)
     copy = permuted_copy(model, hf_vit.graph(model), seed=5)
-    settings = FusionSettings(**HARD, repair=method, repair_ridge=ridge)
+    settings = OTSettings(**HARD, repair=method, repair_ridge=ridge)
     outcome = ot_fuse([copy, model], hf_vit.graph(model), settings, 1, batches_of(images, 16), identity)
     torch.testing.assert_close(logits(outcome.model, images), logits(model, images), atol=1e-4, rtol=1e-4)
     if ridge > 0:  # ridge 0 may move weights along directions the calibration inputs never take
@@ -77,7 +78,7 @@ def test_lstsq_never_raises_a_layers_calibration_error(ridge, images):
     graph = hf_vit.graph(a)
     fused = vanilla_fuse([a, b], [0.5, 0.5])
     before = {n: (m.weight.detach().clone(), m.bias.detach().clone()) for n, m in linear_layers(fused, graph).items()}
-    settings = FusionSettings(repair="lstsq", repair_ridge=ridge, tokens="all")
+    settings = OTSettings(repair="lstsq", repair_ridge=ridge, tokens="all")
     fits = repair(fused, [a, b], [0.5, 0.5], graph, settings, batches_of(images, 16)(), identity)
     errors = _layer_errors(fused, [a, b], [0.5, 0.5], graph, images, before)
     assert set(errors) == {f.layer for f in fits}
@@ -94,7 +95,7 @@ def test_lstsq_with_a_large_ridge_leaves_the_model_as_fused(images):
     a, b = tiny_vit(0), tiny_vit(1)
     fused = vanilla_fuse([a, b], [0.5, 0.5])
     original = {n: w.clone() for n, w in parameters(fused).items()}
-    repair(fused, [a, b], [0.5, 0.5], hf_vit.graph(a), FusionSettings(repair="lstsq", repair_ridge=1e9),
+    repair(fused, [a, b], [0.5, 0.5], hf_vit.graph(a), OTSettings(repair="lstsq", repair_ridge=1e9),
            batches_of(images, 16)(), identity)
     for name, w in parameters(fused).items():
         torch.testing.assert_close(w, original[name], atol=1e-6, rtol=1e-6, msg=name)
@@ -105,7 +106,7 @@ def test_lstsq_with_a_large_ridge_leaves_the_model_as_fused(images):
 def test_streamed_repair_equals_all_at_once(method, tokens, images):
     a, b = tiny_vit(0), tiny_vit(1)
     graph = hf_vit.graph(a)
-    settings = FusionSettings(repair=method, repair_tokens=tokens)
+    settings = OTSettings(repair=method, repair_tokens=tokens)
     repaired = []
     for size in (48, 5):
         fused = vanilla_fuse([a, b], [0.5, 0.5])
@@ -179,7 +180,7 @@ def _improves(fits) -> bool:
 def test_timm_repair_through_the_fused_qkv(variant, images):
     model = tiny_timm(**variant)
     copy = permuted_copy(model, timm_vit.graph(model), seed=4)
-    settings = FusionSettings(**HARD, repair="lstsq")
+    settings = OTSettings(**HARD, repair="lstsq")
     outcome = ot_fuse([copy, model], timm_vit.graph(model), settings, 1, batches_of(images, 16), lambda b: b)
     torch.testing.assert_close(timm_out(outcome.model, images), timm_out(model, images), atol=1e-4, rtol=1e-4)
     other = tiny_timm(seed=1, **variant)
@@ -193,7 +194,7 @@ def test_bert_repair_every_head_with_padding(head, method):
     data = text_batches(pad_from=4)
     model = tiny_bert(head)
     copy = permuted_copy(model, hf_bert.graph(model), seed=6)
-    settings = FusionSettings(**HARD, repair=method)
+    settings = OTSettings(**HARD, repair=method)
     graph = hf_bert.graph(model)
     outcome = ot_fuse([copy, model], graph, settings, 1, text_batches_of(data, 8), inputs_only)
     torch.testing.assert_close(outputs(outcome.model, inputs_only(data)), outputs(model, inputs_only(data)), atol=1e-4, rtol=1e-4)
@@ -217,7 +218,7 @@ def test_padding_never_counts_in_the_repair():
     states = []
     for d in (data, noisy):
         fused = vanilla_fuse([a, b], [0.5, 0.5])
-        repair(fused, [a, b], [0.5, 0.5], graph, FusionSettings(repair="lstsq"), text_batches_of(d, 8)(), inputs_only)
+        repair(fused, [a, b], [0.5, 0.5], graph, OTSettings(repair="lstsq"), text_batches_of(d, 8)(), inputs_only)
         states.append(parameters(fused))
     for name, w in states[0].items():
         torch.testing.assert_close(states[1][name], w, atol=1e-5, rtol=1e-4, msg=name)
@@ -225,13 +226,13 @@ def test_padding_never_counts_in_the_repair():
 
 def test_heterogeneous_and_n_parent_repair_stay_finite_and_fit_better(images):
     small, large = hetero_vit(0, hidden=16, mlp=32, head_dim=4), hetero_vit(1, hidden=32, mlp=64, head_dim=8)
-    settings = FusionSettings(**HARD, repair="lstsq")
+    settings = OTSettings(**HARD, repair="lstsq")
     outcome = ot_fuse([large, small], hf_vit.graph(small), settings, 1, batches_of(images, 16), identity)
     assert outcome.model.config.hidden_size == 16 and _improves(outcome.repair)
     assert torch.isfinite(logits(outcome.model, images)).all()
     parents = [tiny_vit(s) for s in range(4)]
     for method in ("lstsq", "rescale"):
-        outcome = ot_fuse(parents, hf_vit.graph(parents[0]), FusionSettings(**HARD, repair=method), 0,
+        outcome = ot_fuse(parents, hf_vit.graph(parents[0]), OTSettings(**HARD, repair=method), 0,
                           batches_of(images, 16), identity)
         assert torch.isfinite(logits(outcome.model, images)).all()
         assert method == "rescale" or _improves(outcome.repair)
@@ -240,7 +241,7 @@ def test_heterogeneous_and_n_parent_repair_stay_finite_and_fit_better(images):
 def test_repair_uses_its_own_samples(images):
     """``repair_calibration`` (``fusion.repair_samples``) is read; the map's calibration is not."""
     a, b = tiny_vit(0), tiny_vit(1)
-    settings = FusionSettings(**HARD, repair="lstsq", samples=8)
+    settings = OTSettings(**HARD, repair="lstsq", samples=8)
     few = ot_fuse([a, b], hf_vit.graph(a), settings, 0, batches_of(images[:8], 8), identity)
     more = ot_fuse([a, b], hf_vit.graph(a), settings, 0, batches_of(images[:8], 8), identity,
                    repair_calibration=batches_of(images, 16))
@@ -249,15 +250,15 @@ def test_repair_uses_its_own_samples(images):
 
 def test_bad_repair_values_are_clear_errors(images):
     with pytest.raises(TfuseError, match="fusion.repair='refit' is not a known value; allowed: none, rescale, lstsq"):
-        FusionSettings(repair="refit")
+        OTSettings(repair="refit")
     with pytest.raises(TfuseError, match="fusion.repair_ridge=-1"):
-        FusionSettings(repair_ridge=-1)
+        OTSettings(repair_ridge=-1)
     with pytest.raises(TfuseError, match="fusion.repair_samples=0"):
-        FusionSettings(repair_samples=0)
+        OTSettings(repair_samples=0)
     a, b = tiny_vit(0), tiny_vit(1)
     broken = tiny_vit(1)
     with torch.no_grad():
         broken.vit.layers[1].mlp.fc1.weight[0, 0] = float("inf")
     with pytest.raises(TfuseError, match=r"layer 'vit.layers.1.mlp.fc1' are not finite"):
         repair(vanilla_fuse([a, b], [0.5, 0.5]), [a, broken], [0.5, 0.5], hf_vit.graph(a),
-               FusionSettings(repair="lstsq"), batches_of(images, 16)(), identity)
+               OTSettings(repair="lstsq"), batches_of(images, 16)(), identity)

@@ -6,7 +6,7 @@ import torch
 
 from tfuse.arch import hf_bert, hf_vit, timm_vit
 from tfuse.fusion.plan import make_plan
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.methods.ot import OTSettings
 from tfuse.fusion.statistics import collect_statistics, derived_blocks
 from conftest import batches_of, tiny_vit
 from test_bert_fusion import batches_of as text_batches_of, inputs_only, text_batches, tiny_bert
@@ -67,7 +67,7 @@ def test_derived_cross_products_equal_direct_ones(case, qk, images):
     model, reference, graph_of, batches, inputs = CASES[case](images)
     model, reference = with_random_biases(model), with_random_biases(reference)
     graph = graph_of(reference)
-    settings = FusionSettings(tokens="random", token_count=3, qk=qk, center=True, standardize=True)
+    settings = OTSettings(tokens="random", token_count=3, qk=qk, center=True, standardize=True)
     plan = make_plan(graph, settings)
     derived = derived_blocks(graph, plan.segments)
     assert len(derived) >= 2 * len({space.split(".attn")[0] for space, _ in derived})  # Q, K, V of each layer

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from tfuse.arch import check_same_architecture, timm_vit
 from tfuse.errors import TfuseError
-from tfuse.fusion.engine import check_graph, ot_fuse, parameters
-from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.symmetry import permuted_copy
+from tfuse.fusion.engine import check_graph, parameters
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from conftest import batches_of, tiny_vit
+from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 
@@ -50,7 +50,7 @@ def test_permuted_copy_and_hard_fusion_give_back_the_model(variant, images):
     copy = permuted_copy(model, graph, seed=4)
     assert not torch.equal(copy.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(out(copy, images), out(model, images), atol=1e-5, rtol=1e-5)
-    settings = FusionSettings(solver="emd", residual="global", qk="head_aware", tokens="window", window=1)
+    settings = OTSettings(solver="emd", residual="global", qk="head_aware", tokens="window", window=1)
     fused = ot_fuse([copy, model], graph, settings, 1, batches_of(images, 16), identity).model
     torch.testing.assert_close(out(fused, images), out(model, images), atol=1e-5, rtol=1e-5)
     for name, w in model.state_dict().items():
@@ -61,7 +61,7 @@ def test_three_permuted_copies_with_mean_residual_and_separate_qk(images):
     model = tiny_timm(init_values=1e-5)
     graph = timm_vit.graph(model)
     parents = [permuted_copy(model, graph, seed=s) for s in (1, 2)] + [model]
-    settings = FusionSettings(solver="emd", residual="mean", qk="separate", tokens="all", iterations=2)
+    settings = OTSettings(solver="emd", residual="mean", qk="separate", tokens="all", iterations=2)
     fused = ot_fuse(parents, graph, settings, 2, batches_of(images, 16), identity).model
     torch.testing.assert_close(out(fused, images), out(model, images), atol=1e-5, rtol=1e-5)
 
@@ -69,9 +69,9 @@ def test_three_permuted_copies_with_mean_residual_and_separate_qk(images):
 def test_self_fusion(images):
     model = tiny_timm()
     graph = timm_vit.graph(model)
-    hard = ot_fuse([model, model], graph, FusionSettings(solver="emd", tokens="all"), 0, batches_of(images, 16), identity).model
+    hard = ot_fuse([model, model], graph, OTSettings(solver="emd", tokens="all"), 0, batches_of(images, 16), identity).model
     torch.testing.assert_close(out(hard, images), out(model, images), atol=1e-6, rtol=1e-6)
-    soft = FusionSettings(solver="sinkhorn", reg=0.01, residual="global", qk="head_aware", tokens="all")
+    soft = OTSettings(solver="sinkhorn", reg=0.01, residual="global", qk="head_aware", tokens="all")
     fused = ot_fuse([model, model], graph, soft, 0, batches_of(images, 16), identity).model
     assert (out(fused, images) - out(model, images)).abs().max() < 1e-3
 
@@ -80,7 +80,7 @@ def test_weight_cost_through_the_view(images):
     model = tiny_timm()
     graph = timm_vit.graph(model)
     copy = permuted_copy(model, graph, seed=9)
-    settings = FusionSettings(solver="emd", cost="weights", residual="global", qk="head_aware")
+    settings = OTSettings(solver="emd", cost="weights", residual="global", qk="head_aware")
     fused = ot_fuse([copy, model], graph, settings, 1, None, identity).model
     torch.testing.assert_close(out(fused, images), out(model, images), atol=1e-5, rtol=1e-5)
 
@@ -102,4 +102,4 @@ def test_mixing_families_or_depths_is_a_clear_error(images):
         check_same_architecture([tiny_timm(depth=2), tiny_timm(depth=3)], allow_widths=True)
     model = tiny_timm()
     with pytest.raises(TfuseError, match="flow graph does not describe"):
-        ot_fuse([model, tiny_vit()], timm_vit.graph(model), FusionSettings(tokens="all"), 0, batches_of(images, 16), identity)
+        ot_fuse([model, tiny_vit()], timm_vit.graph(model), OTSettings(tokens="all"), 0, batches_of(images, 16), identity)

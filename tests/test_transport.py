@@ -4,7 +4,7 @@ import ot
 import pytest
 import torch
 
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.methods.ot import OTSettings
 from tfuse.fusion.transport import solve
 
 
@@ -13,7 +13,7 @@ def test_sinkhorn_map_matches_float64_log_domain_reference(reg):
     gen = torch.Generator().manual_seed(0)
     cost = torch.rand(48, 40, generator=gen, dtype=torch.float64)
     cost /= cost.max()
-    plan = solve(cost, FusionSettings(solver="sinkhorn", reg=reg, sinkhorn_iters=20_000), "test")
+    plan = solve(cost, OTSettings(solver="sinkhorn", reg=reg, sinkhorn_iters=20_000), "test")
     a, b = torch.full((48,), 1 / 48, dtype=torch.float64), torch.full((40,), 1 / 40, dtype=torch.float64)
     ref = ot.sinkhorn(a, b, cost - cost.min(), reg, method="sinkhorn_log", numItermax=20_000, stopThr=1e-12)
     assert plan.dtype == torch.float64
@@ -25,5 +25,5 @@ def test_sinkhorn_map_matches_float64_log_domain_reference(reg):
 def test_float32_cost_gives_the_same_map_as_float64():
     gen = torch.Generator().manual_seed(1)
     cost = torch.rand(64, 64, generator=gen, dtype=torch.float64)
-    settings = FusionSettings(solver="sinkhorn", reg=0.08)
+    settings = OTSettings(solver="sinkhorn", reg=0.08)
     torch.testing.assert_close(solve(cost.float(), settings, "x"), solve(cost, settings, "x"), rtol=0, atol=1e-6 / 64)

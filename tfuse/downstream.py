@@ -1,22 +1,19 @@
 """Downstream stage: finetune the parents, vanilla fusion and OT fusion with the same budget on a
 sequence-classification task and score them (config group ``downstream``).
 
-Every model becomes a ``BertForSequenceClassification`` carrying its own encoder; the pooler (MLM
-models have none) and the classifier start from one seeded initialisation shared by all, so the
-models differ only in their encoder. Fused models enter as finetuned on MLM when that stage ran.
+Every model becomes a sequence classifier (its family's ``to_classifier``) carrying its own encoder;
+the pooler (MLM models have none) and the classifier start from one seeded initialisation shared by
+all, so the models differ only in their encoder. Fused models enter as finetuned on MLM when that
+stage ran.
 """
 from __future__ import annotations
 
-import copy
-
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from transformers import BertForSequenceClassification, BertModel
 
-from tfuse.arch import hf_bert
+from tfuse.arch import text_family_for
 from tfuse.errors import TfuseError
 from tfuse.training import train
 
@@ -32,29 +29,12 @@ def build_downstream_task(cfg: DictConfig, tokenizer, eval_batch_size: int, devi
     return glue_task(cfg, tokenizer, eval_batch_size, device)
 
 
-def to_classifier(model: nn.Module, num_labels: int, seed: int) -> BertForSequenceClassification:
-    """A sequence classifier around ``model``'s encoder; pooler/classifier from a fixed seed."""
-    if not hf_bert.owns(model):
-        raise TfuseError(f"the downstream stage finetunes BERTs; got {type(model).__name__}")
-    config = copy.deepcopy(model.config)
-    config.num_labels, config.architectures = num_labels, ["BertForSequenceClassification"]
-    config.id2label = {i: str(i) for i in range(num_labels)}
-    config.label2id = {str(i): i for i in range(num_labels)}
-    torch.manual_seed(seed)
-    clf = BertForSequenceClassification(config)
-    encoder = model if isinstance(model, BertModel) else model.bert
-    result = clf.bert.load_state_dict(encoder.state_dict(), strict=False)
-    if result.unexpected_keys or any(not k.startswith("pooler.") for k in result.missing_keys):
-        raise TfuseError(f"encoder weights do not fit a classifier: {result.missing_keys[:3]} {result.unexpected_keys[:3]}")
-    return hf_bert.attach_tokenizer(clf.to(next(model.parameters()).device), hf_bert.tokenizer_of(model))
-
-
 def run_downstream(
     cfg: DictConfig, parents: list[nn.Module], fused: dict[str, nn.Module], tuned: dict[str, nn.Module],
     device: str, console: Console,
 ) -> dict:
     d = cfg.downstream
-    tokenizer = hf_bert.tokenizer_of(parents[0])
+    tokenizer = text_family_for(parents[0], "the downstream stage").tokenizer_of(parents[0])
     if tokenizer is None:
         raise TfuseError("the downstream stage needs the parents' tokenizer (saved beside their weights)")
     task = build_downstream_task(d, tokenizer, cfg.eval_batch_size, device)
@@ -65,7 +45,7 @@ def run_downstream(
         source[name] = "mlm_finetuned" if name in tuned else "one_shot"
     results, tuned_parents = {}, []
     for name, model in candidates.items():
-        clf = to_classifier(model, task.num_labels, d.seed)
+        clf = text_family_for(model, "the downstream stage").to_classifier(model, task.num_labels, d.seed)
         stats = train(
             clf, task, steps=d.steps, lr=d.lr, batch_size=d.batch_size, seed=d.seed, warmup=d.warmup,
             schedule="cosine", weight_decay=d.weight_decay, device=device, description=f"downstream {name}",

@@ -1,5 +1,7 @@
-"""`tfuse fuse` and `tfuse train`: config -> parents + data -> statistics -> maps -> fused
-weights -> evaluation -> finetuning -> results."""
+"""`tfuse fuse` and `tfuse train`. A fusion run is a sequence of stages, each a function of the
+previous ones' output: prepare (settings, task, parents) -> score_parents (and the anchor) ->
+fuse_parents (the method and its vanilla control) -> finetune_all (with controls) ->
+collect_results."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +9,7 @@ import math
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from tfuse.arch import check_same_architecture, family
+from tfuse.arch import check_same_architecture, family_for
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
-from tfuse.fusion.engine import ot_fuse, repair_fused, vanilla_fuse
+from tfuse.fusion.engine import FusionOutcome
+from tfuse.fusion.methods import METHODS, Calibration, label_of, settings_from_config
 from tfuse.fusion.settings import FusionSettings
 from tfuse.io import new_directory, new_file, write_json
 from tfuse.parents import obtain_parents, save_parent, train_parent
@@ -115,14 +119,76 @@ def plot_curves(curves: dict[str, list], level: float, metric: str, path: Path) 
         figure.savefig(tmp, format="png", dpi=150)
 
 
+@dataclass
+class Setup:
+    """Stage 1: the resolved settings, the task and the parents."""
+
+    cfg: DictConfig
+    settings: FusionSettings
+    device: str
+    task: Task
+    parents: list
+    models: list[torch.nn.Module]
+    widths_differ: bool
+
+
+@dataclass
+class Baseline:
+    """Stage 2: the parents and their ensemble scored, and the anchor chosen."""
+
+    one_shot: dict[str, dict]
+    one_shot_val: dict[str, dict]
+    anchor: int
+    anchor_val_scores: list[float] | None
+
+
+@dataclass
+class Fused:
+    """Stage 3: every method's fused model (the vanilla control where widths agree), scored."""
+
+    models: dict[str, torch.nn.Module]
+    outcomes: dict[str, FusionOutcome]
+
+
+@dataclass
+class Tuned:
+    """Stage 4: the fused models and the controls finetuned alike, with their curves."""
+
+    finetuned: dict[str, dict] = field(default_factory=dict)
+    finetuned_val: dict[str, dict] = field(default_factory=dict)
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)  # the fused ones
+    curves: dict[str, list] = field(default_factory=dict)
+
+
 def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
-    """The whole fusion experiment; writes results.json, fused/ and finetuned/ into ``out_dir``."""
+    """The whole fusion experiment, stage by stage; writes results.json, fused/ and finetuned/
+    into ``out_dir``."""
     if (out_dir / "results.json").exists():
         raise TfuseError(f"'{out_dir}' already holds results.json; choose another hydra.run.dir")
-    settings = FusionSettings.from_config(OmegaConf.to_container(cfg.fusion, resolve=True))
+    clock = Stopwatch()
+    setup = prepare(cfg, clock)
+    baseline = score_parents(setup, clock)
+    fused = fuse_parents(setup, baseline, clock)
+    tuned = finetune_all(setup, fused, clock)
+    results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
+    if cfg.get("downstream") and cfg.downstream.get("task"):
+        with clock.stage("downstream"):
+            results["downstream"] = run_downstream(cfg, setup.models, fused.models, tuned.models, setup.device, console)
+    main = setup.settings.method
+    fam = family_for(setup.models[0])
+    _save_model(fam, fused.models[main], out_dir / "fused")
+    if main in tuned.models:
+        _save_model(fam, tuned.models[main], out_dir / "finetuned")
+    write_json(out_dir / "results.json", results)
+    console.print(results_table(results))
+    return results
+
+
+def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
+    """Settings, device, task and parents (trained from the recipe or loaded)."""
+    settings = settings_from_config(OmegaConf.to_container(cfg.fusion, resolve=True))
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    clock = Stopwatch()
     with clock.stage("data"):
         task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents)
     with clock.stage("parents"):
@@ -132,97 +198,98 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     widths_differ = any(
         a.shape != b.shape for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
     )
-    check_same_architecture(models, allow_widths=settings.method == "ot")
-    one_shot: dict[str, dict] = {}
+    check_same_architecture(models, allow_widths=METHODS[settings.method].allows_widths)
+    return Setup(cfg, settings, device, task, parents, models, widths_differ)
+
+
+def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
+    """Every parent and the ensemble on the test and validation splits; the anchor."""
+    task, models = setup.task, setup.models
     with clock.stage("evaluate_parents"):
-        for i, model in enumerate(models):
-            one_shot[f"parent_{i}"] = task.evaluate(model)
+        one_shot = {f"parent_{i}": task.evaluate(m) for i, m in enumerate(models)}
         one_shot["ensemble"] = task.evaluate_ensemble(models)
-        anchor, val_scores = choose_anchor(settings.anchor, models, task)
-    weights = settings.weights(len(models))
-    graph = family(cfg.model.family).graph(models[anchor])
-    repair_batches = lambda: task.calibration_batches(settings.repair_samples, settings.batch_size, settings.seed)  # noqa: E731
-    fused: dict[str, torch.nn.Module] = {}
-    repair_fits: dict[str, list] = {}
-    if not widths_differ:
-        with clock.stage("vanilla"):
-            fused["vanilla"] = vanilla_fuse(models, weights)
-            # the same repair as OT's (the parents are their own aligned selves): alignment's share of a repaired model
-            repair_fits["vanilla"] = repair_fused(
-                fused["vanilla"], models, weights, graph, settings, repair_batches, task.model_inputs
-            )
-        one_shot["vanilla"] = task.evaluate(fused["vanilla"])
-    if settings.method == "ot":
-        batches = math.ceil(settings.samples / settings.batch_size)
-        with clock.stage("fuse"):
-            outcome = ot_fuse(
-                models, graph, settings, anchor,
-                lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
-                task.model_inputs, batches, repair_batches,
-            )
-        clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
-        fused["ot"] = outcome.model
-        repair_fits["ot"] = outcome.repair
-        one_shot["ot"] = task.evaluate(fused["ot"])
-    with clock.stage("evaluate_val"):  # what settings are selected on
         one_shot_val = {f"parent_{i}": task.evaluate(m, "val") for i, m in enumerate(models)}
         one_shot_val["ensemble"] = task.evaluate_ensemble(models, "val")
-        one_shot_val.update({name: task.evaluate(m, "val") for name, m in fused.items()})
-    main = fused[settings.method]
-    finetuned: dict[str, dict] = {}
-    finetuned_val: dict[str, dict] = {}
-    tuned_models: dict[str, torch.nn.Module] = {}
-    tuned_main = None
-    curves: dict[str, list] = {}
-    if cfg.finetune.steps > 0:
-        # the controls: every parent finetuned with the fused models' budget and schedule (with
-        # widths that differ, the anchor finetuned alone is the compression baseline)
-        controls = {f"parent_{i}": m for i, m in enumerate(models)} if _controls(cfg) == "parents" else {}
-        for name, model in {**fused, **controls}.items():
-            tuned = copy.deepcopy(model)
-            with clock.stage(f"finetune_{name}"):
-                stats = finetune(tuned, task, cfg, cfg.seed, device, label_of(name), models)
-            finetuned[name] = task.evaluate(tuned)
-            finetuned_val[name] = task.evaluate(tuned, "val")
-            if "curve" in stats:
-                curves[name] = stats["curve"]
-            if name in fused:
-                tuned_models[name] = tuned
-            if model is main:
-                tuned_main = tuned
-    not_applicable = {"vanilla": "widths differ"} if widths_differ else {}
+        anchor, val_scores = choose_anchor(setup.settings.anchor, models, task)
+    return Baseline(one_shot, one_shot_val, anchor, val_scores)
+
+
+def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
+    """The configured method's fused model, and vanilla fusion as the control where the widths
+    agree (repaired alike: alignment's share of a repaired model)."""
+    settings, task = setup.settings, setup.task
+    graph = family_for(setup.models[baseline.anchor]).graph(setup.models[baseline.anchor])
+    calibration = Calibration(
+        lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
+        task.model_inputs,
+        math.ceil(settings.samples / settings.batch_size),
+        lambda: task.calibration_batches(settings.repair_samples, settings.batch_size, settings.seed),
+    )
+    names = ([] if setup.widths_differ else ["vanilla"]) + ([settings.method] if settings.method != "vanilla" else [])
+    models, outcomes = {}, {}
+    for name in names:
+        stage = "vanilla" if name == "vanilla" and settings.method != "vanilla" else "fuse"
+        with clock.stage(stage):
+            outcome = METHODS[name].fuse(setup.models, graph, baseline.anchor, calibration, settings)
+        if stage == "fuse":
+            clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
+        models[name], outcomes[name] = outcome.model, outcome
+        baseline.one_shot[name] = task.evaluate(outcome.model)
+    with clock.stage("evaluate_val"):  # what settings are selected on
+        baseline.one_shot_val.update({name: task.evaluate(m, "val") for name, m in models.items()})
+    return Fused(models, outcomes)
+
+
+def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch) -> Tuned:
+    """Every fused model and (``finetune.controls=parents``) every parent finetuned with the same
+    budget and schedule; with widths that differ, the anchor finetuned alone is the compression
+    baseline."""
+    cfg, task, tuned = setup.cfg, setup.task, Tuned()
+    if cfg.finetune.steps <= 0:
+        return tuned
+    controls = {f"parent_{i}": m for i, m in enumerate(setup.models)} if _controls(cfg) == "parents" else {}
+    for name, model in {**fused.models, **controls}.items():
+        copy_ = copy.deepcopy(model)
+        with clock.stage(f"finetune_{name}"):
+            stats = finetune(copy_, task, cfg, cfg.seed, setup.device, label_of(name), setup.models)
+        tuned.finetuned[name] = task.evaluate(copy_)
+        tuned.finetuned_val[name] = task.evaluate(copy_, "val")
+        if "curve" in stats:
+            tuned.curves[name] = stats["curve"]
+        if name in fused.models:
+            tuned.models[name] = copy_
+    return tuned
+
+
+def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned, clock: Stopwatch, out_dir: Path) -> dict:
+    """results.json's content (and finetune.png when the finetune was a curve)."""
+    task, settings = setup.task, setup.settings
     results = {
-        "one_shot": one_shot,
-        "one_shot_val": one_shot_val,
-        "finetuned": finetuned,
-        "finetuned_val": finetuned_val,
+        "one_shot": baseline.one_shot,
+        "one_shot_val": baseline.one_shot_val,
+        "finetuned": tuned.finetuned,
+        "finetuned_val": tuned.finetuned_val,
         "timings": clock.seconds,
         "settings": settings.as_dict(),
-        "anchor": anchor,
-        "anchor_val_scores": val_scores,
-        "alpha": weights,
-        "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds} for p in parents],
+        "anchor": baseline.anchor,
+        "anchor_val_scores": baseline.anchor_val_scores,
+        "alpha": settings.weights(len(setup.models)),
+        "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds} for p in setup.parents],
         "primary_metric": task.primary_metric,
-        "not_applicable": not_applicable,
-        "repair": {name: _fit_summary(fits) for name, fits in repair_fits.items() if fits},
+        "not_applicable": {"vanilla": "widths differ"} if setup.widths_differ else {},
+        "repair": {name: _fit_summary(o.repair) for name, o in fused.outcomes.items() if o.repair},
     }
-    if curves:
+    info = {name: o.info for name, o in fused.outcomes.items() if o.info}
+    if info:
+        results["methods"] = info
+    if tuned.curves:
         pick = max if task.higher_is_better else min
-        level = pick(one_shot_val[f"parent_{i}"][task.primary_metric] for i in range(len(models)))
-        results["curves"] = curves
+        level = pick(baseline.one_shot_val[f"parent_{i}"][task.primary_metric] for i in range(len(setup.models)))
+        results["curves"] = tuned.curves
         results["steps_to_beat_best_parent"] = {
-            name: steps_to_beat(curve, level, task.higher_is_better) for name, curve in curves.items()
+            name: steps_to_beat(curve, level, task.higher_is_better) for name, curve in tuned.curves.items()
         }
-        plot_curves(curves, level, task.primary_metric, out_dir / "finetune.png")
-    if cfg.get("downstream") and cfg.downstream.get("task"):
-        with clock.stage("downstream"):
-            results["downstream"] = run_downstream(cfg, models, fused, tuned_models, device, console)
-    fam = family(cfg.model.family)
-    _save_model(fam, main, out_dir / "fused")
-    if tuned_main is not None:
-        _save_model(fam, tuned_main, out_dir / "finetuned")
-    write_json(out_dir / "results.json", results)
-    console.print(results_table(results))
+        plot_curves(tuned.curves, level, task.primary_metric, out_dir / "finetune.png")
     return results
 
 
@@ -238,14 +305,6 @@ def _fit_summary(fits: list) -> dict:
 def _save_model(fam, model, path: Path) -> None:
     with new_directory(path) as tmp:
         fam.save(model, str(tmp))
-
-
-RESULT_LABELS = {"vanilla": "VF", "ot": "OT"}
-
-
-def label_of(name: str) -> str:
-    """How a results key is shown: VF, OT, parent 0, ..."""
-    return RESULT_LABELS.get(name, name.replace("_", " "))
 
 
 def _controls(cfg: DictConfig) -> str:

@@ -1,32 +1,50 @@
 """Model families: how to build, save, load and describe (flow graph) each one.
 
-A family is a module with ``build(cfg, task_info)``, ``graph(model)``, ``load(path)``,
-``save(model, path)`` and ``owns(model)``. Adding an architecture means adding one such module.
+A family is a module that satisfies ``Family`` (``tfuse.arch.base``); a text family satisfies
+``TextFamily`` too. Adding an architecture means adding one such module to ``FAMILIES``.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 from torch import nn
 
 from tfuse.arch import hf_bert, hf_vit
+from tfuse.arch.base import Family, TextFamily
 from tfuse.errors import TfuseError
 
-FAMILIES: dict[str, ModuleType] = {"hf_vit": hf_vit, "hf_bert": hf_bert}
+FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert}
+TEXT_FAMILY = "hf_bert"  # the family whose checkpoints text data reads its tokenizer from
 
 
-def family(name: str) -> ModuleType:
+def family(name: str) -> Family:
     if name not in FAMILIES:
         raise TfuseError(f"model.family={name!r} is not known; allowed: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
-def family_of(model: nn.Module) -> str:
-    for name, module in FAMILIES.items():
-        if module.owns(model):
-            return name
-    raise TfuseError(f"no flow graph describes {type(model).__name__}; known families: {', '.join(FAMILIES)}")
+def family_for(model: nn.Module) -> Family:
+    """The family that owns ``model``."""
+    for fam in FAMILIES.values():
+        if fam.owns(model):
+            return fam
+    raise TfuseError(f"no model family owns a {type(model).__name__}; tfuse knows the families {', '.join(FAMILIES)}")
+
+
+def text_family(name: str = TEXT_FAMILY) -> TextFamily:
+    return _as_text(family(name), f"model.family={name!r} is not a text family")
+
+
+def text_family_for(model: nn.Module, need: str) -> TextFamily:
+    """The text family that owns ``model``; ``need`` names what asks for one (for the error)."""
+    return _as_text(family_for(model), f"{need} takes text models; got a {type(model).__name__}")
+
+
+def _as_text(fam: Family, problem: str) -> TextFamily:
+    if not isinstance(fam, TextFamily):
+        texts = [name for name, f in FAMILIES.items() if isinstance(f, TextFamily)]
+        raise TfuseError(f"{problem}; use a text family: {', '.join(texts)}")
+    return fam
 
 
 def load_parent(source: str, family_name: str, label: str) -> nn.Module:

@@ -12,12 +12,17 @@ per sequence: its probe has no token axis); the classifier reads it and keeps it
 A tokenizer travels with each model (``model.tfuse_tokenizer``): ``load`` reads it from the
 checkpoint directory and ``save`` writes it beside the weights, so parents, fused and finetuned
 models all carry the one tokenizer their token ids mean something in.
+
+A ``TextFamily`` (``tfuse.arch.base``): the text tasks and the downstream stage reach BERT's heads
+and tokenizer through these functions only.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -100,11 +105,9 @@ def graph(model: nn.Module) -> FlowGraph:
         g.residual(middle, before, attn_out)
         g.norm(f"{block}.attention.output.LayerNorm", middle)  # post-LN: on the residual point
         g.probe(middle, f"{block}.attention.output.LayerNorm")
-        hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
-        g.linear(f"{block}.intermediate.dense", hidden, middle)
-        g.probe(hidden, f"{block}.intermediate.intermediate_act_fn")
-        g.linear(f"{block}.output.dense", mlp_out, hidden)
-        g.probe(mlp_out, f"{block}.output.dense")
+        mlp_out = g.mlp_block(
+            name, middle, f"{block}.intermediate.dense", f"{block}.intermediate.intermediate_act_fn", f"{block}.output.dense"
+        )
         g.residual(after, middle, mlp_out)
         g.norm(f"{block}.output.LayerNorm", after)
         g.probe(after, f"{block}.output.LayerNorm")
@@ -136,6 +139,31 @@ def owns(model) -> bool:
 
 def has_head(model: nn.Module) -> bool:
     return not isinstance(model, BertModel)
+
+
+def masked_logits(model: nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The MLM head's logits at the ``keep`` positions only (rows in ``hidden[keep]`` order): the
+    head is per token, so this equals ``model(**inputs).logits[keep]`` without the vocabulary-wide
+    projection of the other 85% of the tokens."""
+    if not isinstance(model, BertForMaskedLM):
+        raise TfuseError(f"{type(model).__name__} has no masked-LM head; MLM needs BertForMaskedLM")
+    hidden = model.bert(**inputs).last_hidden_state
+    return model.cls(hidden[keep])
+
+
+def to_classifier(model: nn.Module, num_labels: int, seed: int) -> BertForSequenceClassification:
+    """A sequence classifier around ``model``'s encoder; pooler/classifier from a fixed seed."""
+    config = copy.deepcopy(model.config)
+    config.num_labels, config.architectures = num_labels, ["BertForSequenceClassification"]
+    config.id2label = {i: str(i) for i in range(num_labels)}
+    config.label2id = {str(i): i for i in range(num_labels)}
+    torch.manual_seed(seed)
+    clf = BertForSequenceClassification(config)
+    encoder = model if isinstance(model, BertModel) else model.bert
+    result = clf.bert.load_state_dict(encoder.state_dict(), strict=False)
+    if result.unexpected_keys or any(not k.startswith("pooler.") for k in result.missing_keys):
+        raise TfuseError(f"encoder weights do not fit a classifier: {result.missing_keys[:3]} {result.unexpected_keys[:3]}")
+    return attach_tokenizer(clf.to(next(model.parameters()).device), tokenizer_of(model))
 
 
 def check_directory(path: str, label: str) -> dict:

@@ -46,11 +46,7 @@ def graph(model: ViTForImageClassification) -> FlowGraph:
         g.residual(middle, before, attn_out)
         g.probe(middle, f"{block}.layernorm_after", "input")
         g.norm(f"{block}.layernorm_after", middle)
-        hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
-        g.linear(f"{block}.mlp.fc1", hidden, middle)
-        g.probe(hidden, f"{block}.mlp.activation_fn")
-        g.linear(f"{block}.mlp.fc2", mlp_out, hidden)
-        g.probe(mlp_out, f"{block}.mlp.fc2")
+        mlp_out = g.mlp_block(name, middle, f"{block}.mlp.fc1", f"{block}.mlp.activation_fn", f"{block}.mlp.fc2")
         g.residual(after, middle, mlp_out)
         g.probe(after, block)
     last = g.point(2 * cfg.num_hidden_layers)

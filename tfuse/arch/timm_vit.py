@@ -111,13 +111,10 @@ def graph(model: VisionTransformer) -> FlowGraph:
         g.residual(middle, before, attn_out)
         g.probe(middle, f"{pre}.norm2", "input")
         g.norm(f"{pre}.norm2", middle, bias=block.norm2.bias is not None)
-        hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
-        g.linear(f"{pre}.mlp.fc1", hidden, middle, bias=block.mlp.fc1.bias is not None)
-        g.probe(hidden, f"{pre}.mlp.act")
-        g.linear(f"{pre}.mlp.fc2", mlp_out, hidden, bias=block.mlp.fc2.bias is not None)
+        biases = (block.mlp.fc1.bias is not None, block.mlp.fc2.bias is not None)
+        mlp_out = g.mlp_block(name, middle, f"{pre}.mlp.fc1", f"{pre}.mlp.act", f"{pre}.mlp.fc2", f"{pre}.ls2", biases)
         if isinstance(block.ls2, LayerScale):
             g.param(f"{pre}.ls2.gamma", Out(mlp_out))
-        g.probe(mlp_out, f"{pre}.ls2")
         g.residual(after, middle, mlp_out)
         g.probe(after, pre)
     last = g.point(2 * len(blocks))

@@ -244,14 +244,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def shared_tokenizer(sources: list[str]):
     """The one tokenizer all parent checkpoints carry (clear errors when missing or different)."""
-    from tfuse.arch import hf_bert
+    from tfuse.arch import text_family
 
+    fam = text_family()
     tokenizers = []
     for i, source in enumerate(sources):
-        label = f"parents[{i}]"
-        if Path(str(source)).expanduser().is_dir():
-            hf_bert.check_directory(str(Path(str(source)).expanduser()), label)
-        tok = hf_bert.load_tokenizer(str(Path(str(source)).expanduser()))
+        label, path = f"parents[{i}]", Path(str(source)).expanduser()
+        if path.is_dir():
+            fam.check_directory(str(path), label)
+        tok = fam.load_tokenizer(str(path))
         if tok is None:
             raise TfuseError(f"{label}: '{source}' carries no tokenizer; save it beside the weights (save_pretrained)")
         tokenizers.append(tok)

@@ -1,4 +1,4 @@
-"""Ground costs between the neurons of a model and those of the reference.
+"""Ground costs between the neurons of a model and those of the reference (``fusion.cost``).
 
 Activation costs come from streamed sums alone: with a' = (a - c_a) / s_a (``center`` sets c_a
 to the mean, ``standardize`` sets s_a to the standard deviation) the norms and dot products of
@@ -6,14 +6,81 @@ the transformed vectors are closed forms of sum, sum of squares and cross-produc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from tfuse.errors import TfuseError
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.apply import State, writer_rows
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.plan import Plan
+from tfuse.fusion.registry import Registry
 from tfuse.fusion.statistics import Moments, PairStats
 
+if TYPE_CHECKING:
+    from tfuse.fusion.methods.ot import OTSettings
 
-def _affine(m: Moments, settings: FusionSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+@dataclass
+class CostInputs:
+    """What a cost may read for one parent: its streamed statistics (when the cost needs them),
+    its parameters and the reference's, and the maps of the spaces solved before."""
+
+    settings: "OTSettings"
+    stats: dict[str, PairStats] | None
+    state: State
+    reference: State
+    graph: FlowGraph
+    plan: Plan
+    maps: dict[str, torch.Tensor]
+
+
+class Cost:
+    """A ground cost: whether it reads activation statistics, its Sinkhorn reg when none is set,
+    and the raw cost matrix (n_parent x n_reference) of a resolved space."""
+
+    needs_statistics = False
+    default_reg = 0.08
+
+    def matrix(self, space: str, inputs: CostInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+COSTS: Registry[Cost] = Registry("cost")
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+NORMALIZERS = ("max", "median", "mean", "none")
+
+
+@COSTS.register("activations")
+class _Activations(Cost):
+    """The metric between the neurons' activations on the calibration samples."""
+
+    needs_statistics = True
+    default_reg = 0.08
+
+    def matrix(self, space, inputs):
+        return activation_cost(inputs.stats[space], inputs.settings)
+
+
+@COSTS.register("weights")
+class _Weights(Cost):
+    """The metric between the rows written into the space, aligned on their inputs first."""
+
+    default_reg = 0.06
+
+    def matrix(self, space, inputs):
+        rows_a = writer_rows(inputs.state, inputs.graph, inputs.plan, inputs.maps, space)
+        rows_b = writer_rows(inputs.reference, inputs.graph, inputs.plan, inputs.maps, space, aligned=False)
+        if rows_a is None:
+            raise TfuseError(
+                f"fusion.cost=weights: no weight writes layer '{space}' from already aligned "
+                "inputs; use fusion.cost=activations for this architecture"
+            )
+        return weight_cost(rows_a, rows_b, inputs.settings)
+
+
+def _affine(m: Moments, settings: "OTSettings") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shift c and scale s of each neuron, and the squared norm of (a - c) / s."""
     n = m.count
     if not (settings.center or settings.standardize):  # the plain sums were not even kept
@@ -28,7 +95,7 @@ def _affine(m: Moments, settings: FusionSettings) -> tuple[torch.Tensor, torch.T
     return shift, scale, centred_sq / scale**2
 
 
-def activation_cost(stats: PairStats, settings: FusionSettings) -> torch.Tensor:
+def activation_cost(stats: PairStats, settings: "OTSettings") -> torch.Tensor:
     """Cost matrix (n_a, n_b) of the configured metric over the transformed activations."""
     ca, sa, norm_a = _affine(stats.a, settings)
     cb, sb, norm_b = _affine(stats.b, settings)
@@ -41,7 +108,7 @@ def activation_cost(stats: PairStats, settings: FusionSettings) -> torch.Tensor:
     return _metric(dot, norm_a, norm_b, settings)
 
 
-def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: FusionSettings) -> torch.Tensor:
+def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: "OTSettings") -> torch.Tensor:
     """Cost between weight rows (already aligned on their input side)."""
     a, b = rows_a.double(), rows_b.double()
     if settings.center:
@@ -52,7 +119,7 @@ def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: FusionSett
     return _metric(a @ b.T, (a * a).sum(1), (b * b).sum(1), settings)
 
 
-def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: FusionSettings) -> torch.Tensor:
+def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: "OTSettings") -> torch.Tensor:
     """Distances from dot products and squared norms (``dot`` is a fresh tensor: used in place)."""
     if settings.unit_norm or settings.metric == "cosine":
         ra, rb = norm_a.clamp_min(1e-24).rsqrt(), norm_b.clamp_min(1e-24).rsqrt()

@@ -1,11 +1,12 @@
-"""The generic fusion engine: statistics -> maps -> aligned parents -> weighted average -> repair.
+"""What every fusion method shares: a model's (virtual) parameters, the checks that a flow graph
+describes the parents, a model rebuilt from fused parameters, and the repair after averaging.
 
-It reads the architecture only through its ``FlowGraph``; it never names a layer.
+It reads the architecture only through its ``FlowGraph``; it never names a layer. The methods
+themselves live in ``fusion/methods/``.
 """
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -13,13 +14,10 @@ import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
-from tfuse.fusion.apply import State, align, average
+from tfuse.fusion.apply import State
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.maps import compute_maps
-from tfuse.fusion.plan import make_plan
 from tfuse.fusion.repair import LayerFit, repair
 from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.statistics import Statistics, collect_statistics
 
 Batch = dict[str, torch.Tensor]
 
@@ -30,6 +28,7 @@ class FusionOutcome:
     maps: list[dict[str, torch.Tensor]]  # per parent, against the final reference
     timings: dict[str, float] = field(default_factory=dict)
     repair: list[LayerFit] = field(default_factory=list)  # each refit layer's error before / after
+    info: dict = field(default_factory=dict)  # what the method reports of itself (results.json ``methods``)
 
 
 def parameters(model: nn.Module, graph: FlowGraph | None = None) -> State:
@@ -71,11 +70,6 @@ def with_state(template: nn.Module, state: State, graph: FlowGraph | None = None
     return model
 
 
-def vanilla_fuse(models: Sequence[nn.Module], weights: Sequence[float]) -> nn.Module:
-    """Plain weighted average of the parameters (no alignment)."""
-    return with_state(models[0], average([parameters(m) for m in models], weights))
-
-
 def repair_fused(
     fused: nn.Module,
     targets: Sequence[nn.Module],
@@ -93,64 +87,7 @@ def repair_fused(
     return repair(fused, targets, weights, graph, settings, calibration(), model_inputs)
 
 
-def ot_fuse(
-    models: Sequence[nn.Module],
-    graph: FlowGraph,
-    settings: FusionSettings,
-    anchor: int,
-    calibration: Callable[[], Iterable[Batch]] | None,
-    model_inputs: Callable[[Batch], Batch],
-    batches: int | None = None,
-    repair_calibration: Callable[[], Iterable[Batch]] | None = None,
-) -> FusionOutcome:
-    """Fuse ``models`` into the anchor's architecture.
-
-    Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
-    parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
-    refits the result toward the aligned parents on ``repair_calibration`` (default: ``calibration``).
-    """
-    if len(models) < 2:
-        raise TfuseError("fusion needs at least two parents")
-    for i, m in enumerate(models):
-        check_graph(m, graph, f"parent {i}")
-    _check_fixed_axes(models, graph, anchor)
-    weights = settings.weights(len(models))
-    plan = make_plan(graph, settings)
-    timings = {"statistics": 0.0, "transport": 0.0, "align": 0.0}
-    reference = models[anchor]
-    movers = [i for i in range(len(models)) if i != anchor]
-    maps: list[dict[str, torch.Tensor]] = []
-    for _ in range(settings.iterations):
-        ref_state = parameters(reference, graph)
-        start = time.perf_counter()
-        stats = _statistics([models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches)
-        timings["statistics"] += time.perf_counter() - start
-        aligned = {anchor: ref_state} if reference is models[anchor] else {}
-        maps = [{} for _ in models]
-        for k, i in enumerate(movers):
-            state = parameters(models[i], graph)
-            start = time.perf_counter()
-            maps[i] = compute_maps(
-                plan, graph, settings,
-                stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None, state, ref_state,
-            )
-            timings["transport"] += time.perf_counter() - start
-            start = time.perf_counter()
-            aligned[i] = align(state, graph, plan, maps[i])
-            timings["align"] += time.perf_counter() - start
-        fused = average([aligned[i] for i in range(len(models))], weights)
-        reference = with_state(models[anchor], fused, graph)
-        movers = list(range(len(models)))
-    fits: list[LayerFit] = []
-    if settings.repair != "none":
-        start = time.perf_counter()
-        targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
-        fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs)
-        timings["repair"] = time.perf_counter() - start
-    return FusionOutcome(reference, maps, timings, fits)
-
-
-def _check_fixed_axes(models: Sequence[nn.Module], graph: FlowGraph, anchor: int) -> None:
+def check_fixed_axes(models: Sequence[nn.Module], graph: FlowGraph, anchor: int) -> None:
     """Only hidden widths may differ between parents: axes no space aligns (classes, pixels,
     positions, kernel sizes) must agree with the anchor's."""
     ref = parameters(models[anchor], graph)
@@ -163,22 +100,3 @@ def _check_fixed_axes(models: Sequence[nn.Module], graph: FlowGraph, anchor: int
                         f"{ref[name].shape[axis]}), which is not a hidden width: fusion allows different widths "
                         "only (same depth, patch size, image size, classes)"
                     )
-
-
-def _statistics(
-    models: list[nn.Module],
-    reference: nn.Module,
-    graph: FlowGraph,
-    plan,
-    calibration: Callable[[], Iterable[Batch]] | None,
-    model_inputs: Callable[[Batch], Batch],
-    settings: FusionSettings,
-    batches: int | None,
-) -> Statistics | None:
-    if settings.cost != "activations":
-        return None
-    if calibration is None:
-        raise TfuseError("fusion.cost=activations needs calibration data")
-    return collect_statistics(
-        models, reference, graph, plan, calibration(), model_inputs, settings, total=batches
-    )

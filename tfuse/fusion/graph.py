@@ -224,6 +224,20 @@ class GraphBuilder:
         self.probe(out, modules[3])
         return out
 
+    def mlp_block(
+        self, name: str, reads: str, fc1: str, act: str, fc2: str, probe: str | None = None,
+        bias: tuple[bool, bool] = (True, True),
+    ) -> str:
+        """``fc1`` reading ``reads`` into a hidden space probed at the activation module ``act``,
+        then ``fc2`` writing a new branch space probed at ``probe`` (default: ``fc2`` itself);
+        ``bias`` says which of the two Linears have one. Returns the branch space."""
+        hidden, out = f"{name}.mlp", f"{name}.mlp_out"
+        self.linear(fc1, hidden, reads, bias=bias[0])
+        self.probe(hidden, act)
+        self.linear(fc2, out, hidden, bias=bias[1])
+        self.probe(out, probe or fc2)
+        return out
+
     def attention(self, name: str, heads: int) -> tuple[str, str, str]:
         """Register an attention block; returns its query, key and value space names."""
         q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"

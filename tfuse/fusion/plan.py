@@ -8,10 +8,15 @@ combined from two earlier maps (``CombineRule``, residual policies). Its activat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tfuse.errors import TfuseError
-from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.graph import Attention, FlowGraph, Residual
+from tfuse.fusion.qk import QK_MODES
+from tfuse.fusion.residual import RESIDUALS
+
+if TYPE_CHECKING:
+    from tfuse.fusion.methods.ot import OTSettings
 
 Segments = tuple[tuple[str, ...], ...]
 
@@ -73,69 +78,60 @@ class Plan:
         """Probes whose mean absolute activation weighs a residual combination."""
         names: dict[str, None] = {}
         for rule in self.rules:
-            if isinstance(rule, CombineRule) and rule.policy.startswith("weighted"):
+            if isinstance(rule, CombineRule) and RESIDUALS[rule.policy].needs_magnitudes:
                 names.update(dict.fromkeys((rule.skip_probe, rule.branch_probe)))
         return list(names)
 
 
-def make_plan(graph: FlowGraph, settings: FusionSettings) -> Plan:
-    spaces = graph.spaces()
-    where: dict[str, tuple[str, int]] = {}
-    rules: dict[str, Rule] = {}
-    residual_of = {r.out: r for r in graph.residuals}
-    branches = {r.branch for r in graph.residuals}
+class PlanBuilder:
+    """A plan under construction: what the Q/K modes and residual policies add rules through."""
 
-    def ot(name: str, segments: Segments, *logical: str) -> None:
-        rules[name] = OTRule(name, segments)
-        for seg_index, space in enumerate(logical):
-            where[space] = (name, seg_index if len(segments) > 1 else 0)
+    def __init__(self) -> None:
+        self.where: dict[str, tuple[str, int]] = {}
+        self.rules: dict[str, Rule] = {}
 
+    def ot(self, name: str, segments: Segments, *logical: str) -> None:
+        """Resolved space ``name`` solved by OT on ``segments``, serving the ``logical`` spaces
+        (one per segment when there are several)."""
+        self.rules[name] = OTRule(name, segments)
+        for index, space in enumerate(logical):
+            self.where[space] = (name, index if len(segments) > 1 else 0)
+
+    def heads(self, att: Attention) -> None:
+        """Head-aware maps for one attention block (``HeadRule``)."""
+        qk = f"{att.name}.qk"
+        self.rules[qk] = HeadRule(OTRule(qk, ((att.q, att.k),)), OTRule(att.v, ((att.v,),)), att.heads)
+        self.where.update({att.q: (qk, 0), att.k: (qk, 0), att.v: (att.v, 0)})
+
+    def combine(self, space: str, res: Residual, policy: str) -> None:
+        """Stream point ``space`` = skip + branch, its map combined from theirs by ``policy``."""
+        for part in (res.skip, res.branch):
+            if part not in self.where:
+                self.ot(part, ((part,),), part)
+        self.rules[space] = CombineRule(space, self.where[res.skip][0], self.where[res.branch][0], policy, res.skip, res.branch)
+        self.where[space] = (space, 0)
+
+
+def make_plan(graph: FlowGraph, settings: "OTSettings") -> Plan:
+    """The rules for ``graph`` under the settings' Q/K mode and residual policy, in forward order."""
+    builder = PlanBuilder()
     for att in graph.attention:
-        qk_name = f"{att.name}.qk"
-        if settings.qk == "separate":
-            ot(att.q, ((att.q,),), att.q)
-            ot(att.k, ((att.k,),), att.k)
-            ot(att.v, ((att.v,),), att.v)
-        elif settings.qk == "eq_t_map":
-            ot(qk_name, ((att.q, att.k),), att.q, att.k)
-            ot(att.v, ((att.v,),), att.v)
-        elif settings.qk == "joint":
-            ot(qk_name, ((att.q,), (att.k,)), att.q, att.k)
-            ot(att.v, ((att.v,),), att.v)
-        else:
-            rules[qk_name] = HeadRule(OTRule(qk_name, ((att.q, att.k),)), OTRule(att.v, ((att.v,),)), att.heads)
-            where.update({att.q: (qk_name, 0), att.k: (qk_name, 0), att.v: (att.v, 0)})
-
-    stream_points = [s for s in spaces if graph.is_stream(s)]
-    if settings.residual == "global":
-        ot(graph.stream, (tuple(stream_points),), *[])
-        for space in stream_points + sorted(branches):
-            where[space] = (graph.stream, 0)
-    else:
-        for space in stream_points:
-            res = residual_of.get(space)
-            if res is None:
-                ot(space, ((space,),), space)
-                continue
-            for part in (res.skip, res.branch):
-                if part not in where:
-                    ot(part, ((part,),), part)
-            rules[space] = CombineRule(
-                space, where[res.skip][0], where[res.branch][0], settings.residual, res.skip, res.branch
-            )
-            where[space] = (space, 0)
-
+        QK_MODES[settings.qk](builder, att)
+    RESIDUALS[settings.residual].plan(builder, graph)
+    spaces = graph.spaces()
     for space in spaces:
-        if space not in where:
-            ot(space, ((space,),), space)
-
-    ordered = _in_forward_order(rules, where, spaces)
-    plan = Plan(ordered, where)
+        if space not in builder.where:
+            builder.ot(space, ((space,),), space)
+    plan = Plan(_in_forward_order(builder.rules, builder.where, spaces), builder.where)
     plan.segments = {r.name: r.segments for r in plan.ot_rules()}
-    missing = sorted(p for p in plan.probes() if p not in graph.probes) if settings.cost == "activations" else []
+    return plan
+
+
+def check_probes(plan: Plan, graph: FlowGraph) -> None:
+    """Every probe the plan reads exists (activation costs)."""
+    missing = sorted(p for p in plan.probes() if p not in graph.probes)
     if missing:
         raise TfuseError(f"the flow graph has no probe for space(s) {', '.join(missing)}")
-    return plan
 
 
 def _in_forward_order(rules: dict[str, Rule], where: dict[str, tuple[str, int]], spaces: list[str]) -> list[Rule]:

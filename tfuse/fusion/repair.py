@@ -36,7 +36,8 @@ from torch import nn
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.statistics import call, kept_rows, token_mask
+from tfuse.fusion.statistics import call, kept_rows
+from tfuse.fusion.tokens import token_mask
 from tfuse.progress import track
 
 Batch = dict[str, torch.Tensor]

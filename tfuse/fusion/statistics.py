@@ -16,16 +16,19 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
-from tfuse.fusion.graph import FlowGraph, Linear, Probe, TokenLayout
-from tfuse.fusion.plan import Plan, Segments
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.graph import FlowGraph, Linear, Probe
+from tfuse.fusion.tokens import token_mask
 from tfuse.progress import track
+
+if TYPE_CHECKING:
+    from tfuse.fusion.methods.ot import OTSettings
+    from tfuse.fusion.plan import Plan, Segments
 
 Batch = dict[str, torch.Tensor]
 
@@ -64,45 +67,6 @@ class PairStats:
 class Statistics:
     pairs: list[dict[str, PairStats]]  # per model: resolved space -> stats against the reference
     magnitude: list[dict[str, torch.Tensor]]  # per model: probe -> mean |activation| per neuron
-
-
-def token_mask(
-    batch: Batch, tokens: int, layout: TokenLayout, settings: FusionSettings, generator: torch.Generator
-) -> torch.Tensor:
-    """Which tokens of each example count as samples (real tokens only; padding never counts)."""
-    size = next(iter(batch.values())).shape[0]
-    valid = batch.get("attention_mask")
-    valid = torch.ones(size, tokens, dtype=torch.bool) if valid is None else valid.bool().cpu()
-    keep = torch.zeros_like(valid)
-    if settings.tokens == "all":
-        keep[:] = True
-    elif settings.tokens == "cls":
-        keep[:, _cls_index(layout, "cls")] = True
-    elif settings.tokens == "window":
-        if layout.cls is not None:  # the class token counts too, when the model has one
-            keep[:, layout.cls] = True
-        if layout.grid is None:
-            raise _token_error("window", "it has no patch grid; use tokens=all, cls or random")
-        rows, cols = layout.grid
-        k = min(settings.window, rows, cols)
-        r0, c0 = (rows - k) // 2, (cols - k) // 2
-        index = [layout.prefix + (r0 + r) * cols + c0 + c for r in range(k) for c in range(k)]
-        keep[:, index] = True
-    else:
-        scores = torch.rand(size, tokens, generator=generator).masked_fill(~valid, -1.0)
-        top = scores.topk(min(settings.token_count, tokens), dim=1).indices
-        keep.scatter_(1, top, True)
-    return keep & valid
-
-
-def _cls_index(layout: TokenLayout, mode: str) -> int:
-    if layout.cls is None:
-        raise _token_error(mode, "it has no class token; use tokens=all or random")
-    return layout.cls
-
-
-def _token_error(mode: str, why: str) -> Exception:
-    return TfuseError(f"fusion.tokens={mode} does not apply to this model: {why}")
 
 
 class Recorder:
@@ -219,7 +183,7 @@ def collect_statistics(
     plan: Plan,
     batches: Iterable[Batch],
     model_inputs: Callable[[Batch], Batch],
-    settings: FusionSettings,
+    settings: "OTSettings",
     total: int | None = None,
 ) -> Statistics:
     """Stream the calibration batches once through the reference and every model.

@@ -5,6 +5,7 @@ Maps are couplings T (n_a x n_b) with uniform marginals 1/n_a and 1/n_b (total m
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import ot
@@ -13,7 +14,13 @@ from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.cost import all_finite
-from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.registry import Registry
+
+if TYPE_CHECKING:
+    from tfuse.fusion.methods.ot import OTSettings
+
+Solver = Callable[[torch.Tensor, "OTSettings", str], torch.Tensor]
+SOLVERS: Registry[Solver] = Registry("solver")
 
 # Plain Sinkhorn iterates K = exp(-C / reg). While exp(-range / reg) stays far inside float32 it
 # runs in float32 (its matrix-vector products are memory-bound: twice as fast); up to the second
@@ -23,15 +30,18 @@ _PLAIN_SINKHORN_RANGE = 200.0
 _STOP = 1e-7  # the plain iterations stop when the column marginal is this close (L2), as POT's stopThr
 
 
-def solve(cost: torch.Tensor, settings: FusionSettings, space: str) -> torch.Tensor:
-    """Coupling for a (normalised) cost: exact (``emd``) or entropic (``sinkhorn``)."""
-    if settings.solver == "emd":
-        plan = _exact(cost.double())
-    else:
-        plan = _sinkhorn(cost, settings, space)
+def solve(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+    """Coupling for a (normalised) cost by the settings' solver (``fusion.solver``)."""
+    plan = SOLVERS[settings.solver](cost, settings, space)
     if not all_finite(plan):
         raise TfuseError(f"NaN in the transport map of layer '{space}'; try a larger fusion.reg or solver=emd")
     return plan
+
+
+@SOLVERS.register("emd")
+def _emd(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+    """Exact OT."""
+    return _exact(cost.double())
 
 
 def _exact(cost: torch.Tensor) -> torch.Tensor:
@@ -46,7 +56,9 @@ def _exact(cost: torch.Tensor) -> torch.Tensor:
     return ot.emd(a, b, cost, numItermax=10_000_000)
 
 
-def _sinkhorn(cost: torch.Tensor, settings: FusionSettings, space: str) -> torch.Tensor:
+@SOLVERS.register("sinkhorn")
+def _sinkhorn(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+    """Entropic OT with regulariser ``reg``; a marginal error above ``sinkhorn_tol`` is refused."""
     n_a, n_b = cost.shape
     low, high = torch.aminmax(cost)
     span = float(high - low) / settings.reg
@@ -93,7 +105,7 @@ def _sinkhorn_knopp(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: f
 
 
 def head_aware(
-    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: FusionSettings, space: str
+    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: "OTSettings", space: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for the query/key and value spaces that never split a head.
 

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfuse.data.text import Sequences, TextData
+from tfuse.arch import text_family_for
+from tfuse.data.text import TextData
 from tfuse.errors import TfuseError
 from tfuse.tasks.base import Batch
+from tfuse.tasks.text import TextTask, batches, model_inputs_of
 
 SPLITS = ("train", "val", "test")
 
@@ -41,17 +43,7 @@ def mask_tokens(
 SPECIAL_SKIP = range(5)  # random replacements avoid the first ids (special tokens of our WordPiece)
 
 
-def batches(seq: Sequences, order: torch.Tensor, size: int) -> Iterator[Batch]:
-    for start in range(0, len(order), size):
-        yield seq.batch(order[start:start + size])
-
-
-def model_inputs_of(batch: Batch, device: torch.device) -> Batch:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: batch[k].to(device) for k in keys if k in batch}
-
-
-class MLMTask:
+class MLMTask(TextTask):
     """Masked language modelling on a text corpus; scored by loss (lower is better)."""
 
     name = "mlm"
@@ -61,37 +53,14 @@ class MLMTask:
 
     def __init__(self, data: TextData, eval_batch_size: int = 64, device: str | torch.device = "cpu",
                  mask_probability: float = 0.15, mask_seed: int = 1234):
-        self.data = data
-        self.tokenizer = data.tokenizer
-        self.max_length = data.max_length
-        self.eval_batch_size = eval_batch_size
-        self.device = torch.device(device)
+        super().__init__(data, eval_batch_size, device)
         self.mask_probability = mask_probability
         self.mask_seed = mask_seed
         self._fixed: dict[str, list[Batch]] = {}
 
-    @property
-    def train_size(self) -> int:
-        return len(self.data.train)
-
-    def _mask(self, batch: Batch, generator: torch.Generator) -> Batch:
+    def training_batch(self, batch: Batch, generator: torch.Generator) -> Batch:
         ids, labels = mask_tokens(batch, self.tokenizer, generator, self.mask_probability)
         return {**batch, "input_ids": ids, "labels": labels}
-
-    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(self.data.train), generator=generator)
-            for batch in batches(self.data.train, order, batch_size):
-                yield self._mask(batch, generator)
-
-    def calibration_batches(self, samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        """Unmasked training sequences (what the encoder sees at its best), a seeded subset."""
-        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(seed))[:samples]
-        yield from batches(self.data.train, order, batch_size)
-
-    def model_inputs(self, batch: Batch) -> Batch:
-        return model_inputs_of(batch, self.device)
 
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the masked positions and the tokens they must predict."""
@@ -99,22 +68,17 @@ class MLMTask:
         keep = labels != -100
         return masked_logits(model, self.model_inputs(batch), keep).float(), labels[keep]
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(*self.predict(model, batch))
-
     def evaluation_batches(self, split: str) -> list[Batch]:
-        """The split masked once with ``mask_seed`` (cached: every model sees the same masks)."""
+        """The split masked as training batches are, once with ``mask_seed`` (cached: every model
+        sees the same masks)."""
         if split not in SPLITS:
             raise TfuseError(f"Unknown split {split!r}; allowed: {', '.join(SPLITS)}.")
         if split not in self._fixed:
             generator = torch.Generator().manual_seed(self.mask_seed)
             seq = getattr(self.data, split)
             order = torch.arange(min(len(seq), 512) if split == "train" else len(seq))
-            self._fixed[split] = [self._mask(b, generator) for b in batches(seq, order, self.eval_batch_size)]
+            self._fixed[split] = [self.training_batch(b, generator) for b in batches(seq, order, self.eval_batch_size)]
         return self._fixed[split]
-
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        return self.evaluate_ensemble([model], split)
 
     @torch.no_grad()
     def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
@@ -141,13 +105,8 @@ class MLMTask:
 
 
 def masked_logits(model: nn.Module, inputs: Batch, keep: torch.Tensor) -> torch.Tensor:
-    """The MLM head's logits at the ``keep`` positions only (rows in ``hidden[keep]`` order): the
-    head is per token, so this equals ``model(**inputs).logits[keep]`` without the vocabulary-wide
-    projection of the other 85% of the tokens."""
-    if not (hasattr(model, "bert") and hasattr(model, "cls")):
-        raise TfuseError(f"{type(model).__name__} has no masked-LM head; MLM needs BertForMaskedLM")
-    hidden = model.bert(**inputs).last_hidden_state
-    return model.cls(hidden[keep])
+    """The masked-LM logits of ``model`` at the ``keep`` positions (from its family)."""
+    return text_family_for(model, "masked language modelling").masked_logits(model, inputs, keep)
 
 
 def mean_pooled(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -215,8 +174,6 @@ class EmbeddingAgreementTask:
 
 def for_models(task, models: Sequence[nn.Module]):
     """The task to score ``models`` with: MLM as is, embedding agreement for bare encoders."""
-    from tfuse.arch import hf_bert
-
-    if isinstance(task, MLMTask) and models and hf_bert.owns(models[0]) and not hf_bert.has_head(models[0]):
+    if isinstance(task, MLMTask) and models and not text_family_for(models[0], task.name).has_head(models[0]):
         return EmbeddingAgreementTask(task, models)
     return task

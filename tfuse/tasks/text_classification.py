@@ -4,7 +4,7 @@ uses it (macro F1 for the genres, binary F1 for MRPC and QQP)."""
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch import nn
 from tfuse.data.text import Sequences, TextData, cap, load_text, pad
 from tfuse.errors import TfuseError
 from tfuse.tasks.base import Batch
-from tfuse.tasks.mlm import batches, model_inputs_of
+from tfuse.tasks.text import TextTask, batches
 
 # task -> (text columns, number of labels, F1 kind or None, validation split used as test)
 GLUE = {
@@ -33,7 +33,7 @@ def f1_score(pred: torch.Tensor, target: torch.Tensor, classes: int, kind: str) 
     return sum(scores) / len(scores)
 
 
-class TextClassificationTask:
+class TextClassificationTask(TextTask):
     name = "text_classification"
     head = "classification"
     primary_metric = "accuracy"
@@ -41,40 +41,14 @@ class TextClassificationTask:
 
     def __init__(self, data: TextData, f1: str | None = None, eval_batch_size: int = 64,
                  device: str | torch.device = "cpu", name: str = "text_classification"):
-        self.data = data
-        self.tokenizer = data.tokenizer
-        self.max_length = data.max_length
+        super().__init__(data, eval_batch_size, device)
         self.num_labels = len(data.label_names)
         self.label_names = data.label_names
         self.f1 = f1
-        self.eval_batch_size = eval_batch_size
-        self.device = torch.device(device)
         self.name = name
-
-    @property
-    def train_size(self) -> int:
-        return len(self.data.train)
-
-    def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(seed)
-        while True:
-            yield from batches(self.data.train, torch.randperm(len(self.data.train), generator=generator), batch_size)
-
-    def calibration_batches(self, samples: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(seed))[:samples]
-        yield from batches(self.data.train, order, batch_size)
-
-    def model_inputs(self, batch: Batch) -> Batch:
-        return model_inputs_of(batch, self.device)
 
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model(**self.model_inputs(batch)).logits.float(), batch["labels"].to(self.device)
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(*self.predict(model, batch))
-
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        return self.evaluate_ensemble([model], split)
 
     @torch.no_grad()
     def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:

@@ -1,0 +1,55 @@
+"""What a model family provides: the pipeline's part (``Family``) and, for text models, the
+tokenizer and heads the text tasks and the downstream stage need (``TextFamily``).
+
+A family is a module whose functions satisfy one of these protocols (modules match protocols
+structurally: nothing is subclassed)."""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from tfuse.fusion.graph import FlowGraph
+
+
+@runtime_checkable
+class Family(Protocol):
+    def build(self, cfg, task) -> nn.Module:
+        """A fresh model sized by the ``model`` config group for ``task``'s data."""
+
+    def graph(self, model: nn.Module) -> FlowGraph:
+        """The flow graph that describes ``model`` to the fusion engine."""
+
+    def load(self, path: str) -> nn.Module:
+        """A model from a checkpoint directory (``OSError`` when it holds none)."""
+
+    def save(self, model: nn.Module, path: str) -> None:
+        """Write ``model`` (and what travels with it) to the directory ``path``."""
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether ``model`` is one of this family's."""
+
+
+@runtime_checkable
+class TextFamily(Family, Protocol):
+    def tokenizer_of(self, model: nn.Module):
+        """The tokenizer ``model`` carries, or None."""
+
+    def attach_tokenizer(self, model: nn.Module, tokenizer) -> nn.Module:
+        """``model`` carrying ``tokenizer`` (kept as it is when ``tokenizer`` is None)."""
+
+    def load_tokenizer(self, path: str):
+        """The tokenizer saved in a checkpoint directory (or of a hub id), or None."""
+
+    def check_directory(self, path: str, label: str) -> dict:
+        """The checkpoint's config, after checking that it holds this family's model."""
+
+    def has_head(self, model: nn.Module) -> bool:
+        """Whether ``model`` has a head (a bare encoder has none)."""
+
+    def masked_logits(self, model: nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+        """The masked-LM head's logits at the ``keep`` positions (rows in ``hidden[keep]`` order)."""
+
+    def to_classifier(self, model: nn.Module, num_labels: int, seed: int) -> nn.Module:
+        """A sequence classifier around ``model``'s encoder; the new layers from ``seed``."""

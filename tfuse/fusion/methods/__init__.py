@@ -1,0 +1,70 @@
+"""Fusion methods, found by name (``fusion.method``): one module each.
+
+A method is a class registered in ``METHODS``: its settings dataclass (``FusionSettings`` or a
+subclass adding its knobs), whether it fuses parents of different widths, and
+``fuse(models, graph, anchor, calibration, settings) -> FusionOutcome``. Adding one is a module
+here with one ``@METHODS.register("name")`` class, imported below, and its config file under
+``configs/fusion/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tfuse.fusion.engine import FusionOutcome
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.registry import Registry
+from tfuse.fusion.settings import FusionSettings
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Calibration:
+    """The data a method may read: a fresh pass over the statistics' batches, the repair's
+    batches (default: the same), how a batch becomes model inputs, and the batches in a pass."""
+
+    batches: Callable[[], Iterable[Batch]] | None
+    model_inputs: Callable[[Batch], Batch]
+    total: int | None = None
+    repair: Callable[[], Iterable[Batch]] | None = None
+
+    def repair_batches(self) -> Callable[[], Iterable[Batch]] | None:
+        return self.repair or self.batches
+
+
+class Method:
+    """A way to fuse parents into the anchor's architecture."""
+
+    name: str  # set by the registry
+    label: ClassVar[str]  # how tables show its model
+    settings_class: ClassVar[type[FusionSettings]] = FusionSettings
+    allows_widths: ClassVar[bool] = False  # parents of different hidden widths
+
+    def fuse(
+        self, models: Sequence[nn.Module], graph: FlowGraph, anchor: int, calibration: Calibration,
+        settings: FusionSettings,
+    ) -> FusionOutcome:
+        raise NotImplementedError
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def settings_from_config(data: dict[str, Any]) -> FusionSettings:
+    """The settings of the configured method (``fusion.method``); knobs of the other methods,
+    which share the config group, are ignored, and keys no method knows are refused."""
+    method = METHODS[data.get("method", FusionSettings.method)]
+    others = set().union(*(METHODS[name].settings_class.known() for name in METHODS))
+    return method.settings_class.from_config(data, ignore=others)
+
+
+def label_of(name: str) -> str:
+    """How a results key is shown: a method's label (VF, OT, ...), else ``parent 0``, ..."""
+    return METHODS[name].label if name in METHODS else name.replace("_", " ")
+
+
+from tfuse.fusion.methods import ot, vanilla, weight_matching  # noqa: E402,F401  (they register themselves)

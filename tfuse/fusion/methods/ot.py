@@ -1,0 +1,155 @@
+"""OT fusion (the paper's method): every parent aligned to the anchor by transport maps, space by
+space in forward order, from activation or weight costs; then averaged (and repaired)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Collection, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.apply import align, average
+from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
+from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, parameters, repair_fused, with_state
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.maps import compute_maps
+from tfuse.fusion.methods import METHODS, Method
+from tfuse.fusion.plan import Plan, check_probes, make_plan
+from tfuse.fusion.qk import QK_MODES
+from tfuse.fusion.residual import RESIDUALS
+from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.statistics import Statistics, collect_statistics
+from tfuse.fusion.transport import SOLVERS
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class OTSettings(FusionSettings):
+    """OT fusion's knobs (``configs/fusion/ot.yaml``); defaults are the paper's released ones."""
+
+    CHOICES: ClassVar[dict[str, Collection[str]]] = {
+        **FusionSettings.CHOICES, "cost": COSTS, "solver": SOLVERS, "metric": METRICS,
+        "normalize_cost": NORMALIZERS, "residual": RESIDUALS, "qk": QK_MODES,
+    }
+
+    cost: str = "activations"
+    solver: str = "sinkhorn"
+    reg: float | None = None  # None: the cost's default (0.08 activations, 0.06 weights)
+    metric: str = "euclidean"
+    normalize_cost: str = "max"
+    center: bool = False
+    standardize: bool = False
+    unit_norm: bool = False
+    residual: str = "mean"
+    qk: str = "separate"
+    iterations: int = 1
+    sinkhorn_iters: int = 2000
+    sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reg is None:
+            self.reg = COSTS[self.cost].default_reg
+        if self.solver == "sinkhorn" and not self.reg > 0:
+            raise TfuseError(f"fusion.reg={self.reg} must be positive for fusion.solver=sinkhorn")
+        if self.iterations < 1:
+            raise TfuseError(f"fusion.iterations={self.iterations} must be at least 1")
+        if RESIDUALS[self.residual].needs_magnitudes and not COSTS[self.cost].needs_statistics:
+            raise TfuseError(
+                f"fusion.residual={self.residual} weighs the stream by activation magnitudes; "
+                "use fusion.cost=activations or another residual policy"
+            )
+
+
+@METHODS.register("ot")
+class OT(Method):
+    label = "OT"
+    settings_class = OTSettings
+    allows_widths = True
+
+    def fuse(self, models, graph, anchor, calibration, settings):
+        return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
+                       calibration.total, calibration.repair)
+
+
+def ot_fuse(
+    models: Sequence[nn.Module],
+    graph: FlowGraph,
+    settings: OTSettings,
+    anchor: int,
+    calibration: Callable[[], Iterable[Batch]] | None,
+    model_inputs: Callable[[Batch], Batch],
+    batches: int | None = None,
+    repair_calibration: Callable[[], Iterable[Batch]] | None = None,
+) -> FusionOutcome:
+    """Fuse ``models`` into the anchor's architecture.
+
+    Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
+    parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
+    refits the result toward the aligned parents on ``repair_calibration`` (default: ``calibration``).
+    """
+    if len(models) < 2:
+        raise TfuseError("fusion needs at least two parents")
+    for i, m in enumerate(models):
+        check_graph(m, graph, f"parent {i}")
+    check_fixed_axes(models, graph, anchor)
+    weights = settings.weights(len(models))
+    plan = make_plan(graph, settings)
+    if COSTS[settings.cost].needs_statistics:
+        check_probes(plan, graph)
+    timings = {"statistics": 0.0, "transport": 0.0, "align": 0.0}
+    reference = models[anchor]
+    movers = [i for i in range(len(models)) if i != anchor]
+    maps: list[dict[str, torch.Tensor]] = []
+    for _ in range(settings.iterations):
+        ref_state = parameters(reference, graph)
+        start = time.perf_counter()
+        stats = _statistics([models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches)
+        timings["statistics"] += time.perf_counter() - start
+        aligned = {anchor: ref_state} if reference is models[anchor] else {}
+        maps = [{} for _ in models]
+        for k, i in enumerate(movers):
+            state = parameters(models[i], graph)
+            start = time.perf_counter()
+            maps[i] = compute_maps(
+                plan, graph, settings,
+                stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None, state, ref_state,
+            )
+            timings["transport"] += time.perf_counter() - start
+            start = time.perf_counter()
+            aligned[i] = align(state, graph, plan, maps[i])
+            timings["align"] += time.perf_counter() - start
+        fused = average([aligned[i] for i in range(len(models))], weights)
+        reference = with_state(models[anchor], fused, graph)
+        movers = list(range(len(models)))
+    fits: list[LayerFit] = []
+    if settings.repair != "none":
+        start = time.perf_counter()
+        targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
+        fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs)
+        timings["repair"] = time.perf_counter() - start
+    return FusionOutcome(reference, maps, timings, fits)
+
+
+
+
+def _statistics(
+    models: list[nn.Module],
+    reference: nn.Module,
+    graph: FlowGraph,
+    plan: Plan,
+    calibration: Callable[[], Iterable[Batch]] | None,
+    model_inputs: Callable[[Batch], Batch],
+    settings: OTSettings,
+    batches: int | None,
+) -> Statistics | None:
+    if not COSTS[settings.cost].needs_statistics:
+        return None
+    if calibration is None:
+        raise TfuseError(f"fusion.cost={settings.cost} needs calibration data")
+    return collect_statistics(
+        models, reference, graph, plan, calibration(), model_inputs, settings, total=batches
+    )

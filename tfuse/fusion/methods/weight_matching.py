@@ -1,0 +1,185 @@
+"""Weight matching (git re-basin, Ainsworth et al. 2023): the data-free permutation baseline.
+
+Each parent is permuted into the anchor's basis under the exact symmetries of a transformer
+(one permutation for the whole residual stream; heads permuted as wholes, Q and K sharing the
+permutation inside a head): coordinate descent over the flow graph's spaces, each step the linear
+assignment that maximises ``sum <W_anchor, P W_parent>`` over every weight that reads or writes
+that space, the others held at their current permutation, until a sweep changes none. Then the
+parents are averaged (and repaired, which alone reads data).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.apply import State, align, average
+from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, parameters, repair_fused, with_state
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.methods import METHODS, Method
+from tfuse.fusion.methods.ot import OTSettings
+from tfuse.fusion.plan import HeadRule, OTRule, Plan, make_plan
+from tfuse.fusion.settings import FusionSettings
+
+# The plan of a transformer's exact symmetries: its resolved spaces are what one permutation serves.
+SYMMETRIES = OTSettings(solver="emd", cost="weights", residual="global", qk="head_aware")
+
+
+@dataclass
+class WeightMatchingSettings(FusionSettings):
+    """``configs/fusion/weight_matching.yaml``."""
+
+    max_sweeps: int = 100  # coordinate-descent sweeps over every space at most
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_sweeps < 1:
+            raise TfuseError(f"fusion.max_sweeps={self.max_sweeps} must be at least 1")
+
+
+@METHODS.register("weight_matching")
+class WeightMatching(Method):
+    label = "WM"
+    settings_class = WeightMatchingSettings
+
+    def fuse(self, models, graph, anchor, calibration, settings):
+        if len(models) < 2:
+            raise TfuseError("fusion needs at least two parents")
+        for i, m in enumerate(models):
+            check_graph(m, graph, f"parent {i}")
+        check_fixed_axes(models, graph, anchor)
+        plan = make_plan(graph, SYMMETRIES)
+        reference = parameters(models[anchor], graph)
+        start = time.perf_counter()
+        maps: list[dict[str, torch.Tensor]] = [{} for _ in models]
+        aligned: dict[int, State] = {anchor: reference}
+        sweeps = []
+        for i in (i for i in range(len(models)) if i != anchor):
+            state = parameters(models[i], graph)
+            perms, used = match_weights(state, reference, graph, plan, settings.max_sweeps, settings.seed)
+            maps[i] = {name: as_coupling(perm) for name, perm in perms.items()}
+            aligned[i] = align(state, graph, plan, maps[i])
+            sweeps.append(used)
+        timings = {"match": time.perf_counter() - start}
+        weights = settings.weights(len(models))
+        fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
+        fits = []
+        if settings.repair != "none":
+            start = time.perf_counter()
+            targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
+            fits = repair_fused(fused, targets, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs)
+            timings["repair"] = time.perf_counter() - start
+        return FusionOutcome(fused, maps, timings, fits, {"sweeps": sweeps})
+
+
+def match_weights(
+    state: State, reference: State, graph: FlowGraph, plan: Plan, max_sweeps: int, seed: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Permutations (per resolved space: the parent's neuron at each of the reference's
+    positions) maximising the weights' agreement; and the sweeps it took."""
+    sizes = _sizes(state, reference, graph, plan)
+    perms = {name: torch.arange(n) for name, n in sizes.items()}
+    units = [(rule.qk.name, rule.v.name, rule.heads) if isinstance(rule, HeadRule) else (rule.name,)
+             for rule in plan.rules if isinstance(rule, (OTRule, HeadRule))]
+    axes = _axes_of(graph, plan)
+    order = np.random.default_rng(seed)
+    for sweep in range(1, max_sweeps + 1):
+        changed = False
+        for index in order.permutation(len(units)):
+            unit = units[index]
+            if len(unit) == 3:
+                qk, v, heads = unit
+                new = dict(zip((qk, v), _head_assignment(
+                    _similarity(qk, state, reference, graph, plan, perms, axes),
+                    _similarity(v, state, reference, graph, plan, perms, axes), heads)))
+            else:
+                similarity = _similarity(unit[0], state, reference, graph, plan, perms, axes)
+                new = {unit[0]: _assignment(similarity)}
+            for name, perm in new.items():
+                changed |= not torch.equal(perm, perms[name])
+                perms[name] = perm
+        if not changed:
+            return perms, sweep
+    return perms, max_sweeps
+
+
+def as_coupling(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation as a transport map (n_parent x n_reference, mass 1/n per matched pair)."""
+    n = perm.numel()
+    t = torch.zeros(n, n, dtype=torch.float64)
+    t[perm, torch.arange(n)] = 1.0 / n
+    return t
+
+
+def _sizes(state: State, reference: State, graph: FlowGraph, plan: Plan) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, specs in graph.params.items():
+        for axis, spec in enumerate(specs):
+            if spec is None:
+                continue
+            resolved = plan.where[spec.space][0]
+            if state[name].shape[axis] != reference[name].shape[axis]:
+                raise TfuseError(
+                    f"fusion.method=weight_matching permutes neurons: '{name}' axis {axis} has "
+                    f"{state[name].shape[axis]} vs {reference[name].shape[axis]}; use fusion.method=ot for different widths"
+                )
+            sizes[resolved] = state[name].shape[axis]
+    return sizes
+
+
+def _axes_of(graph: FlowGraph, plan: Plan) -> dict[str, list[tuple[str, int]]]:
+    """Per resolved space: every (parameter, axis) that reads or writes it."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for name, specs in graph.params.items():
+        for axis, spec in enumerate(specs):
+            if spec is not None:
+                out.setdefault(plan.where[spec.space][0], []).append((name, axis))
+    return out
+
+
+def _similarity(space, state, reference, graph, plan, perms, axes) -> torch.Tensor:
+    """``S[i, j]``: agreement of the parent's neuron i with the reference's neuron j over every
+    weight touching ``space``, the weights' other axes permuted as they stand."""
+    total = None
+    for name, axis in axes[space]:
+        w = state[name]
+        for other, spec in enumerate(graph.params[name]):
+            if spec is not None and other != axis:
+                w = w.index_select(other, perms[plan.where[spec.space][0]])
+        a = w.movedim(axis, 0).reshape(w.shape[axis], -1).double()
+        b = reference[name].movedim(axis, 0).reshape(w.shape[axis], -1).double()
+        product = a @ b.T
+        total = product if total is None else total + product
+    return total
+
+
+def _assignment(similarity: torch.Tensor) -> torch.Tensor:
+    rows, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+    perm = torch.empty(len(rows), dtype=torch.long)
+    perm[torch.as_tensor(cols)] = torch.as_tensor(rows)
+    return perm
+
+
+def _head_assignment(qk: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads matched as wholes by the best inner assignments' total (Q/K and V together), then
+    the dimensions inside each matched pair of heads."""
+    d = qk.shape[0] // heads
+    inner: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    value = np.zeros((heads, heads))
+    for h in range(heads):  # the parent's head
+        for g in range(heads):  # the reference's
+            blocks = [s[h * d:(h + 1) * d, g * d:(g + 1) * d] for s in (qk, v)]
+            perms = [_assignment(block) for block in blocks]
+            inner[h, g] = (perms[0], perms[1])
+            value[h, g] = sum(float(block[p, torch.arange(d)].sum()) for block, p in zip(blocks, perms))
+    rows, cols = linear_sum_assignment(value, maximize=True)
+    full_qk, full_v = torch.empty(heads * d, dtype=torch.long), torch.empty(heads * d, dtype=torch.long)
+    for h, g in zip(rows.tolist(), cols.tolist()):
+        p_qk, p_v = inner[h, g]
+        full_qk[g * d:(g + 1) * d] = h * d + p_qk
+        full_v[g * d:(g + 1) * d] = h * d + p_v
+    return full_qk, full_v

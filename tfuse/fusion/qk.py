@@ -1,0 +1,41 @@
+"""Q/K modes (``fusion.qk``): how the query, key and value spaces of an attention block are
+mapped. Each mode adds the block's rules to a plan under construction (``plan.PlanBuilder``)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from tfuse.fusion.graph import Attention
+from tfuse.fusion.registry import Registry
+
+if TYPE_CHECKING:
+    from tfuse.fusion.plan import PlanBuilder
+
+QKMode = Callable[["PlanBuilder", Attention], None]
+QK_MODES: Registry[QKMode] = Registry("qk")
+
+
+@QK_MODES.register("separate")
+def _separate(plan: "PlanBuilder", att: Attention) -> None:
+    """Q, K and V each their own map (the paper's released default)."""
+    for space in (att.q, att.k, att.v):
+        plan.ot(space, ((space,),), space)
+
+
+@QK_MODES.register("eq_t_map")
+def _eq_t_map(plan: "PlanBuilder", att: Attention) -> None:
+    """One map for Q and K from their activations side by side (Q K^T is preserved)."""
+    plan.ot(f"{att.name}.qk", ((att.q, att.k),), att.q, att.k)
+    plan.ot(att.v, ((att.v,),), att.v)
+
+
+@QK_MODES.register("joint")
+def _joint(plan: "PlanBuilder", att: Attention) -> None:
+    """One map for Q and K from their samples stacked (Q and K as two views of one space)."""
+    plan.ot(f"{att.name}.qk", ((att.q,), (att.k,)), att.q, att.k)
+    plan.ot(att.v, ((att.v,),), att.v)
+
+
+@QK_MODES.register("head_aware")
+def _head_aware(plan: "PlanBuilder", att: Attention) -> None:
+    """Heads matched as wholes (Q/K and V share the head map), then dimensions inside heads."""
+    plan.heads(att)
