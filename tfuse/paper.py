@@ -15,7 +15,7 @@ from rich.console import Console
 from scipy import stats
 
 from tfuse.errors import TfuseError
-from tfuse.pipeline import label_of
+from tfuse.fusion.methods import label_of
 from tfuse.report import build_report, find_runs, format_value, runs_table, select_by_validation, to_markdown, write_atomic
 
 PAIR = "parent_seeds"  # the seed axis every step sweeps; claims pair runs on it
