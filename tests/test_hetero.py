@@ -8,13 +8,23 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from tfuse.arch import check_same_architecture, hf_vit, timm_vit
 from tfuse.errors import TfuseError
-from tfuse.fusion.apply import apply_in, apply_out
+from tfuse.fusion.apply import _in, _out, _side
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from conftest import batches_of, logits, tiny_vit
 from symmetry import widened_copy
 
 identity = lambda batch: batch  # noqa: E731
+
+
+def apply_out(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
+    """Barycentres of the rows along ``axis`` under the map ``t`` (n_a x n_b), as ``align`` applies it."""
+    return _out(w, axis, _side(t, True, w.dtype))
+
+
+def apply_in(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
+    """The consumer's columns along ``axis`` re-weighted by T / mu, as ``align`` applies it."""
+    return _in(w, axis, _side(t, False, w.dtype))
 
 
 def vit(seed=0, hidden=32, mlp=64, head_dim=8, depth=2, heads=4):

@@ -20,16 +20,6 @@ from tfuse.fusion.plan import Plan
 State = dict[str, torch.Tensor]
 
 
-def apply_out(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
-    """Barycentres of the rows along ``axis`` under the map ``t`` (n_a x n_b)."""
-    return _out(w, axis, _side(t, True, w.dtype))
-
-
-def apply_in(w: torch.Tensor, axis: int, t: torch.Tensor) -> torch.Tensor:
-    """The consumer's columns along ``axis`` re-weighted by T / mu."""
-    return _in(w, axis, _side(t, False, w.dtype))
-
-
 def _side(t: torch.Tensor, output: bool, dtype: torch.dtype) -> torch.Tensor:
     """n_b T^T (output side) or n_a T (input side), in ``dtype``: a fresh copy, cast first and then
     scaled in place (the map itself is never touched, even when it already has ``dtype``)."""

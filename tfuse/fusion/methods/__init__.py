@@ -3,11 +3,13 @@
 A method is a class registered in ``METHODS``: its settings dataclass (``FusionSettings`` or a
 subclass adding its knobs), whether it fuses parents of different widths, and
 ``fuse(models, graph, anchor, calibration, settings) -> FusionOutcome``. Adding one is a module
-here with one ``@METHODS.register("name")`` class, imported below, and its config file under
-``configs/fusion/``.
+here with one ``@METHODS.register("name")`` class (every module here is imported) and its config
+file under ``configs/fusion/``.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
@@ -67,4 +69,5 @@ def label_of(name: str) -> str:
     return METHODS[name].label if name in METHODS else name.replace("_", " ")
 
 
-from tfuse.fusion.methods import ot, vanilla, weight_matching  # noqa: E402,F401  (they register themselves)
+for _module in pkgutil.iter_modules(__path__):  # every module here registers its method on import
+    importlib.import_module(f"{__name__}.{_module.name}")
