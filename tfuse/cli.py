@@ -36,11 +36,17 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
     run = {"fuse": run_fuse, "train": run_train}[command]
     if not any(a.lstrip("+").startswith("experiment=") for a in overrides):
         default = "bert_mlm" if "model=hf_bert" in overrides else DEFAULT_EXPERIMENT  # text data for BERTs
-        overrides = [f"+experiment={default}", *overrides]
+        at = _first_override(overrides)
+        overrides = [*overrides[:at], f"+experiment={default}", *overrides[at:]]
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
         console = Console()
+        threads = job_threads(HydraConfig.get().launcher, os.cpu_count() or 1)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         try:
             run(cfg, Path(HydraConfig.get().runtime.output_dir), console)
         except TfuseError as err:
@@ -48,6 +54,39 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
 
     sys.argv = [f"tfuse {command}", *overrides]
     app()
+
+
+def job_threads(launcher, cores: int) -> int | None:
+    """Torch threads per job so that a launcher's parallel jobs fit the machine: the cores shared
+    among joblib's ``n_jobs`` (negative: joblib's count from the end), a submitit job's
+    ``cpus_per_task``; None (torch's default) for the sequential launcher."""
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):
+        n_jobs = int(launcher.get("n_jobs") or 1)
+        n_jobs = cores + 1 + n_jobs if n_jobs < 0 else n_jobs
+        return max(1, cores // max(1, min(n_jobs, cores)))
+    if "submitit_launcher" in target and launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    return None
+
+
+# Hydra's options that take a value (``--info`` only sometimes: one of its choices)
+VALUE_OPTIONS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                 "--config-dir", "-cd", "--experimental-rerun"}
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _first_override(args: list[str]) -> int:
+    """Where the overrides start among Hydra's arguments (they must stay together: argparse refuses
+    overrides on both sides of an option), or the end when there are none."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            return i
+        takes = arg in VALUE_OPTIONS or (arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_CHOICES)
+        i += 2 if takes and "=" not in arg else 1
+    return len(args)
 
 
 def _report(args: list[str]) -> None:

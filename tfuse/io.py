@@ -1,6 +1,7 @@
 """Writing outputs atomically, never over an earlier result."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -55,3 +56,18 @@ def new_file(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(entry: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a cache entry for the block (a file beside the cache folder, in
+    ``<cache>.locks/``, so the cache lists only its entries): concurrent jobs that need the entry
+    make it once, the others wait and then reuse it."""
+    folder = entry.parent.with_name(entry.parent.name + ".locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{entry.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

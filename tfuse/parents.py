@@ -13,7 +13,7 @@ from torch import nn
 
 from tfuse.arch import family, load_parent
 from tfuse.errors import TfuseError
-from tfuse.io import new_directory, write_json
+from tfuse.io import locked, new_directory, write_json
 from tfuse.tasks.base import Task
 from tfuse.training import epochs_to_steps, train
 
@@ -106,10 +106,11 @@ def obtain_parents(cfg: DictConfig, task: Task, device: str) -> list[Parent]:
     out = []
     for seed, one in zip(parent_seeds(cfg), parent_configs(cfg)):
         path = recipe_dir(one, seed)
-        if path.is_dir():
-            out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path), seed=seed))
-            continue
-        model, metrics = train_parent(one, task, seed, device)
-        save_parent(model, one, metrics, seed, path)
-        out.append(Parent(model, str(path), metrics["train"]["seconds"], seed))
+        with locked(path):  # parallel jobs of a sweep train a shared parent once
+            if path.is_dir():
+                out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path), seed=seed))
+                continue
+            model, metrics = train_parent(one, task, seed, device)
+            save_parent(model, one, metrics, seed, path)
+            out.append(Parent(model, str(path), metrics["train"]["seconds"], seed))
     return out
