@@ -51,6 +51,20 @@ def test_end_to_end_fusion_writes_results_and_ot_beats_vanilla(first_run: Path, 
     assert len(list((workdir / "parents").iterdir())) == 2
 
 
+def test_fused_models_carry_a_model_card(first_run: Path, workdir: Path):
+    import hashlib
+
+    results = json.loads((first_run / "results.json").read_text())
+    card = (first_run / "fused" / "README.md").read_text()
+    assert "tfuse fuse +experiment=vit_digits_tiny" in card and "cache_dir=" in card
+    for parent in results["parents"]:
+        weights = Path(parent["source"]) / "model.safetensors"
+        assert f"`{parent['source']}`" in card and hashlib.sha256(weights.read_bytes()).hexdigest() in card
+    assert f"accuracy {results['one_shot']['ot']['accuracy']:.4g}" in card and "solver: emd" in card
+    tuned = (first_run / "finetuned" / "README.md").read_text()
+    assert f"- finetuned: accuracy {results['finetuned']['ot']['accuracy']:.4g}" in tuned
+
+
 def test_existing_results_are_never_overwritten(first_run: Path, workdir: Path):
     before = (first_run / "results.json").read_text()
     proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"hydra.run.dir={first_run}", f"cache_dir={workdir / 'parents'}", cwd=workdir)
@@ -161,6 +175,17 @@ def _bad(workdir: Path, *overrides: str) -> str:
 def test_missing_checkpoint_is_a_clear_error(workdir: Path):
     err = _bad(workdir, f"parents=[{workdir / 'nope_a'},{workdir / 'nope_b'}]", f"hydra.run.dir={workdir / 'bad1'}")
     assert "nope_a" in err and "does not exist" in err
+
+
+def test_truncated_weights_name_the_file(first_run: Path, workdir: Path):
+    import shutil
+
+    broken = workdir / "broken"
+    shutil.copytree(first_run / "fused", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    err = _bad(workdir, f"parents=[{broken},{first_run / 'fused'}]", f"hydra.run.dir={workdir / 'bad_w'}")
+    assert f"parents[0]: '{weights}' is truncated or corrupt" in err and "save the checkpoint again" in err
 
 
 def test_unknown_option_lists_allowed_values(workdir: Path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfuse.arch import check_same_architecture, family_for
+from tfuse.card import model_card, weights_sha256
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
 from tfuse.fusion.engine import FusionOutcome
@@ -176,9 +178,12 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
             results["downstream"] = run_downstream(cfg, setup.models, fused.models, tuned.models, setup.device, console)
     main = setup.settings.method
     fam = family_for(setup.models[0])
-    _save_model(fam, fused.models[main], out_dir / "fused")
+    parents = [{**entry, **dict(zip(("hashed", "sha256"), weights_sha256(p.source, p.model)))}
+               for entry, p in zip(results["parents"], setup.parents)]
+    card = lambda kind: model_card(kind, main, label_of(main), results, parents, _command_line(out_dir))  # noqa: E731
+    _save_model(fam, fused.models[main], out_dir / "fused", card("fused"))
     if main in tuned.models:
-        _save_model(fam, tuned.models[main], out_dir / "finetuned")
+        _save_model(fam, tuned.models[main], out_dir / "finetuned", card("finetuned"))
     write_json(out_dir / "results.json", results)
     console.print(results_table(results))
     return results
@@ -302,9 +307,17 @@ def _fit_summary(fits: list) -> dict:
     }
 
 
-def _save_model(fam, model, path: Path) -> None:
+def _save_model(fam, model, path: Path, card: str) -> None:
     with new_directory(path) as tmp:
         fam.save(model, str(tmp))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+
+
+def _command_line(out_dir: Path) -> str:
+    """``tfuse fuse`` with the run's overrides (as Hydra recorded them)."""
+    recorded = out_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.load(recorded) if recorded.exists() else []
+    return " ".join(["tfuse fuse", *(shlex.quote(str(o)) for o in overrides)])
 
 
 def _controls(cfg: DictConfig) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from tfuse.arch import hf_bert, hf_vit
@@ -60,6 +61,12 @@ def load_parent(source: str, family_name: str, label: str) -> nn.Module:
         return family(family_name).load(str(path) if looks_local else source)
     except OSError as err:
         raise TfuseError(f"{label}: could not load a {family_name} checkpoint from '{source}': {err}") from err
+    except SafetensorError as err:
+        files = sorted(path.glob("*.safetensors")) if looks_local else []
+        where = ", ".join(f"'{f}'" for f in files) or f"the weights of '{source}'"
+        raise TfuseError(
+            f"{label}: {where} is truncated or corrupt ({err}); copy, download or save the checkpoint again"
+        ) from err
 
 
 def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None:
