@@ -9,7 +9,9 @@ same process), their ratio (each fuse against the mean of the forward passes tim
 and after it, the median over ``--repeats`` fuses), and the peak resident memory of a fresh
 process fusing with ``--samples`` and with ``--large`` samples. The same again for fusion followed
 by ``--repair`` on ``--samples`` repair samples (``repair_ratio``, ``repair_s``), and its peak memory
-with ``--samples`` and ``--large`` repair samples. Ends with one JSON line.
+with ``--samples`` and ``--large`` repair samples. Then an 8-value reg sweep, as 8 independent
+fuses (``sweep8_uncached_s``) and through the statistics cache (``sweep8_cached_s``: the first fuse
+streams, the others reuse its statistics). Ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 
 Batch = dict[str, torch.Tensor]
@@ -81,15 +85,25 @@ CASES: dict[str, Callable] = {"vit": vit_case, "bert": bert_case}
 CASE_SETTINGS: dict[str, dict] = {"bert": {"tokens": "all"}}  # BERT has no patch grid: every real token
 
 
-def fuse_once(case: str, samples: int, settings: OTSettings) -> tuple[float, dict[str, float]]:
+SWEEP_REGS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2)
+
+
+def fuse_once(case: str, samples: int, settings: OTSettings, cache: StatisticsCache | None = None) -> tuple[float, dict[str, float]]:
     make = CASES[case]
     (a, graph, batches), (b, _, _) = make(0), make(1)
     start = time.perf_counter()
     outcome = ot_fuse(
         [a, b], graph(b), settings, 1, lambda: batches(samples, settings.batch_size), lambda x: x,
-        repair_calibration=lambda: batches(settings.repair_samples, settings.batch_size),
+        repair_calibration=lambda: batches(settings.repair_samples, settings.batch_size), cache=cache,
     )
     return time.perf_counter() - start, outcome.timings
+
+
+def sweep_seconds(case: str, samples: int, settings: OTSettings, cached: bool) -> float:
+    """Fusion time of a reg sweep (model building excluded), through a fresh cache or none."""
+    with tempfile.TemporaryDirectory() as folder:
+        cache = StatisticsCache(Path(folder), {"case": case}) if cached else None
+        return sum(fuse_once(case, samples, dataclasses.replace(settings, reg=reg), cache)[0] for reg in SWEEP_REGS)
 
 
 def forward_once(case: str, samples: int, batch_size: int) -> float:
@@ -187,6 +201,13 @@ def main() -> None:
         print(f"  peak RSS     {small_r:8.0f} MB with {args.samples} repair samples, {large_r:.0f} MB with {args.large}")
         summary.update({f"peak_rss_mb_repair_{args.samples}": round(small_r, 1),
                         f"peak_rss_mb_repair_{args.large}": round(large_r, 1)})
+    uncached = sweep_seconds(args.case, args.samples, settings, cached=False)
+    cached = sweep_seconds(args.case, args.samples, settings, cached=True)
+    fuse_s = summary["fuse_s"]
+    print(f"  reg sweep    {uncached:8.2f} s as {len(SWEEP_REGS)} fuses, {cached:.2f} s through the statistics cache "
+          f"({cached / fuse_s:.2f} x one fuse)")
+    summary.update({"sweep8_uncached_s": round(uncached, 3), "sweep8_cached_s": round(cached, 3),
+                    "sweep8_cached_per_fuse": round(cached / fuse_s, 3)})
     print(json.dumps(summary))
 
 

@@ -87,6 +87,7 @@ def _sweep_first_parents(workdir: Path, name: str, jobs: int, *overrides: str) -
 def test_explicit_parents_sweep_and_report(first_run: Path, workdir: Path):
     sweep, runs = _sweep_first_parents(workdir, "sweep", 2, "fusion.solver=sinkhorn", "fusion.reg=0.01,0.1")
     assert [r["settings"]["reg"] for r in runs] == [0.01, 0.1]
+    assert runs[1]["methods"]["ot"]["statistics"] == ["cached"]  # the first job's, from outputs/cache
     assert all(r["finetuned"] == {} for r in runs)
     assert not (sweep / "0" / "finetuned").exists() and (sweep / "0" / "fused").is_dir()
     proc = tfuse("report", str(sweep), cwd=workdir)

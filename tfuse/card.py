@@ -7,27 +7,24 @@ import hashlib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
 import yaml
 from torch import nn
+
+from tfuse.fusion.cache import tensors_sha256
 
 
 def weights_sha256(source: str, model: nn.Module) -> tuple[str, str]:
     """(what was hashed, sha256): a local checkpoint's weight files, else the tensors themselves
     (a hub id: names, dtypes, shapes and bytes in name order)."""
     files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
-    digest = hashlib.sha256()
     if files:
+        digest = hashlib.sha256()
         for file in files:
             with open(file, "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
         return ", ".join(f.name for f in files), digest.hexdigest()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "tensors", digest.hexdigest()
+    return "tensors", tensors_sha256(model.state_dict())
 
 
 def tfuse_version() -> str:

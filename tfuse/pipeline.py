@@ -24,6 +24,7 @@ from tfuse.arch import check_same_architecture, family_for
 from tfuse.card import model_card, weights_sha256
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
+from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.engine import FusionOutcome
 from tfuse.fusion.methods import METHODS, Calibration, label_of, settings_from_config
 from tfuse.fusion.settings import FusionSettings
@@ -229,6 +230,10 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
         task.model_inputs,
         math.ceil(settings.samples / settings.batch_size),
         lambda: task.calibration_batches(settings.repair_samples, settings.batch_size, settings.seed),
+        StatisticsCache(Path(setup.cfg.statistics_dir), {  # what the calibration batches are made of
+            "task": task.name, "data": OmegaConf.to_container(setup.cfg.data, resolve=True),
+            "parents": [p.source for p in setup.parents],  # a text family's tokenizer comes with them
+        }),
     )
     names = ([] if setup.widths_differ else ["vanilla"]) + ([settings.method] if settings.method != "vanilla" else [])
     models, outcomes = {}, {}

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import nn
 
+from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.engine import FusionOutcome
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.registry import Registry
@@ -27,12 +28,14 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class Calibration:
     """The data a method may read: a fresh pass over the statistics' batches, the repair's
-    batches (default: the same), how a batch becomes model inputs, and the batches in a pass."""
+    batches (default: the same), how a batch becomes model inputs, the batches in a pass, and
+    the statistics cache."""
 
     batches: Callable[[], Iterable[Batch]] | None
     model_inputs: Callable[[Batch], Batch]
     total: int | None = None
     repair: Callable[[], Iterable[Batch]] | None = None
+    cache: StatisticsCache | None = None  # where statistics of identical passes are kept
 
     def repair_batches(self) -> Callable[[], Iterable[Batch]] | None:
         return self.repair or self.batches

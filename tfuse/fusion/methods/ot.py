@@ -11,6 +11,7 @@ from torch import nn
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import align, average
+from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
 from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, parameters, repair_fused, with_state
 from tfuse.fusion.graph import FlowGraph
@@ -48,6 +49,7 @@ class OTSettings(FusionSettings):
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
+    cache: bool = True  # reuse the activation statistics of an identical earlier pass (fusion/cache.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,7 +74,7 @@ class OT(Method):
 
     def fuse(self, models, graph, anchor, calibration, settings):
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
-                       calibration.total, calibration.repair)
+                       calibration.total, calibration.repair, calibration.cache)
 
 
 def ot_fuse(
@@ -84,12 +86,14 @@ def ot_fuse(
     model_inputs: Callable[[Batch], Batch],
     batches: int | None = None,
     repair_calibration: Callable[[], Iterable[Batch]] | None = None,
+    cache: StatisticsCache | None = None,
 ) -> FusionOutcome:
     """Fuse ``models`` into the anchor's architecture.
 
     Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
     parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
     refits the result toward the aligned parents on ``repair_calibration`` (default: ``calibration``).
+    With ``cache`` (and ``fusion.cache``), statistics computed before for the same key are reused.
     """
     if len(models) < 2:
         raise TfuseError("fusion needs at least two parents")
@@ -104,10 +108,14 @@ def ot_fuse(
     reference = models[anchor]
     movers = [i for i in range(len(models)) if i != anchor]
     maps: list[dict[str, torch.Tensor]] = []
+    sources: list[str] = []
     for _ in range(settings.iterations):
         ref_state = parameters(reference, graph)
         start = time.perf_counter()
-        stats = _statistics([models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches)
+        stats, source = _statistics(
+            [models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches, cache
+        )
+        sources.append(source)
         timings["statistics"] += time.perf_counter() - start
         aligned = {anchor: ref_state} if reference is models[anchor] else {}
         maps = [{} for _ in models]
@@ -131,7 +139,7 @@ def ot_fuse(
         targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
         fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs)
         timings["repair"] = time.perf_counter() - start
-    return FusionOutcome(reference, maps, timings, fits)
+    return FusionOutcome(reference, maps, timings, fits, {"statistics": sources})
 
 
 
@@ -145,11 +153,17 @@ def _statistics(
     model_inputs: Callable[[Batch], Batch],
     settings: OTSettings,
     batches: int | None,
-) -> Statistics | None:
+    cache: StatisticsCache | None,
+) -> tuple[Statistics | None, str]:
+    """The statistics and where they came from: ``none`` (a cost without), ``computed``, ``cached``."""
     if not COSTS[settings.cost].needs_statistics:
-        return None
+        return None, "none"
     if calibration is None:
         raise TfuseError(f"fusion.cost={settings.cost} needs calibration data")
-    return collect_statistics(
+    compute = lambda: collect_statistics(  # noqa: E731
         models, reference, graph, plan, calibration(), model_inputs, settings, total=batches
     )
+    if cache is None or not settings.cache:
+        return compute(), "computed"
+    stats, hit = cache.get(cache.key(models, reference, graph, plan, settings), reference, compute)
+    return stats, "cached" if hit else "computed"

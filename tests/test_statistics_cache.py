@@ -1,0 +1,85 @@
+"""The statistics cache: a sweep over post-statistics knobs streams the data once, gives exactly
+the uncached result, and never trusts a corrupt or foreign entry."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tfuse.arch import hf_vit
+from tfuse.fusion.cache import StatisticsCache
+from tfuse.fusion.engine import parameters
+from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from conftest import batches_of, tiny_vit
+
+identity = lambda batch: batch  # noqa: E731
+BASE = dict(tokens="all", samples=48, batch_size=16)
+
+
+@pytest.fixture
+def models():
+    return [tiny_vit(0), tiny_vit(1)]
+
+
+def fuse(models, images, store, **settings):
+    settings = OTSettings(**{**BASE, **settings})
+    return ot_fuse(models, hf_vit.graph(models[1]), settings, 1, batches_of(images, 16), identity, cache=store)
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(parameters(a.model).values(), parameters(b.model).values()))
+
+
+def test_a_reg_sweep_streams_once_and_equals_the_uncached_fuses(models, images, tmp_path: Path):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    for i, reg in enumerate([0.02, 0.05, 0.1]):
+        cached = fuse(models, images, cache, reg=reg)
+        assert cached.info["statistics"] == ["computed" if i == 0 else "cached"]
+        assert same(cached, fuse(models, images, None, reg=reg))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize(("change", "shared"), [
+    ({"solver": "emd"}, True),
+    ({"metric": "cosine", "normalize_cost": "median"}, True),
+    ({"residual": "no_resid"}, True),  # the same probes as mean
+    ({"residual": "weighted_scalar"}, False),  # magnitudes: more probes
+    ({"qk": "eq_t_map"}, False),
+    ({"samples": 32}, False),
+    ({"seed": 1}, False),
+    ({"tokens": "cls"}, False),
+    ({"center": True}, False),  # plain sums kept
+])
+def test_the_key_holds_what_the_statistics_depend_on(models, images, tmp_path: Path, change: dict, shared: bool):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    fuse(models, images, cache, residual="mean")
+    again = fuse(models, images, cache, **{"residual": "mean", **change})
+    assert again.info["statistics"] == ["cached" if shared else "computed"]
+
+
+def test_other_weights_or_data_are_other_entries(models, images, tmp_path: Path):
+    fuse(models, images, StatisticsCache(tmp_path, {"data": "images"}))
+    assert fuse(models, images, StatisticsCache(tmp_path, {"data": "other"})).info["statistics"] == ["computed"]
+    other = [tiny_vit(2), models[1]]
+    assert fuse(other, images, StatisticsCache(tmp_path, {"data": "images"})).info["statistics"] == ["computed"]
+
+
+def test_a_corrupt_or_foreign_entry_is_recomputed(models, images, tmp_path: Path):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    first = fuse(models, images, cache, reg=0.05)
+    (entry,) = tmp_path.glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated
+    again = fuse(models, images, cache, reg=0.05)
+    assert again.info["statistics"] == ["computed"] and same(again, first)
+    foreign = StatisticsCache(tmp_path / "b", {"data": "images"})
+    fuse(models, images, foreign, samples=32)  # another key's entry, renamed to this key's name
+    (theirs,) = (tmp_path / "b").glob("*.safetensors")
+    theirs.replace(entry)
+    assert fuse(models, images, cache, reg=0.05).info["statistics"] == ["computed"]
+    assert fuse(models, images, cache, reg=0.05).info["statistics"] == ["cached"]  # rewritten, now trusted
+
+
+def test_cache_false_always_streams(models, images, tmp_path: Path):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    for _ in range(2):
+        assert fuse(models, images, cache, cache=False).info["statistics"] == ["computed"]
+    assert not list(tmp_path.glob("*.safetensors"))

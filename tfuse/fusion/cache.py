@@ -1,0 +1,135 @@
+"""A cache of streamed activation statistics, so that a sweep over the knobs that act only after
+them (solver, reg, normalisation, metric, a residual policy needing the same probes) streams the
+calibration data once.
+
+An entry is keyed by everything the statistics depend on: the weights of every model and of the
+reference, the data and which calibration samples (count, batch size, seed), the token filter,
+whether plain sums are kept, and the probes the plan reads. The key is stored inside the entry
+and compared on load: an entry that is corrupt or was written for another key is recomputed,
+never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.plan import Plan
+from tfuse.fusion.statistics import Moments, PairStats, Statistics
+from tfuse.io import locked
+
+FORMAT = 1
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StatisticsCache:
+    """Where entries live, and what identifies the calibration data (the ``data`` config)."""
+
+    folder: Path
+    data: dict[str, Any]
+
+    def key(self, models: Sequence[nn.Module], reference: nn.Module, graph: FlowGraph, plan: Plan, settings) -> dict:
+        return {
+            "format": FORMAT,
+            "models": [tensors_sha256(m.state_dict()) for m in models],
+            "reference": tensors_sha256(reference.state_dict()),
+            "data": self.data,
+            "samples": settings.samples, "batch_size": settings.batch_size, "seed": settings.seed,
+            "tokens": settings.tokens, "window": settings.window, "token_count": settings.token_count,
+            "sums": bool(settings.center or settings.standardize),
+            "spaces": {name: [list(s) for s in segments] for name, segments in plan.segments.items()},
+            "magnitude": plan.magnitude_probes(),
+            "probes": {name: repr(probe) for name, probe in sorted(graph.probes.items())},
+        }
+
+    def get(self, key: dict, reference: nn.Module, compute: Callable[[], Statistics]) -> tuple[Statistics, bool]:
+        """The cached statistics of ``key`` (and True), or freshly computed and stored (False)."""
+        text = json.dumps(key, sort_keys=True)
+        path = self.folder / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
+        device = next(reference.parameters()).device
+        with locked(path):  # parallel jobs of a sweep compute an entry once
+            stats = _load(path, text, device)
+            if stats is not None:
+                return stats, True
+            stats = compute()
+            _save(path, text, stats)
+            return stats, False
+
+
+def _load(path: Path, key: str, device: torch.device) -> Statistics | None:
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None
+        return _unpack(load_file(str(path), device=str(device)))
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None  # corrupt or foreign: recomputed
+
+
+def _save(path: Path, key: str, stats: Statistics) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(_pack(stats), tmp, metadata={"key": key})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _pack(stats: Statistics) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, pairs in enumerate(stats.pairs):
+        for space, pair in pairs.items():
+            for side, m in (("a", pair.a), ("b", pair.b)):
+                out[f"pairs|{k}|{space}|{side}|count"] = torch.tensor(m.count)
+                out[f"pairs|{k}|{space}|{side}|sumsq"] = m.sumsq.contiguous()
+                if m.sum is not None:
+                    out[f"pairs|{k}|{space}|{side}|sum"] = m.sum.contiguous()
+            out[f"pairs|{k}|{space}|cross"] = pair.cross.contiguous()
+    for k, magnitude in enumerate(stats.magnitude):
+        out[f"magnitude|{k}|-"] = torch.zeros(0)  # models without magnitude probes still count
+        for probe, value in magnitude.items():
+            out[f"magnitude|{k}|{probe}"] = value.contiguous()
+    return {name: t.detach().cpu() for name, t in out.items()}
+
+
+def _unpack(flat: dict[str, torch.Tensor]) -> Statistics:
+    models = 1 + max(int(name.split("|")[1]) for name in flat if name.startswith("magnitude|"))
+    pairs: list[dict[str, PairStats]] = [{} for _ in range(models)]
+    magnitude: list[dict[str, torch.Tensor]] = [{} for _ in range(models)]
+    spaces = {(int(k), space) for kind, k, space, *_ in (name.split("|") for name in flat) if kind == "pairs"}
+    for k, space in spaces:
+        def moments(side: str) -> Moments:
+            prefix = f"pairs|{k}|{space}|{side}"
+            return Moments(int(flat[f"{prefix}|count"]), flat.get(f"{prefix}|sum"), flat[f"{prefix}|sumsq"])
+        pairs[k][space] = PairStats(moments("a"), moments("b"), flat[f"pairs|{k}|{space}|cross"])
+    for name, value in flat.items():
+        kind, k, probe = name.split("|", 2)
+        if kind == "magnitude" and probe != "-":
+            magnitude[int(k)][probe] = value
+    return Statistics(pairs, magnitude)
