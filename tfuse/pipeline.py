@@ -196,7 +196,7 @@ def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     with clock.stage("data"):
-        task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents)
+        task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents, cfg.model.family)
     with clock.stage("parents"):
         parents = obtain_parents(cfg, task, device)
     models = [p.model for p in parents]

@@ -48,17 +48,31 @@ def _as_text(fam: Family, problem: str) -> TextFamily:
     return fam
 
 
+def hub_revision(source: str) -> tuple[str, str | None]:
+    """``org/name@revision`` -> (``org/name``, revision); a local path or a bare id stays as it is."""
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or "@" not in source:
+        return source, None
+    repo, _, revision = source.partition("@")
+    return repo, revision or None
+
+
 def load_parent(source: str, family_name: str, label: str) -> nn.Module:
-    """A parent from a local directory (or a hub id when online), with a clear error if missing."""
+    """A parent from a local directory, or a hub id (``org/name`` or ``org/name@revision``; from
+    the local cache when offline), with a clear error if missing."""
+    source, revision = hub_revision(source)
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
     if looks_local and not path.is_dir():
         raise TfuseError(
             f"{label}: checkpoint directory '{source}' does not exist; give a directory written by "
-            "`tfuse train` (or save_pretrained), or a hub id such as org/name when online"
+            "`tfuse train` (or save_pretrained), or a hub id such as org/name[@revision]"
         )
     try:
-        return family(family_name).load(str(path) if looks_local else source)
+        fam = family(family_name)
+        if revision is not None:
+            return fam.load(source, revision=revision)
+        return fam.load(str(path) if looks_local else source)
     except OSError as err:
         raise TfuseError(f"{label}: could not load a {family_name} checkpoint from '{source}': {err}") from err
     except SafetensorError as err:
@@ -67,6 +81,32 @@ def load_parent(source: str, family_name: str, label: str) -> nn.Module:
         raise TfuseError(
             f"{label}: {where} is truncated or corrupt ({err}); copy, download or save the checkpoint again"
         ) from err
+
+
+def parents_preprocessing(sources: list[str], family_name: str):
+    """The image preprocessing the parents' checkpoints carry (a family's optional
+    ``preprocessing(source)``), checked to be one and the same; None when they carry none."""
+    read = getattr(family(family_name), "preprocessing", None)
+    if read is None:
+        return None
+    found = [read(*hub_revision(str(source))) for source in sources]
+    if all(norm is None for norm in found):
+        return None
+    missing = [i for i, norm in enumerate(found) if norm is None]
+    if missing:
+        have = next(norm for norm in found if norm is not None)
+        raise TfuseError(
+            f"parents[{missing[0]}] ('{sources[missing[0]]}') carries no preprocessing but {have.source} does; "
+            "give every parent its preprocessor config, or none"
+        )
+    first = found[0]
+    for i, norm in enumerate(found[1:], start=1):
+        if (norm.mean, norm.std, norm.scale, norm.size) != (first.mean, first.std, first.scale, first.size):
+            raise TfuseError(
+                f"{first.source} and {norm.source} preprocess images differently (mean {first.mean} vs {norm.mean}, "
+                f"std {first.std} vs {norm.std}, size {first.size} vs {norm.size}); fuse parents trained on the same inputs"
+            )
+    return first
 
 
 def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None:

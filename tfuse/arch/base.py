@@ -22,7 +22,8 @@ class Family(Protocol):
         """The flow graph that describes ``model`` to the fusion engine."""
 
     def load(self, path: str) -> nn.Module:
-        """A model from a checkpoint directory (``OSError`` when it holds none)."""
+        """A model from a checkpoint directory (``OSError`` when it holds none); a hub family also
+        takes a hub id and ``revision=``."""
 
     def save(self, model: nn.Module, path: str) -> None:
         """Write ``model`` (and what travels with it) to the directory ``path``."""

@@ -181,20 +181,20 @@ def check_directory(path: str, label: str) -> dict:
     return config
 
 
-def load(path: str) -> nn.Module:
+def load(path: str, revision: str | None = None) -> nn.Module:
     config = check_directory(path, f"checkpoint '{path}'") if Path(path).is_dir() else {}
     arch = (config.get("architectures") or ["BertForMaskedLM"])[0]
     cls = CLASSES.get(arch, BertForMaskedLM if "MaskedLM" in arch or "PreTraining" in arch else BertModel)
-    model = cls.from_pretrained(path, use_safetensors=(Path(path) / "model.safetensors").exists() or None)
-    return attach_tokenizer(model, load_tokenizer(path))
+    model = cls.from_pretrained(path, revision=revision, use_safetensors=(Path(path) / "model.safetensors").exists() or None)
+    return attach_tokenizer(model, load_tokenizer(path, revision))
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase | None:
+def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase | None:
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         return None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError):
         return None
 

@@ -1,8 +1,13 @@
 """Hugging Face ``ViTForImageClassification`` (transformers 5.x module names): pre-LN blocks."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import ViTConfig, ViTForImageClassification
 
+from tfuse.data.images import Normalization
+from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
 
@@ -61,9 +66,49 @@ def owns(model) -> bool:
     return isinstance(model, ViTForImageClassification)
 
 
-def load(path: str) -> ViTForImageClassification:
-    return ViTForImageClassification.from_pretrained(path, use_safetensors=True)
+def load(path: str, revision: str | None = None) -> ViTForImageClassification:
+    return ViTForImageClassification.from_pretrained(path, revision=revision, use_safetensors=True)
 
 
 def save(model: ViTForImageClassification, path: str) -> None:
     model.save_pretrained(path, safe_serialization=True)
+
+
+PREPROCESSOR = "preprocessor_config.json"
+
+
+def preprocessing(source: str, revision: str | None = None) -> Normalization | None:
+    """The checkpoint's ``preprocessor_config.json`` as a ``Normalization`` (None without one): a
+    local directory, or a hub id (its cached copy when offline)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        file = folder / PREPROCESSOR
+        if not file.is_file():
+            return None
+    else:
+        from transformers.utils import cached_file
+
+        found = cached_file(source, PREPROCESSOR, revision=revision, _raise_exceptions_for_missing_entries=False)
+        if found is None:
+            return None
+        file = Path(found)
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TfuseError(f"{file}: not a readable preprocessor config ({err}); fix or remove it") from err
+    return _normalization(config, str(file))
+
+
+def _normalization(config: dict, source: str) -> Normalization:
+    def channels(key: str, neutral: float) -> tuple[float, ...]:
+        value = config.get(key, neutral) if config.get("do_normalize", True) else neutral
+        return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+    rescale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
+    size = config.get("size") if config.get("do_resize", True) else None
+    if isinstance(size, dict):
+        size = (size["height"], size["width"]) if "height" in size else None  # shortest_edge: no fixed size
+    elif isinstance(size, int):
+        size = (size, size)
+    return Normalization(channels("image_mean", 0.0), channels("image_std", 1.0), rescale * 255.0,
+                         tuple(size) if size else None, source)

@@ -36,6 +36,19 @@ class ImageData:
     class_names: list[str]
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """What a checkpoint's own preprocessing does to pixels in [0, 1]: ``x * scale`` (its
+    rescale of 0..255 pixels, times 255), then ``(x - mean) / std`` per channel; ``size``: the
+    height and width it expects. ``source`` names the file it came from."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+    size: tuple[int, int] | None
+    source: str
+
+
 @dataclass
 class _Raw:
     """Unnormalised images and labels as a source provides them, with its own test split if any."""
@@ -53,11 +66,14 @@ def load_images(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_train: int | None = None,
+    normalization: Normalization | None = None,
 ) -> ImageData:
     """Load image source ``name`` and split it deterministically from (name, seed, fractions).
 
     The source's own test split is used when it has one; otherwise ``test_fraction`` of a seeded
     permutation is held out. Validation comes from the training side; ``max_train`` caps training.
+    Images are normalised by the training split's channel statistics, or as ``normalization``
+    (the parents' own preprocessing) says.
     """
     _check_fractions(val_fraction, test_fraction)
     if max_train is not None and max_train < 1:
@@ -71,8 +87,12 @@ def load_images(
     train, val = _holdout(pool, val_fraction, generator)
     if max_train is not None:
         train = (train[0][:max_train], train[1][:max_train])
-    mean, std = _channel_stats(train[0])
-    train, val, test = (((x - mean) / std, y) for x, y in (train, val, test))
+    if normalization is None:
+        mean, std = _channel_stats(train[0])
+        scale = 1.0
+    else:
+        mean, std, scale = _checked(normalization, name, train[0])
+    train, val, test = (((x * scale - mean) / std, y) for x, y in (train, val, test))
     return ImageData(
         train=train,
         val=val,
@@ -100,6 +120,23 @@ def _holdout(split: Split, fraction: float, generator: torch.Generator) -> tuple
     cut = round(fraction * len(labels))
     held, rest = order[:cut], order[cut:]
     return (images[rest], labels[rest]), (images[held], labels[held])
+
+
+def _checked(norm: Normalization, name: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The checkpoint's mean and std shaped (1, C, 1, 1), after checking that they fit the data."""
+    channels, size = images.shape[1], tuple(images.shape[-2:])
+    if len(norm.mean) != channels or len(norm.std) != channels:
+        raise TfuseError(
+            f"{norm.source}: normalises {len(norm.mean)} channels but data.name={name} has {channels}; "
+            "fuse checkpoints made for these images"
+        )
+    if norm.size is not None and norm.size != size:
+        raise TfuseError(
+            f"{norm.source}: the parents expect {norm.size[0]}x{norm.size[1]} images but data.name={name} has "
+            f"{size[0]}x{size[1]}; give data of that size (tfuse does not resize)"
+        )
+    shape = (1, channels, 1, 1)
+    return torch.tensor(norm.mean).reshape(shape), torch.tensor(norm.std).reshape(shape).clamp_min(1e-12), norm.scale
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

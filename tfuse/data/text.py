@@ -244,15 +244,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def shared_tokenizer(sources: list[str]):
     """The one tokenizer all parent checkpoints carry (clear errors when missing or different)."""
-    from tfuse.arch import text_family
+    from tfuse.arch import hub_revision, text_family
 
     fam = text_family()
     tokenizers = []
     for i, source in enumerate(sources):
-        label, path = f"parents[{i}]", Path(str(source)).expanduser()
+        name, revision = hub_revision(str(source))
+        label, path = f"parents[{i}]", Path(name).expanduser()
         if path.is_dir():
             fam.check_directory(str(path), label)
-        tok = fam.load_tokenizer(str(path))
+        tok = fam.load_tokenizer(str(path) if path.is_dir() else name, revision)
         if tok is None:
             raise TfuseError(f"{label}: '{source}' carries no tokenizer; save it beside the weights (save_pretrained)")
         tokenizers.append(tok)

@@ -7,14 +7,18 @@ from tfuse.tasks.base import Task
 DATA_KINDS = ("images", "text", "text_classification")
 
 
-def build_task(data_cfg, eval_batch_size: int, device: str, parents=None) -> Task:
-    """The task a ``data`` config group describes (text tasks use the parents' tokenizer when given)."""
+def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family_name: str | None = None) -> Task:
+    """The task a ``data`` config group describes; given checkpoints, images are normalised as
+    their own preprocessing says and text uses their tokenizer."""
     if data_cfg.kind == "images":
+        from tfuse.arch import parents_preprocessing
         from tfuse.data.images import load_images
         from tfuse.tasks.image_classification import ImageClassificationTask
 
+        normalization = parents_preprocessing([str(p) for p in parents], family_name) if parents and family_name else None
         data = load_images(
-            data_cfg.name, data_cfg.path, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.seed, data_cfg.max_train
+            data_cfg.name, data_cfg.path, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.seed, data_cfg.max_train,
+            normalization,
         )
         return ImageClassificationTask(data, eval_batch_size, device)
     if data_cfg.kind in ("text", "text_classification"):

@@ -1,0 +1,70 @@
+"""Checkpoints as users have them: their own image preprocessing, hub ids with a revision."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import ViTImageProcessor
+
+from tfuse.arch import hf_vit, hub_revision, load_parent
+from tfuse.data.images import Normalization, load_images
+from tfuse.errors import TfuseError
+from tfuse.tasks import build_task
+from conftest import tiny_vit
+
+DIGITS = OmegaConf.create({"kind": "images", "name": "digits", "path": None, "val_fraction": 0.1,
+                           "test_fraction": 0.2, "seed": 0, "max_train": None})
+
+
+def checkpoint(folder: Path, seed: int = 0, **processor) -> str:
+    """A saved tiny ViT for 8x8 one-channel images with a preprocessor config (unless ``None``)."""
+    hf_vit.save(tiny_vit(seed), str(folder))
+    if processor.get("size") is not None:
+        ViTImageProcessor(**processor).save_pretrained(str(folder))
+    return str(folder)
+
+
+PROCESSOR = dict(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.25], do_rescale=True, rescale_factor=1 / 255)
+
+
+def test_images_are_normalised_as_the_checkpoints_preprocessor_says(tmp_path: Path) -> None:
+    parents = [checkpoint(tmp_path / "a", 0, **PROCESSOR), checkpoint(tmp_path / "b", 1, **PROCESSOR)]
+    task = build_task(DIGITS, 64, "cpu", parents, "hf_vit")
+    raw = load_images("digits", normalization=Normalization((0.0,), (1.0,), 1.0, (8, 8), "raw"))  # pixels in [0, 1]
+    for split in ("train", "val", "test"):
+        torch.testing.assert_close(getattr(task.data, split)[0], (getattr(raw, split)[0] - 0.5) / 0.25)
+    own = build_task(DIGITS, 64, "cpu", [checkpoint(tmp_path / "c"), checkpoint(tmp_path / "d", 1)], "hf_vit")
+    assert abs(float(own.data.train[0].mean())) < 1e-4  # no preprocessor: the training split's statistics
+
+
+def test_parents_that_preprocess_differently_are_refused(tmp_path: Path) -> None:
+    a = checkpoint(tmp_path / "a", **PROCESSOR)
+    b = checkpoint(tmp_path / "b", 1, **{**PROCESSOR, "image_std": [0.3]})
+    with pytest.raises(TfuseError, match=r"a/preprocessor_config.json and .*b/preprocessor_config.json preprocess images differently"):
+        build_task(DIGITS, 64, "cpu", [a, b], "hf_vit")
+    with pytest.raises(TfuseError, match=r"parents\[1\] .* carries no preprocessing but .*a/preprocessor_config.json does"):
+        build_task(DIGITS, 64, "cpu", [a, checkpoint(tmp_path / "c", 2)], "hf_vit")
+
+
+def test_data_of_another_size_than_the_preprocessor_is_refused(tmp_path: Path) -> None:
+    big = {**PROCESSOR, "size": {"height": 224, "width": 224}}
+    parents = [checkpoint(tmp_path / "a", **big), checkpoint(tmp_path / "b", 1, **big)]
+    with pytest.raises(TfuseError, match=r"the parents expect 224x224 images but data.name=digits has 8x8"):
+        build_task(DIGITS, 64, "cpu", parents, "hf_vit")
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("org/vit@v1.0", ("org/vit", "v1.0")),
+    ("org/vit", ("org/vit", None)),
+    ("/data/run@3", ("/data/run@3", None)),
+    ("./ckpt@x", ("./ckpt@x", None)),
+])
+def test_hub_ids_take_a_revision(source: str, expected: tuple) -> None:
+    assert hub_revision(source) == expected
+
+
+def test_a_revision_reaches_the_family_loader(monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr(hf_vit, "load", lambda path, revision=None: seen.update(path=path, revision=revision) or tiny_vit())
+    load_parent("org/vit@abc123", "hf_vit", "parents[0]")
+    assert seen == {"path": "org/vit", "revision": "abc123"}
