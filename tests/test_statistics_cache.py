@@ -38,6 +38,15 @@ def test_a_reg_sweep_streams_once_and_equals_the_uncached_fuses(models, images, 
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
 
+def test_three_parents_share_the_reference_moments_and_come_back_alike(images, tmp_path: Path):
+    three = [tiny_vit(0), tiny_vit(1), tiny_vit(2)]
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    first = fuse(three, images, cache, iterations=2, center=True)
+    again = fuse(three, images, cache, iterations=2, center=True)
+    assert first.info["statistics"] == ["computed", "computed"] and again.info["statistics"] == ["cached", "cached"]
+    assert same(again, fuse(three, images, None, iterations=2, center=True))
+
+
 @pytest.mark.parametrize(("change", "shared"), [
     ({"solver": "emd"}, True),
     ({"metric": "cosine", "normalize_cost": "median"}, True),

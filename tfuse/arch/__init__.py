@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from tfuse.arch import hf_bert, hf_vit
-from tfuse.arch.base import Family, TextFamily
+from tfuse.arch.base import Family, TextFamily, is_local
 from tfuse.errors import TfuseError
 
 FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert}
@@ -50,8 +50,7 @@ def _as_text(fam: Family, problem: str) -> TextFamily:
 
 def hub_revision(source: str) -> tuple[str, str | None]:
     """``org/name@revision`` -> (``org/name``, revision); a local path or a bare id stays as it is."""
-    path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")) or "@" not in source:
+    if is_local(source.partition("@")[0]) or "@" not in source:
         return source, None
     repo, _, revision = source.partition("@")
     return repo, revision or None
@@ -62,7 +61,7 @@ def load_parent(source: str, family_name: str, label: str) -> nn.Module:
     the local cache when offline), with a clear error if missing."""
     source, revision = hub_revision(source)
     path = Path(source).expanduser()
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+    looks_local = is_local(source)
     if looks_local and not path.is_dir():
         raise TfuseError(
             f"{label}: checkpoint directory '{source}' does not exist; give a directory written by "

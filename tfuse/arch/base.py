@@ -5,12 +5,18 @@ A family is a module whose functions satisfy one of these protocols (modules mat
 structurally: nothing is subclassed)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from tfuse.fusion.graph import FlowGraph
+
+
+def is_local(source: str) -> bool:
+    """Whether a parent's source names a local path (else a hub id ``org/name``)."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
 @runtime_checkable

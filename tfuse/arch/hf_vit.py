@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import ViTConfig, ViTForImageClassification
 
+from tfuse.arch.base import is_local
 from tfuse.data.images import Normalization
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
@@ -80,15 +81,17 @@ PREPROCESSOR = "preprocessor_config.json"
 def preprocessing(source: str, revision: str | None = None) -> Normalization | None:
     """The checkpoint's ``preprocessor_config.json`` as a ``Normalization`` (None without one): a
     local directory, or a hub id (its cached copy when offline)."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        file = folder / PREPROCESSOR
+    if is_local(source):  # a missing directory is load_parent's to report
+        file = Path(source).expanduser() / PREPROCESSOR
         if not file.is_file():
             return None
     else:
         from transformers.utils import cached_file
 
-        found = cached_file(source, PREPROCESSOR, revision=revision, _raise_exceptions_for_missing_entries=False)
+        try:
+            found = cached_file(source, PREPROCESSOR, revision=revision, _raise_exceptions_for_missing_entries=False)
+        except OSError:  # not reachable: loading the weights will say so
+            return None
         if found is None:
             return None
         file = Path(found)

@@ -102,34 +102,47 @@ def _save(path: Path, key: str, stats: Statistics) -> None:
 
 
 def _pack(stats: Statistics) -> dict[str, torch.Tensor]:
+    """Flat tensors: each model's moments and cross-products per space, the reference's moments
+    once per space (every model's entry shares them)."""
     out: dict[str, torch.Tensor] = {}
+
+    def moments(prefix: str, m: Moments) -> None:
+        out[f"{prefix}|count"] = torch.tensor(m.count)
+        out[f"{prefix}|sumsq"] = m.sumsq
+        if m.sum is not None:
+            out[f"{prefix}|sum"] = m.sum
+
     for k, pairs in enumerate(stats.pairs):
         for space, pair in pairs.items():
-            for side, m in (("a", pair.a), ("b", pair.b)):
-                out[f"pairs|{k}|{space}|{side}|count"] = torch.tensor(m.count)
-                out[f"pairs|{k}|{space}|{side}|sumsq"] = m.sumsq.contiguous()
-                if m.sum is not None:
-                    out[f"pairs|{k}|{space}|{side}|sum"] = m.sum.contiguous()
-            out[f"pairs|{k}|{space}|cross"] = pair.cross.contiguous()
+            moments(f"pairs|{k}|{space}|a", pair.a)
+            out[f"pairs|{k}|{space}|cross"] = pair.cross
+            if f"ref|{space}|sumsq" not in out:
+                moments(f"ref|{space}", pair.b)
     for k, magnitude in enumerate(stats.magnitude):
         out[f"magnitude|{k}|-"] = torch.zeros(0)  # models without magnitude probes still count
         for probe, value in magnitude.items():
-            out[f"magnitude|{k}|{probe}"] = value.contiguous()
-    return {name: t.detach().cpu() for name, t in out.items()}
+            out[f"magnitude|{k}|{probe}"] = value
+    return {name: t.detach().cpu().contiguous() for name, t in out.items()}
 
 
 def _unpack(flat: dict[str, torch.Tensor]) -> Statistics:
     models = 1 + max(int(name.split("|")[1]) for name in flat if name.startswith("magnitude|"))
     pairs: list[dict[str, PairStats]] = [{} for _ in range(models)]
     magnitude: list[dict[str, torch.Tensor]] = [{} for _ in range(models)]
-    spaces = {(int(k), space) for kind, k, space, *_ in (name.split("|") for name in flat) if kind == "pairs"}
-    for k, space in spaces:
-        def moments(side: str) -> Moments:
-            prefix = f"pairs|{k}|{space}|{side}"
-            return Moments(int(flat[f"{prefix}|count"]), flat.get(f"{prefix}|sum"), flat[f"{prefix}|sumsq"])
-        pairs[k][space] = PairStats(moments("a"), moments("b"), flat[f"pairs|{k}|{space}|cross"])
+
+    def moments(prefix: str) -> Moments:
+        return Moments(int(flat[f"{prefix}|count"]), flat.get(f"{prefix}|sum"), flat[f"{prefix}|sumsq"])
+
+    reference: dict[str, Moments] = {}
     for name, value in flat.items():
-        kind, k, probe = name.split("|", 2)
-        if kind == "magnitude" and probe != "-":
-            magnitude[int(k)][probe] = value
+        kind, rest = name.split("|", 1)
+        if kind == "pairs" and name.endswith("|cross"):
+            k, space = rest.removesuffix("|cross").split("|", 1)
+            if space not in reference:
+                reference[space] = moments(f"ref|{space}")
+            pairs[int(k)][space] = PairStats(moments(f"pairs|{k}|{space}|a"), reference[space], value)
+        elif kind == "magnitude":
+            k, probe = rest.split("|", 1)
+            if probe != "-":
+                magnitude[int(k)][probe] = value
     return Statistics(pairs, magnitude)
