@@ -68,3 +68,16 @@ def test_a_revision_reaches_the_family_loader(monkeypatch) -> None:
     monkeypatch.setattr(hf_vit, "load", lambda path, revision=None: seen.update(path=path, revision=revision) or tiny_vit())
     load_parent("org/vit@abc123", "hf_vit", "parents[0]")
     assert seen == {"path": "org/vit", "revision": "abc123"}
+
+
+def test_a_run_on_such_checkpoints_passes_their_preprocessing_on(tmp_path: Path) -> None:
+    from conftest import tfuse
+
+    parents = [checkpoint(tmp_path / "a", 0, **PROCESSOR), checkpoint(tmp_path / "b", 1, **PROCESSOR)]
+    out = tmp_path / "run"
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
+                 f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    copied = ViTImageProcessor.from_pretrained(str(out / "fused"))
+    assert list(copied.image_mean) == [0.5] and list(copied.image_std) == [0.25]
+    assert hf_vit.load(str(out / "fused")) is not None

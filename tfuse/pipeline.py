@@ -8,6 +8,7 @@ import copy
 import math
 import random
 import shlex
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -182,9 +183,11 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     parents = [{**entry, **dict(zip(("hashed", "sha256"), weights_sha256(p.source, p.model)))}
                for entry, p in zip(results["parents"], setup.parents)]
     card = lambda kind: model_card(kind, main, label_of(main), results, parents, _command_line(out_dir))  # noqa: E731
-    _save_model(fam, fused.models[main], out_dir / "fused", card("fused"))
+    norm = getattr(getattr(setup.task, "data", None), "normalization", None)
+    extra = [Path(norm.source)] if norm is not None else []
+    _save_model(fam, fused.models[main], out_dir / "fused", card("fused"), extra)
     if main in tuned.models:
-        _save_model(fam, tuned.models[main], out_dir / "finetuned", card("finetuned"))
+        _save_model(fam, tuned.models[main], out_dir / "finetuned", card("finetuned"), extra)
     write_json(out_dir / "results.json", results)
     console.print(results_table(results))
     return results
@@ -312,10 +315,13 @@ def _fit_summary(fits: list) -> dict:
     }
 
 
-def _save_model(fam, model, path: Path, card: str) -> None:
+def _save_model(fam, model, path: Path, card: str, extra: list[Path]) -> None:
+    """The model, its card and ``extra`` files that travel with it (the parents' preprocessing)."""
     with new_directory(path) as tmp:
         fam.save(model, str(tmp))
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        for file in extra:
+            shutil.copyfile(file, tmp / file.name)
 
 
 def _command_line(out_dir: Path) -> str:

@@ -34,6 +34,7 @@ class ImageData:
     channels: int
     image_size: int
     class_names: list[str]
+    normalization: Normalization | None = None  # the parents' preprocessing, when it came from them
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def load_images(
         channels=train[0].shape[1],
         image_size=train[0].shape[-1],
         class_names=raw.class_names,
+        normalization=normalization,
     )
 
 
