@@ -1,7 +1,7 @@
 """`tfuse fuse` and `tfuse train`. A fusion run is a sequence of stages, each a function of the
 previous ones' output: prepare (settings, task, parents) -> score_parents (and the anchor) ->
 fuse_parents (the method and its vanilla control) -> finetune_all (with controls) ->
-collect_results."""
+collect_results -> save_models."""
 from __future__ import annotations
 
 import copy
@@ -152,6 +152,8 @@ class Fused:
 
     models: dict[str, torch.nn.Module]
     outcomes: dict[str, FusionOutcome]
+    one_shot: dict[str, dict]  # test metrics of each fused model
+    one_shot_val: dict[str, dict]
 
 
 @dataclass
@@ -178,19 +180,26 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
             results["downstream"] = run_downstream(cfg, setup.models, fused.models, tuned.models, setup.device, console)
+    save_models(setup, fused, tuned, results, out_dir)
+    write_json(out_dir / "results.json", results)
+    console.print(results_table(results))
+    return results
+
+
+def save_models(setup: Setup, fused: Fused, tuned: Tuned, results: dict, out_dir: Path) -> None:
+    """fused/ and finetuned/: the configured method's model, each with its model card and the
+    parents' preprocessing file when they carried one."""
     main = setup.settings.method
     fam = family_for(setup.models[0])
     parents = [{**entry, **dict(zip(("hashed", "sha256"), weights_sha256(p.source, p.model)))}
                for entry, p in zip(results["parents"], setup.parents)]
-    card = lambda kind: model_card(kind, main, label_of(main), results, parents, _command_line(out_dir))  # noqa: E731
     norm = getattr(getattr(setup.task, "data", None), "normalization", None)
     extra = [Path(norm.source)] if norm is not None else []
-    _save_model(fam, fused.models[main], out_dir / "fused", card("fused"), extra)
-    if main in tuned.models:
-        _save_model(fam, tuned.models[main], out_dir / "finetuned", card("finetuned"), extra)
-    write_json(out_dir / "results.json", results)
-    console.print(results_table(results))
-    return results
+    command = _command_line(out_dir)
+    for kind, models in (("fused", fused.models), ("finetuned", tuned.models)):
+        if main in models:
+            card = model_card(kind, main, label_of(main), results, parents, command)
+            _save_model(fam, models[main], out_dir / kind, card, extra)
 
 
 def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
@@ -239,7 +248,7 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
         }),
     )
     names = ([] if setup.widths_differ else ["vanilla"]) + ([settings.method] if settings.method != "vanilla" else [])
-    models, outcomes = {}, {}
+    models, outcomes, one_shot = {}, {}, {}
     for name in names:
         stage = "vanilla" if name == "vanilla" and settings.method != "vanilla" else "fuse"
         with clock.stage(stage):
@@ -247,10 +256,10 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
         if stage == "fuse":
             clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
         models[name], outcomes[name] = outcome.model, outcome
-        baseline.one_shot[name] = task.evaluate(outcome.model)
+        one_shot[name] = task.evaluate(outcome.model)
     with clock.stage("evaluate_val"):  # what settings are selected on
-        baseline.one_shot_val.update({name: task.evaluate(m, "val") for name, m in models.items()})
-    return Fused(models, outcomes)
+        one_shot_val = {name: task.evaluate(m, "val") for name, m in models.items()}
+    return Fused(models, outcomes, one_shot, one_shot_val)
 
 
 def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch) -> Tuned:
@@ -278,8 +287,8 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
     """results.json's content (and finetune.png when the finetune was a curve)."""
     task, settings = setup.task, setup.settings
     results = {
-        "one_shot": baseline.one_shot,
-        "one_shot_val": baseline.one_shot_val,
+        "one_shot": {**baseline.one_shot, **fused.one_shot},
+        "one_shot_val": {**baseline.one_shot_val, **fused.one_shot_val},
         "finetuned": tuned.finetuned,
         "finetuned_val": tuned.finetuned_val,
         "timings": clock.seconds,
