@@ -81,3 +81,33 @@ def test_a_run_on_such_checkpoints_passes_their_preprocessing_on(tmp_path: Path)
     copied = ViTImageProcessor.from_pretrained(str(out / "fused"))
     assert list(copied.image_mean) == [0.5] and list(copied.image_std) == [0.25]
     assert hf_vit.load(str(out / "fused")) is not None
+
+
+def timm_checkpoint(folder: Path, seed: int) -> str:
+    """A tiny timm ViT saved by timm itself (``save_for_hf``: model_args and pretrained_cfg)."""
+    from timm.models import save_for_hf
+
+    from test_timm import tiny_timm
+
+    save_for_hf(tiny_timm(seed), str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def test_timm_checkpoints_load_with_their_pretrained_cfg(tmp_path: Path) -> None:
+    from tfuse.arch import timm_vit
+
+    from test_timm import tiny_timm
+
+    parents = [timm_checkpoint(tmp_path / "a", 0), timm_checkpoint(tmp_path / "b", 1)]
+    loaded = load_parent(parents[0], "timm_vit", "parents[0]")
+    for name, w in tiny_timm(0).state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], w, msg=name)
+    norm = timm_vit.preprocessing(parents[0])
+    assert (norm.mean, norm.std, norm.scale, norm.size) == ((0.5,), (0.5,), 1.0, (8, 8))
+    task = build_task(DIGITS, 64, "cpu", parents, "timm_vit")
+    raw = load_images("digits", normalization=Normalization((0.0,), (1.0,), 1.0, (8, 8), "raw"))
+    torch.testing.assert_close(task.data.test[0], (raw.test[0] - 0.5) / 0.5)
+    own = tmp_path / "own"
+    timm_vit.save(loaded, str(own))  # tfuse's format: trained on the data's own statistics
+    assert timm_vit.preprocessing(str(own)) is None
+    assert isinstance(timm_vit.load(str(own)), type(loaded))

@@ -330,7 +330,8 @@ def _save_model(fam, model, path: Path, card: str, extra: list[Path]) -> None:
         fam.save(model, str(tmp))
         (tmp / "README.md").write_text(card, encoding="utf-8")
         for file in extra:
-            shutil.copyfile(file, tmp / file.name)
+            if not (tmp / file.name).exists():  # timm keeps its preprocessing in config.json: the family's own
+                shutil.copyfile(file, tmp / file.name)
 
 
 def _command_line(out_dir: Path) -> str:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 
+from tfuse.arch.base import is_local
+from tfuse.data.images import Normalization
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Linear, Out, Probe, TokenLayout
 
@@ -164,12 +166,49 @@ def save(model: VisionTransformer, path: str) -> None:
     (folder / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def load(path: str) -> VisionTransformer:
+def load(path: str, revision: str | None = None) -> VisionTransformer:
+    """A checkpoint written by tfuse, by timm (``save_for_hf``: ``model_args`` and
+    ``pretrained_cfg``), or a timm hub id (``timm/NAME``; from the hub cache when offline)."""
     folder = Path(path)
+    if not folder.is_dir():
+        if revision is not None:
+            raise TfuseError(f"'{path}@{revision}': timm hub ids load their main revision here; drop @{revision}")
+        return _checked(timm.create_model(f"hf-hub:{path}", pretrained=True), path)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise OSError(f"expected {CONFIG} and {WEIGHTS} (written by tfuse's timm_vit family) in {folder}")
+        raise OSError(f"expected {CONFIG} and {WEIGHTS} (written by tfuse's timm_vit family or timm) in {folder}")
     config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    if "kwargs" not in config:  # timm's own format
+        return _checked(timm.create_model(f"local-dir:{folder}", pretrained=True), str(folder))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["kwargs"].items()}
     model = create(config["architecture"], kwargs)
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
     return model
+
+
+def _checked(model, source: str) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise TfuseError(f"'{source}' holds a {type(model).__name__}, not timm's VisionTransformer (model.family=timm_vit)")
+    return model
+
+
+def preprocessing(source: str, revision: str | None = None) -> Normalization | None:
+    """A timm checkpoint's ``pretrained_cfg`` (mean, std, input size; inputs in [0, 1]) as a
+    ``Normalization``; None for tfuse's own checkpoints, trained on the data's statistics."""
+    if is_local(source):
+        file = Path(source).expanduser() / CONFIG
+        if not file.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(source, CONFIG, revision=revision))
+        except Exception:  # not reachable or not there: loading the weights will say so
+            return None
+    config = json.loads(file.read_text(encoding="utf-8"))
+    pretrained = config.get("pretrained_cfg")
+    if "kwargs" in config or not pretrained or "mean" not in pretrained:
+        return None
+    size = pretrained.get("input_size")
+    return Normalization(tuple(pretrained["mean"]), tuple(pretrained["std"]), 1.0,
+                         tuple(size[1:]) if size else None, str(file))
