@@ -5,18 +5,41 @@ A family is a module whose functions satisfy one of these protocols (modules mat
 structurally: nothing is subclassed)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
 
 
 def is_local(source: str) -> bool:
     """Whether a parent's source names a local path (else a hub id ``org/name``)."""
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def checkpoint_json(source: str, name: str, revision: str | None = None) -> tuple[Path, dict] | None:
+    """A JSON file of a checkpoint (a local directory, or a hub id's, downloaded or from the hub
+    cache) and its content; None when it has none or cannot be reached (loading the weights then
+    says why)."""
+    if is_local(source):
+        file = Path(source).expanduser() / name
+        if not file.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(source, name, revision=revision))
+        except Exception:  # huggingface_hub raises several kinds: absent, offline, gated
+            return None
+    try:
+        return file, json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TfuseError(f"{file}: not readable JSON ({err}); fix or remove it") from err
 
 
 @runtime_checkable

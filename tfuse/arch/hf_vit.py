@@ -1,14 +1,10 @@
 """Hugging Face ``ViTForImageClassification`` (transformers 5.x module names): pre-LN blocks."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from transformers import ViTConfig, ViTForImageClassification
 
-from tfuse.arch.base import is_local
+from tfuse.arch.base import checkpoint_json
 from tfuse.data.images import Normalization
-from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
 
@@ -81,24 +77,10 @@ PREPROCESSOR = "preprocessor_config.json"
 def preprocessing(source: str, revision: str | None = None) -> Normalization | None:
     """The checkpoint's ``preprocessor_config.json`` as a ``Normalization`` (None without one): a
     local directory, or a hub id (its cached copy when offline)."""
-    if is_local(source):  # a missing directory is load_parent's to report
-        file = Path(source).expanduser() / PREPROCESSOR
-        if not file.is_file():
-            return None
-    else:
-        from transformers.utils import cached_file
-
-        try:
-            found = cached_file(source, PREPROCESSOR, revision=revision, _raise_exceptions_for_missing_entries=False)
-        except OSError:  # not reachable: loading the weights will say so
-            return None
-        if found is None:
-            return None
-        file = Path(found)
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TfuseError(f"{file}: not a readable preprocessor config ({err}); fix or remove it") from err
+    found = checkpoint_json(source, PREPROCESSOR, revision)
+    if found is None:
+        return None
+    file, config = found
     return _normalization(config, str(file))
 
 

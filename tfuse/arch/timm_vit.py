@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 
-from tfuse.arch.base import is_local
+from tfuse.arch.base import checkpoint_json
 from tfuse.data.images import Normalization
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Linear, Out, Probe, TokenLayout
@@ -194,18 +194,10 @@ def _checked(model, source: str) -> VisionTransformer:
 def preprocessing(source: str, revision: str | None = None) -> Normalization | None:
     """A timm checkpoint's ``pretrained_cfg`` (mean, std, input size; inputs in [0, 1]) as a
     ``Normalization``; None for tfuse's own checkpoints, trained on the data's statistics."""
-    if is_local(source):
-        file = Path(source).expanduser() / CONFIG
-        if not file.is_file():
-            return None
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            file = Path(hf_hub_download(source, CONFIG, revision=revision))
-        except Exception:  # not reachable or not there: loading the weights will say so
-            return None
-    config = json.loads(file.read_text(encoding="utf-8"))
+    found = checkpoint_json(source, CONFIG, revision)
+    if found is None:
+        return None
+    file, config = found
     pretrained = config.get("pretrained_cfg")
     if "kwargs" in config or not pretrained or "mean" not in pretrained:
         return None

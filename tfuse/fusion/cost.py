@@ -6,6 +6,7 @@ the transformed vectors are closed forms of sum, sum of squares and cross-produc
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,15 +37,16 @@ class CostInputs:
     maps: dict[str, torch.Tensor]
 
 
-class Cost:
+class Cost(ABC):
     """A ground cost: whether it reads activation statistics, its Sinkhorn reg when none is set,
     and the raw cost matrix (n_parent x n_reference) of a resolved space."""
 
     needs_statistics = False
     default_reg = 0.08
 
+    @abstractmethod
     def matrix(self, space: str, inputs: CostInputs) -> torch.Tensor:
-        raise NotImplementedError
+        """The raw cost of ``space`` (normalised by the caller)."""
 
 
 COSTS: Registry[Cost] = Registry("cost")

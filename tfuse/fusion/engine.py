@@ -7,6 +7,7 @@ themselves live in ``fusion/methods/``.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -72,19 +73,33 @@ def with_state(template: nn.Module, state: State, graph: FlowGraph | None = None
 
 def repair_fused(
     fused: nn.Module,
-    targets: Sequence[nn.Module],
+    targets: Callable[[], Sequence[nn.Module]],
     weights: Sequence[float],
     graph: FlowGraph,
     settings: FusionSettings,
     calibration: Callable[[], Iterable[Batch]] | None,
     model_inputs: Callable[[Batch], Batch],
+    timings: dict[str, float],
 ) -> list[LayerFit]:
-    """``fusion.repair`` on a fused model in the basis of ``targets`` (aligned parents)."""
+    """``fusion.repair`` of a fused model toward ``targets()`` (the aligned parents, built only
+    when there is a repair), its seconds in ``timings["repair"]``."""
     if settings.repair == "none":
         return []
     if calibration is None:
         raise TfuseError(f"fusion.repair={settings.repair} needs calibration data")
-    return repair(fused, targets, weights, graph, settings, calibration(), model_inputs)
+    start = time.perf_counter()
+    fits = repair(fused, targets(), weights, graph, settings, calibration(), model_inputs)
+    timings["repair"] = time.perf_counter() - start
+    return fits
+
+
+def check_parents(models: Sequence[nn.Module], graph: FlowGraph, anchor: int) -> None:
+    """At least two parents, each described by ``graph``, differing from the anchor in hidden widths only."""
+    if len(models) < 2:
+        raise TfuseError("fusion needs at least two parents")
+    for i, m in enumerate(models):
+        check_graph(m, graph, f"parent {i}")
+    check_fixed_axes(models, graph, anchor)
 
 
 def check_fixed_axes(models: Sequence[nn.Module], graph: FlowGraph, anchor: int) -> None:

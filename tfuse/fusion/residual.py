@@ -2,6 +2,7 @@
 follows from the maps of its two inputs, or whether the stream gets one map of its own."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,14 +14,22 @@ if TYPE_CHECKING:
     from tfuse.fusion.plan import CombineRule, PlanBuilder
 
 
-class ResidualPolicy:
-    """Combines the skip's and the branch's maps at every stream point that sums them."""
+class ResidualPolicy(ABC):
+    """How the stream's maps are planned."""
 
     name: str  # set by the registry
-    needs_magnitudes = False  # whether ``combine`` weighs the inputs by mean |activation|
+    needs_magnitudes = False  # whether the policy weighs the stream's inputs by mean |activation|
 
+    @abstractmethod
     def plan(self, plan: "PlanBuilder", graph: FlowGraph) -> None:
-        """The stream's rules: a map per point that is no sum, a combination per sum."""
+        """Add the stream's rules to ``plan``."""
+
+
+class Combining(ResidualPolicy):
+    """Combines the skip's and the branch's maps at every stream point that sums them."""
+
+    def plan(self, plan, graph):
+        """A map per point that is no sum, a combination per sum."""
         residual_of = {r.out: r for r in graph.residuals}
         for space in graph.stream_points():
             res = residual_of.get(space)
@@ -29,34 +38,35 @@ class ResidualPolicy:
             else:
                 plan.combine(space, res, self.name)
 
+    @abstractmethod
     def combine(self, rule: "CombineRule", skip: torch.Tensor, branch: torch.Tensor,
                 magnitude: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The sum's map from the skip's and the branch's."""
 
 
 RESIDUALS: Registry[ResidualPolicy] = Registry("residual")
 
 
 @RESIDUALS.register("no_resid")
-class _Branch(ResidualPolicy):
+class _Branch(Combining):
     def combine(self, rule, skip, branch, magnitude):
         return branch
 
 
 @RESIDUALS.register("only_resid")
-class _Skip(ResidualPolicy):
+class _Skip(Combining):
     def combine(self, rule, skip, branch, magnitude):
         return skip
 
 
 @RESIDUALS.register("mean")
-class _Mean(ResidualPolicy):
+class _Mean(Combining):
     def combine(self, rule, skip, branch, magnitude):
         return 0.5 * (skip + branch)
 
 
 @RESIDUALS.register("weighted_scalar")
-class _WeightedScalar(ResidualPolicy):
+class _WeightedScalar(Combining):
     """Skip and branch weighted by their mean |activation| over all neurons."""
 
     needs_magnitudes = True

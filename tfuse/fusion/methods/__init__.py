@@ -9,6 +9,7 @@ file under ``configs/fusion/``.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
@@ -41,7 +42,7 @@ class Calibration:
         return self.repair or self.batches
 
 
-class Method:
+class Method(ABC):
     """A way to fuse parents into the anchor's architecture."""
 
     name: str  # set by the registry
@@ -49,11 +50,12 @@ class Method:
     settings_class: ClassVar[type[FusionSettings]] = FusionSettings
     allows_widths: ClassVar[bool] = False  # parents of different hidden widths
 
+    @abstractmethod
     def fuse(
         self, models: Sequence[nn.Module], graph: FlowGraph, anchor: int, calibration: Calibration,
         settings: FusionSettings,
     ) -> FusionOutcome:
-        raise NotImplementedError
+        """The fused model (in the anchor's architecture), its maps, timings and repair fits."""
 
 
 METHODS: Registry[Method] = Registry("method")

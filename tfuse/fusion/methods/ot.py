@@ -13,7 +13,7 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import align, average
 from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
-from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, parameters, repair_fused, with_state
+from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, with_state
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.methods import METHODS, Method
@@ -95,11 +95,7 @@ def ot_fuse(
     refits the result toward the aligned parents on ``repair_calibration`` (default: ``calibration``).
     With ``cache`` (and ``fusion.cache``), statistics computed before for the same key are reused.
     """
-    if len(models) < 2:
-        raise TfuseError("fusion needs at least two parents")
-    for i, m in enumerate(models):
-        check_graph(m, graph, f"parent {i}")
-    check_fixed_axes(models, graph, anchor)
+    check_parents(models, graph, anchor)
     weights = settings.weights(len(models))
     plan = make_plan(graph, settings)
     if COSTS[settings.cost].needs_statistics:
@@ -133,12 +129,10 @@ def ot_fuse(
         fused = average([aligned[i] for i in range(len(models))], weights)
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
-    fits: list[LayerFit] = []
-    if settings.repair != "none":
-        start = time.perf_counter()
-        targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
-        fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs)
-        timings["repair"] = time.perf_counter() - start
+    fits = repair_fused(
+        reference, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
+        graph, settings, repair_calibration or calibration, model_inputs, timings,
+    )
     return FusionOutcome(reference, maps, timings, fits, {"statistics": sources})
 
 

@@ -1,7 +1,6 @@
 """Vanilla fusion (VF): the parents' weights averaged as they are, without alignment."""
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 from torch import nn
@@ -25,7 +24,8 @@ class Vanilla(Method):
     def fuse(self, models, graph, anchor, calibration, settings):
         weights = settings.weights(len(models))
         model = vanilla_fuse(models, weights)
-        start = time.perf_counter()
-        # the parents are their own aligned selves
-        fits = repair_fused(model, models, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs)
-        return FusionOutcome(model, [{} for _ in models], {"repair": time.perf_counter() - start} if fits else {}, fits)
+        timings: dict[str, float] = {}
+        fits = repair_fused(  # the parents are their own aligned selves
+            model, lambda: models, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs, timings
+        )
+        return FusionOutcome(model, [{} for _ in models], timings, fits)

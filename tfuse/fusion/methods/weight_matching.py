@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align, average
-from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, parameters, repair_fused, with_state
+from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, with_state
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.methods.ot import OTSettings
@@ -47,11 +47,7 @@ class WeightMatching(Method):
     settings_class = WeightMatchingSettings
 
     def fuse(self, models, graph, anchor, calibration, settings):
-        if len(models) < 2:
-            raise TfuseError("fusion needs at least two parents")
-        for i, m in enumerate(models):
-            check_graph(m, graph, f"parent {i}")
-        check_fixed_axes(models, graph, anchor)
+        check_parents(models, graph, anchor)
         plan = make_plan(graph, SYMMETRIES)
         reference = parameters(models[anchor], graph)
         start = time.perf_counter()
@@ -67,12 +63,10 @@ class WeightMatching(Method):
         timings = {"match": time.perf_counter() - start}
         weights = settings.weights(len(models))
         fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
-        fits = []
-        if settings.repair != "none":
-            start = time.perf_counter()
-            targets = [with_state(models[anchor], aligned[i], graph) for i in range(len(models))]
-            fits = repair_fused(fused, targets, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs)
-            timings["repair"] = time.perf_counter() - start
+        fits = repair_fused(
+            fused, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
+            graph, settings, calibration.repair_batches(), calibration.model_inputs, timings,
+        )
         return FusionOutcome(fused, maps, timings, fits, {"sweeps": sweeps})
 
 
