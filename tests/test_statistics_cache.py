@@ -92,3 +92,55 @@ def test_cache_false_always_streams(models, images, tmp_path: Path):
     for _ in range(2):
         assert fuse(models, images, cache, cache=False).info["statistics"] == ["computed"]
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+REPAIR = dict(repair="lstsq", repair_samples=48, cache_targets=True)
+
+
+def repaired(models, images, store, **settings):
+    settings = OTSettings(**{**BASE, **REPAIR, **settings})
+    return ot_fuse(models, hf_vit.graph(models[1]), settings, 1, batches_of(images, 16), identity, cache=store)
+
+
+@pytest.mark.parametrize("repair", ["lstsq", "rescale"])
+def test_a_ridge_sweep_computes_the_repair_targets_once_and_equals_the_uncached_repairs(models, images, tmp_path, repair):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    for i, ridge in enumerate([1e-3, 1e-2, 0.0]):
+        cached = repaired(models, images, cache, solver="emd", repair=repair, repair_ridge=ridge)
+        assert cached.info["repair_targets"] == ("computed" if i == 0 else "cached")
+        plain = repaired(models, images, None, solver="emd", repair=repair, repair_ridge=ridge)
+        assert plain.info["repair_targets"] == "computed" and same(cached, plain)
+        assert [(f.before, f.after) for f in cached.repair] == [(f.before, f.after) for f in plain.repair]
+    assert len(list((tmp_path / "targets").iterdir())) == 1
+
+
+@pytest.mark.parametrize("change", [{"reg": 0.05}, {"repair_samples": 32}, {"alpha": [0.3, 0.7]}, {"repair": "rescale"}])
+def test_other_aligned_parents_or_repair_data_are_other_target_entries(models, images, tmp_path, change):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    repaired(models, images, cache, reg=0.1)
+    assert repaired(models, images, cache, **{"reg": 0.1, **change}).info["repair_targets"] == "computed"
+    assert len(list((tmp_path / "targets").iterdir())) == 2
+
+
+def test_a_corrupt_or_foreign_target_entry_is_recomputed(models, images, tmp_path):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    first = repaired(models, images, cache, solver="emd")
+    (entry,) = (tmp_path / "targets").iterdir()
+    stage = entry / "stage-3.safetensors"
+    stage.write_bytes(stage.read_bytes()[:-64])  # truncated
+    again = repaired(models, images, cache, solver="emd")
+    assert again.info["repair_targets"] == "computed" and same(again, first)
+    assert repaired(models, images, cache, solver="emd").info["repair_targets"] == "cached"
+    (entry / "stage-0.safetensors").unlink()  # incomplete
+    assert repaired(models, images, cache, solver="emd").info["repair_targets"] == "computed"
+    layout = entry / "layout.json"
+    layout.write_text(layout.read_text().replace('"batches": 3', '"batches": 2'))  # another key's layout
+    assert repaired(models, images, cache, solver="emd").info["repair_targets"] == "computed"
+    assert same(repaired(models, images, cache, solver="emd"), first)
+
+
+def test_targets_are_kept_only_when_asked(models, images, tmp_path):
+    cache = StatisticsCache(tmp_path, {"data": "images"})
+    for settings in ({"cache_targets": False}, {"cache": False}):
+        assert repaired(models, images, cache, **settings).info["repair_targets"] == "computed"
+    assert not (tmp_path / "targets").exists() or not list((tmp_path / "targets").iterdir())

@@ -7,19 +7,24 @@ reference, the data and which calibration samples (count, batch size, seed), the
 whether plain sums are kept, and the probes the plan reads. The key is stored inside the entry
 and compared on load: an entry that is corrupt or was written for another key is recomputed,
 never trusted.
+
+The repair's targets (``fusion.cache_targets``) are kept the same way, keyed by the aligned
+parents' weights and the repair's data: a folder per entry, one file per stage.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -75,13 +80,114 @@ class StatisticsCache:
             _save(path, text, stats)
             return stats, False
 
+    def targets_key(self, targets: Sequence[nn.Module], weights: Sequence[float], settings) -> dict:
+        """What the repair's targets depend on: the aligned parents, their weights, the repair's
+        samples and how they are drawn."""
+        return {
+            "format": FORMAT, "targets": [tensors_sha256(m.state_dict()) for m in targets],
+            "weights": [float(w) for w in weights], "data": self.data, "repair": settings.repair,
+            "samples": settings.repair_samples, "batch_size": settings.batch_size, "seed": settings.seed,
+            "tokens": settings.repair_tokens,
+        }
+
+    @contextmanager
+    def repair_targets(self, key: dict) -> Iterator["TargetStore"]:
+        """The entry of ``key``, locked for the block: read when it holds the targets, else written
+        (in a temporary folder, moved into place when the block ends without error)."""
+        text = json.dumps(key, sort_keys=True)
+        path = self.folder / "targets" / hashlib.sha256(text.encode()).hexdigest()[:24]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(path):
+            store = TargetStore(path, text)
+            try:
+                yield store
+                store.commit()
+            finally:
+                store.discard()
+
+
+class TargetStore:
+    """The repair's targets of one entry: ``layout.json`` (the key, each stage's layers and target
+    names, the batch count) and ``stage-K.safetensors`` holding ``"batch|name"`` tensors. Written
+    stage by stage, so memory holds one stage's targets at most."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        self.source = "computed"  # or "cached" once ``begin`` found the entry whole
+        self.layout: dict = {}
+        self.tmp: Path | None = None
+        self.pending: dict[str, torch.Tensor] = {}
+        self.open_stage: tuple[int, Any] | None = None
+        self.device = "cpu"
+
+    def begin(self, stages: Sequence[Sequence[str]], batches: int, model: nn.Module) -> bool:
+        """True when the entry holds the targets of these stages and batches (then read onto the
+        model's device); else it is written as the repair computes them."""
+        self.device = str(next(model.parameters()).device)
+        self.layout = {"key": self.key, "stages": [list(s) for s in stages], "batches": batches, "names": []}
+        stored = self._stored_layout()
+        if stored is not None:
+            self.layout, self.source = stored, "cached"
+            return True
+        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
+        return False
+
+    def _stored_layout(self) -> dict | None:
+        """The entry's layout if it matches and every stage file is whole and complete."""
+        try:
+            stored = json.loads((self.path / "layout.json").read_text())
+            same = all(stored.get(k) == v for k, v in self.layout.items() if k != "names")
+            if not same or len(stored["names"]) != len(stored["stages"]):
+                return None
+            for k, names in enumerate(stored["names"]):
+                with safe_open(str(self._file(self.path, k)), framework="pt") as handle:
+                    expected = {f"{b}|{n}" for b in range(stored["batches"]) for n in names}
+                    if (handle.metadata() or {}).get("key") != self.path.name or set(handle.keys()) != expected:
+                        return None
+            return stored
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            return None  # missing, corrupt or foreign: recomputed
+
+    @staticmethod
+    def _file(folder: Path, stage: int) -> Path:
+        return folder / f"stage-{stage}.safetensors"
+
+    def read(self, stage: int, batch: int) -> dict[str, torch.Tensor]:
+        if self.open_stage is None or self.open_stage[0] != stage:
+            self.open_stage = (stage, safe_open(str(self._file(self.path, stage)), framework="pt", device=self.device))
+        handle = self.open_stage[1]
+        return {n: handle.get_tensor(f"{batch}|{n}") for n in self.layout["names"][stage]}
+
+    def write(self, stage: int, batch: int, targets: dict[str, torch.Tensor]) -> None:
+        if batch == 0:
+            self.layout["names"].append(sorted(targets))
+        self.pending.update({f"{batch}|{n}": t.detach().cpu().contiguous() for n, t in targets.items()})
+
+    def end_stage(self, stage: int) -> None:
+        save_file(self.pending, str(self._file(self.tmp, stage)), metadata={"key": self.path.name})
+        self.pending = {}
+
+    def commit(self) -> None:
+        """Move a written entry into place (replacing a corrupt or foreign one)."""
+        if self.tmp is None:
+            return
+        (self.tmp / "layout.json").write_text(json.dumps(self.layout))
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def discard(self) -> None:
+        self.open_stage = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
 
 def _load(path: Path, key: str, device: torch.device) -> Statistics | None:
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("key") != key:
                 return None

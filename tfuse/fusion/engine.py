@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from tfuse.fusion.apply import State
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.repair import LayerFit, repair
 from tfuse.fusion.settings import FusionSettings
+
+if TYPE_CHECKING:
+    from tfuse.fusion.cache import StatisticsCache
 
 Batch = dict[str, torch.Tensor]
 
@@ -80,15 +83,26 @@ def repair_fused(
     calibration: Callable[[], Iterable[Batch]] | None,
     model_inputs: Callable[[Batch], Batch],
     timings: dict[str, float],
+    info: dict,
+    cache: "StatisticsCache | None" = None,
 ) -> list[LayerFit]:
     """``fusion.repair`` of a fused model toward ``targets()`` (the aligned parents, built only
-    when there is a repair), its seconds in ``timings["repair"]``."""
+    when there is a repair), its seconds in ``timings["repair"]``; with ``cache`` and
+    ``fusion.cache_targets``, the targets come from an identical earlier repair when there was
+    one (``info["repair_targets"]``: cached or computed)."""
     if settings.repair == "none":
         return []
     if calibration is None:
         raise TfuseError(f"fusion.repair={settings.repair} needs calibration data")
     start = time.perf_counter()
-    fits = repair(fused, targets(), weights, graph, settings, calibration(), model_inputs)
+    models = targets()
+    if cache is None or not (settings.cache and settings.cache_targets):
+        fits = repair(fused, models, weights, graph, settings, calibration(), model_inputs)
+        info["repair_targets"] = "computed"
+    else:
+        with cache.repair_targets(cache.targets_key(models, weights, settings)) as store:
+            fits = repair(fused, models, weights, graph, settings, calibration(), model_inputs, store)
+        info["repair_targets"] = store.source
     timings["repair"] = time.perf_counter() - start
     return fits
 

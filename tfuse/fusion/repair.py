@@ -22,13 +22,15 @@ aligned layers applied to the same input is the mean of their outputs) and is re
 Each stage streams the calibration batches once. To stay linear in depth, every model is replayed
 from the block holding the stage (``FlowGraph.blocks``): the block's input is cached per batch once
 the blocks before it are final, the blocks before are bypassed, and the pass stops as soon as the
-stage has been observed.
+stage has been observed. With ``fusion.cache_targets``, the targets are kept (``cache.py``,
+``TargetStore``): a sweep that leaves the aligned parents as they are (over ``repair_ridge``, or
+the finetune's knobs) replays only the fused model.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +41,9 @@ from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.statistics import call, kept_rows
 from tfuse.fusion.tokens import token_mask
 from tfuse.progress import track
+
+if TYPE_CHECKING:
+    from tfuse.fusion.cache import TargetStore
 
 Batch = dict[str, torch.Tensor]
 PINV_CUTOFF = 1e-6  # ridge 0: directions of X^T X below this share of its largest eigenvalue are rounding noise
@@ -226,6 +231,10 @@ class _LeastSquares:
         self.ysum = {n: z(m.out_features) for n, m in layers.items()}
         self.ysq = dict.fromkeys(layers, 0.0)
 
+    def target(self, parents: list[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Each layer's target: the alpha-weighted mean of the aligned parents' outputs."""
+        return {n: sum(a * p[n] for a, p in zip(weights, parents)) for n in self.layers}
+
     def add(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
         self.n += x.shape[0]
         self.xtx += x.T @ x  # float32 product of one batch, float64 across batches
@@ -315,11 +324,16 @@ class _Rescale:
         moments[1] += delta * (m / (n + m))
         moments[2] += centred + delta * delta * (n * m / (n + m))
 
-    def add(self, outputs: dict[str, torch.Tensor], parents: list[dict[str, torch.Tensor]]) -> None:
+    @staticmethod
+    def target(parents: list[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Every aligned parent's outputs of every layer, as ``"k|layer"``."""
+        return {f"{k}|{n}": y for k, p in enumerate(parents) for n, y in p.items()}
+
+    def add(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
         for name, z in outputs.items():
             self._add(self.fused[name], z)
-            for store, ys in zip(self.parents, parents):
-                self._add(store[name], ys[name])
+            for k, store in enumerate(self.parents):
+                self._add(store[name], targets[f"{k}|{name}"])
 
     def solve(self) -> list[LayerFit]:
         for name, layer in self.layers.items():
@@ -350,9 +364,12 @@ def repair(
     settings: FusionSettings,
     batches: Iterable[Batch],
     model_inputs,
+    store: "TargetStore | None" = None,
 ) -> list[LayerFit]:
     """Repair ``fused`` in place toward the alpha-weighted mean of ``targets`` (the aligned parents,
-    in ``fused``'s architecture); returns each refit layer's calibration error before and after."""
+    in ``fused``'s architecture); returns each refit layer's calibration error before and after.
+    With ``store``, the targets are read from it when it holds them for these stages (the
+    targets are not run at all), else computed and written to it."""
     if settings.repair == "none":
         return []
     data = list(batches)
@@ -366,18 +383,19 @@ def repair(
         m.eval()
     try:
         with torch.no_grad():
-            return _repair(fused, targets, weights, graph, settings, inputs, rows)
+            return _repair(fused, targets, weights, graph, settings, inputs, rows, store)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
 
 
-def _repair(fused, targets, weights, graph, settings, inputs, rows) -> list[LayerFit]:
+def _repair(fused, targets, weights, graph, settings, inputs, rows, store) -> list[LayerFit]:
     stages = find_stages(fused, graph, inputs[0])
     if not stages:
         raise TfuseError("repair: no linear layer that the flow graph describes ran in the forward pass")
     layers = linear_layers(fused, graph)
-    replays = [_Replay(m, graph.blocks) for m in (fused, *targets)]
+    stored = store is not None and store.begin([s.modules for s in stages], len(inputs), fused)
+    replays = [_Replay(m, graph.blocks) for m in (fused, *([] if stored else targets))]
     fits: list[LayerFit] = []
     last_block = len(graph.blocks)
     for index, stage in enumerate(track(stages, f"repair ({settings.repair})", total=len(stages))):
@@ -399,16 +417,21 @@ def _repair(fused, targets, weights, graph, settings, inputs, rows) -> list[Laye
             else:
                 seen = replays[0].run(b, x, outputs_of=stage.modules)
                 fused_out = {n: rows(b, seen["out", n]) for n in stage.modules}
-            parents = []
-            for replay in replays[1:]:
-                got = replay.run(b, x, outputs_of=stage.modules, block_output=ends_block)
-                if ends_block:  # the block's last use of this batch's input
-                    replay.advance_batch(b, got["block"])
-                parents.append({n: rows(b, got["out", n]) for n in stage.modules})
-            if method.needs_inputs:
-                method.add(fused_in, {n: sum(a * p[n] for a, p in zip(weights, parents)) for n in stage.modules})
+            if stored:
+                target = store.read(index, b)
             else:
-                method.add(fused_out, parents)
+                parents = []
+                for replay in replays[1:]:
+                    got = replay.run(b, x, outputs_of=stage.modules, block_output=ends_block)
+                    if ends_block:  # the block's last use of this batch's input
+                        replay.advance_batch(b, got["block"])
+                    parents.append({n: rows(b, got["out", n]) for n in stage.modules})
+                target = method.target(parents, weights)
+                if store is not None:
+                    store.write(index, b, target)
+            method.add(fused_in if method.needs_inputs else fused_out, target)
+        if store is not None and not stored:
+            store.end_stage(index)
         if ends_block:
             for replay in replays[1:]:
                 replay.advance()

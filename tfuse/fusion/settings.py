@@ -34,6 +34,8 @@ class FusionSettings:
     repair_ridge: float = 1e-3  # lstsq: pull toward the fused weights, relative to mean diag(X^T X)
     repair_samples: int = 3000  # calibration examples of the repair (its own count)
     repair_tokens: str = "all"  # which tokens are the repair's samples (as ``tokens``)
+    cache: bool = True  # reuse what an identical earlier pass computed (fusion/cache.py)
+    cache_targets: bool = False  # also keep the repair's targets (disk: every repair sample's layer outputs)
 
     def __post_init__(self) -> None:
         for key, allowed in self.CHOICES.items():

@@ -49,7 +49,6 @@ class OTSettings(FusionSettings):
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
-    cache: bool = True  # reuse the activation statistics of an identical earlier pass (fusion/cache.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,11 +128,12 @@ def ot_fuse(
         fused = average([aligned[i] for i in range(len(models))], weights)
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
+    info: dict = {"statistics": sources}
     fits = repair_fused(
         reference, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
-        graph, settings, repair_calibration or calibration, model_inputs, timings,
+        graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache,
     )
-    return FusionOutcome(reference, maps, timings, fits, {"statistics": sources})
+    return FusionOutcome(reference, maps, timings, fits, info)
 
 
 

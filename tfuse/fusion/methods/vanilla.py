@@ -25,7 +25,9 @@ class Vanilla(Method):
         weights = settings.weights(len(models))
         model = vanilla_fuse(models, weights)
         timings: dict[str, float] = {}
+        info: dict = {}
         fits = repair_fused(  # the parents are their own aligned selves
-            model, lambda: models, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs, timings
+            model, lambda: models, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs,
+            timings, info, calibration.cache,
         )
-        return FusionOutcome(model, [{} for _ in models], timings, fits)
+        return FusionOutcome(model, [{} for _ in models], timings, fits, info)

@@ -63,11 +63,12 @@ class WeightMatching(Method):
         timings = {"match": time.perf_counter() - start}
         weights = settings.weights(len(models))
         fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
+        info: dict = {"sweeps": sweeps}
         fits = repair_fused(
             fused, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
-            graph, settings, calibration.repair_batches(), calibration.model_inputs, timings,
+            graph, settings, calibration.repair_batches(), calibration.model_inputs, timings, info, calibration.cache,
         )
-        return FusionOutcome(fused, maps, timings, fits, {"sweeps": sweeps})
+        return FusionOutcome(fused, maps, timings, fits, info)
 
 
 def match_weights(
