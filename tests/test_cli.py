@@ -113,6 +113,16 @@ def test_repair_sweep_from_the_shell(first_run: Path, workdir: Path):
     assert "fusion.repair='refit'" in err and "lstsq" in err
 
 
+def test_a_ridge_sweep_reuses_the_repair_targets(first_run: Path, workdir: Path):
+    _, runs = _sweep_first_parents(
+        workdir, "ridge", 2, "fusion.repair=lstsq", "fusion.repair_samples=200", "fusion.repair_ridge=0.1,0.0",
+        "fusion.cache_targets=true",
+    )
+    assert [r["methods"]["ot"]["repair_targets"] for r in runs] == ["computed", "cached"]
+    assert [r["methods"]["vanilla"]["repair_targets"] for r in runs] == ["computed", "cached"]
+    assert runs[1]["repair"]["ot"]["mean_error_after"] <= runs[0]["repair"]["ot"]["mean_error_after"]  # ridge 0 fits closest
+
+
 def test_method_sweep_tables_weight_matching_beside_ot(first_run: Path, workdir: Path):
     sweep, (ot, wm) = _sweep_first_parents(workdir, "methods", 2, "fusion.method=ot,weight_matching")
     assert set(ot["one_shot"]) == {"parent_0", "parent_1", "ensemble", "vanilla", "ot"}
