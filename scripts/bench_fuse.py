@@ -1,17 +1,24 @@
 """Benchmark OT fusion against the bare forward passes of its parents, and its peak memory.
 
-    python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000] [--repair lstsq]
+    python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000] [--repair lstsq] [--device cpu]
 
-Two paper-sized parents with random weights (ViT: 7 layers, width 384, 12 heads, MLP 1536,
-patch 4 on 32x32, 65 tokens) and random inputs. Prints the time of each fusion stage, the time
-of the bare forward passes of both parents over the same inputs (the baseline, measured in the
-same process), their ratio (each fuse against the mean of the forward passes timed just before
-and after it, the median over ``--repeats`` fuses), and the peak resident memory of a fresh
-process fusing with ``--samples`` and with ``--large`` samples. The same again for fusion followed
-by ``--repair`` on ``--samples`` repair samples (``repair_ratio``, ``repair_s``), and its peak memory
-with ``--samples`` and ``--large`` repair samples. Then an 8-value reg sweep, as 8 independent
-fuses (``sweep8_uncached_s``) and through the statistics cache (``sweep8_cached_s``: the first fuse
-streams, the others reuse its statistics). Ends with one JSON line.
+Two paper-sized parents with random weights (ViT: 7 layers, width 384, 12 heads, MLP 1536, patch 4
+on 32x32, 65 tokens; ``vitb``: ViT-B/16, 12 layers, width 768, 12 heads, MLP 3072, patch 16 on
+224x224, 197 tokens, 1,000 calibration samples by default) and random inputs. Prints the time of
+each fusion stage, the time of the bare forward passes of both parents over the same inputs (the
+baseline, measured in the same process), their ratio (each fuse against the mean of the forward
+passes timed just before and after it, the median over ``--repeats`` fuses), and the peak resident
+memory of a fresh process fusing with ``--samples`` and with ``--large`` samples. The same again
+for fusion followed by ``--repair`` on ``--samples`` repair samples (``repair_ratio``,
+``repair_s``), and its peak memory with ``--samples`` and ``--large`` repair samples. Then an
+8-value reg sweep, as 8 independent fuses (``sweep8_uncached_s``) and through the statistics cache
+(``sweep8_cached_s``: the first fuse streams, the others reuse its statistics). Ends with one JSON
+line.
+
+``--device cuda``: models and inputs on the GPU (the inputs drawn on the CPU, as for ``cpu``),
+every timer read after ``torch.cuda.synchronize()``, and the peak GPU memory
+(``torch.cuda.max_memory_allocated``) of the timed fuses (``peak_gpu_mb``) and of each fresh
+process (``peak_gpu_mb_N``, ``peak_gpu_mb_repair_N``) beside its peak RSS.
 """
 from __future__ import annotations
 
@@ -36,21 +43,29 @@ Batch = dict[str, torch.Tensor]
 
 
 def vit_case(seed: int):
+    return _vit(seed, hidden_size=384, num_hidden_layers=7, num_attention_heads=12, intermediate_size=1536,
+                image_size=32, patch_size=4, num_labels=10)
+
+
+def vitb_case(seed: int):
+    """ViT-B/16 sized: 12 layers, width 768, 12 heads, MLP 3072, 224x224 in patches of 16 (197 tokens)."""
+    return _vit(seed, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                image_size=224, patch_size=16, num_labels=1000)
+
+
+def _vit(seed: int, **config):
     from transformers import ViTConfig, ViTForImageClassification
 
     from tfuse.arch import hf_vit
 
-    config = ViTConfig(
-        hidden_size=384, num_hidden_layers=7, num_attention_heads=12, intermediate_size=1536,
-        image_size=32, patch_size=4, num_channels=3, num_labels=10,
-    )
+    size = config["image_size"]
     torch.manual_seed(seed)
-    model = ViTForImageClassification(config).eval()
+    model = ViTForImageClassification(ViTConfig(num_channels=3, **config)).eval()
 
     def batches(samples: int, batch_size: int) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(1234)
         for start in range(0, samples, batch_size):
-            yield {"pixel_values": torch.randn(min(batch_size, samples - start), 3, 32, 32, generator=gen)}
+            yield {"pixel_values": torch.randn(min(batch_size, samples - start), 3, size, size, generator=gen)}
 
     return model, hf_vit.graph, batches
 
@@ -81,40 +96,62 @@ def bert_case(seed: int):
     return model, hf_bert.graph, batches
 
 
-CASES: dict[str, Callable] = {"vit": vit_case, "bert": bert_case}
+CASES: dict[str, Callable] = {"vit": vit_case, "vitb": vitb_case, "bert": bert_case}
 CASE_SETTINGS: dict[str, dict] = {"bert": {"tokens": "all"}}  # BERT has no patch grid: every real token
+CASE_SAMPLES: dict[str, int] = {"vitb": 1000}  # the default --samples of a case (else DEFAULT_SAMPLES)
+DEFAULT_SAMPLES = 200
 
 
 SWEEP_REGS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2)
 
 
-def fuse_once(case: str, samples: int, settings: OTSettings, cache: StatisticsCache | None = None) -> tuple[float, dict[str, float]]:
+def now(device: str) -> float:
+    """``perf_counter`` once the device has finished the work queued on it (CUDA runs asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def pair(case: str, device: str):
+    """Both parents of ``case`` on ``device``, the graph builder, and a batch factory whose
+    batches land on ``device`` (drawn on the CPU: the same inputs on every device)."""
     make = CASES[case]
     (a, graph, batches), (b, _, _) = make(0), make(1)
-    start = time.perf_counter()
+
+    def on_device(samples: int, batch_size: int) -> Iterator[Batch]:
+        for batch in batches(samples, batch_size):
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    return a.to(device), b.to(device), graph, on_device
+
+
+def fuse_once(
+    case: str, samples: int, settings: OTSettings, cache: StatisticsCache | None = None, device: str = "cpu"
+) -> tuple[float, dict[str, float]]:
+    a, b, graph, batches = pair(case, device)
+    start = now(device)
     outcome = ot_fuse(
         [a, b], graph(b), settings, 1, lambda: batches(samples, settings.batch_size), lambda x: x,
         repair_calibration=lambda: batches(settings.repair_samples, settings.batch_size), cache=cache,
     )
-    return time.perf_counter() - start, outcome.timings
+    return now(device) - start, outcome.timings
 
 
-def sweep_seconds(case: str, samples: int, settings: OTSettings, cached: bool) -> float:
+def sweep_seconds(case: str, samples: int, settings: OTSettings, cached: bool, device: str = "cpu") -> float:
     """Fusion time of a reg sweep (model building excluded), through a fresh cache or none."""
     with tempfile.TemporaryDirectory() as folder:
         cache = StatisticsCache(Path(folder), {"case": case}) if cached else None
-        return sum(fuse_once(case, samples, dataclasses.replace(settings, reg=reg), cache)[0] for reg in SWEEP_REGS)
+        return sum(fuse_once(case, samples, dataclasses.replace(settings, reg=reg), cache, device)[0] for reg in SWEEP_REGS)
 
 
-def forward_once(case: str, samples: int, batch_size: int) -> float:
-    make = CASES[case]
-    (a, _, batches), (b, _, _) = make(0), make(1)
-    start = time.perf_counter()
+def forward_once(case: str, samples: int, batch_size: int, device: str = "cpu") -> float:
+    a, b, _, batches = pair(case, device)
+    start = now(device)
     with torch.no_grad():
         for batch in batches(samples, batch_size):
             a(**batch)
             b(**batch)
-    return time.perf_counter() - start
+    return now(device) - start
 
 
 def peak_of_this_process_mb() -> float:
@@ -129,51 +166,69 @@ def peak_of_this_process_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_rss_mb(case: str, samples: int, repair: str = "none", repair_samples: int = 0) -> float:
-    """Peak RSS of a fresh process that builds both parents and fuses them (then repairs)."""
-    cmd = [sys.executable, __file__, "--case", case, "--child", str(samples)]
+def peak_gpu_mb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def peak_rss_mb(case: str, samples: int, repair: str = "none", repair_samples: int = 0,
+                device: str = "cpu") -> tuple[float, float | None]:
+    """Peak RSS of a fresh process that builds both parents and fuses them (then repairs), and
+    its peak GPU memory on ``cuda`` (None on ``cpu``)."""
+    cmd = [sys.executable, __file__, "--case", case, "--child", str(samples), "--device", device]
     if repair != "none":
         cmd += ["--repair", repair, "--child-repair", str(repair_samples)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    values = [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
+    return values[0], values[1] if len(values) > 1 else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="vit")
-    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--samples", type=int, help=f"calibration samples (default: {DEFAULT_SAMPLES}; vitb {CASE_SAMPLES['vitb']})")
     parser.add_argument("--large", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5, help="fuses, each between two forward timings")
     parser.add_argument("--repair", choices=("none", "rescale", "lstsq"), default="lstsq",
                         help="also time fusion followed by this repair (none: skip)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models and inputs live")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
     parser.add_argument("--child-repair", type=int, help=argparse.SUPPRESS)  # ... with this many repair samples
     args = parser.parse_args()
+    if args.samples is None:
+        args.samples = CASE_SAMPLES.get(args.case, DEFAULT_SAMPLES)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible")
+    device = args.device
     settings = OTSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
     repaired = dataclasses.replace(settings, repair=args.repair, repair_samples=args.samples)
     if args.child:
         child = settings
         if args.child_repair:
             child = dataclasses.replace(settings, repair=args.repair, repair_samples=args.child_repair)
-        fuse_once(args.case, args.child, child)
-        print(peak_of_this_process_mb())
+        fuse_once(args.case, args.child, child, device=device)
+        print(peak_of_this_process_mb(), *([peak_gpu_mb()] if device == "cuda" else []))
         return
-    forward_once(args.case, 8, settings.batch_size)  # warm-up
+    forward_once(args.case, 8, settings.batch_size, device)  # warm-up
     # Every fuse is bracketed by forward passes (F U F U ... F): its ratio is to the mean of its
     # two neighbours, so a machine that speeds up or slows down over the run cancels out.
-    forwards = [forward_once(args.case, args.samples, settings.batch_size)]
+    forwards = [forward_once(args.case, args.samples, settings.batch_size, device)]
     # kinds alternate (F U F R F U F R ... F): each fuse's ratio is to the mean of its two neighbours
     runs: dict[str, list[tuple[float, dict[str, float]]]] = {"fuse": [], "repair": []}
     ratios: dict[str, list[float]] = {"fuse": [], "repair": []}
     kinds = [("fuse", settings)] + ([("repair", repaired)] if args.repair != "none" else [])
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.repeats):
         for kind, chosen in kinds:
-            runs[kind].append(fuse_once(args.case, args.samples, chosen))
-            forwards.append(forward_once(args.case, args.samples, settings.batch_size))
+            runs[kind].append(fuse_once(args.case, args.samples, chosen, device=device))
+            forwards.append(forward_once(args.case, args.samples, settings.batch_size, device))
             ratios[kind].append(runs[kind][-1][0] / ((forwards[-2] + forwards[-1]) / 2))
     forward_s = min(forwards)
-    print(f"case {args.case}, {args.samples} calibration samples, {torch.get_num_threads()} threads")
-    summary = {"case": args.case}
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"case {args.case}, {args.samples} calibration samples, {device} ({where})")
+    summary = {"case": args.case, "device": device}
+    if device == "cuda":
+        summary["peak_gpu_mb"] = round(peak_gpu_mb(), 1)
     for kind, label in (("fuse", "fuse"), ("repair", f"fuse + repair={args.repair}")):
         if not runs[kind]:
             continue
@@ -192,17 +247,24 @@ def main() -> None:
                             "repair_ratio": round(ratio, 3), "repair_ratio_best": round(total / forward_s, 3)})
     print(f"  forward      {forward_s:8.2f} s  (best of {len(forwards)}; bare forward passes of both parents, same inputs)")
     summary["forward_s"] = round(forward_s, 3)
-    small, large = peak_rss_mb(args.case, args.samples), peak_rss_mb(args.case, args.large)
+    (small, small_gpu), (large, large_gpu) = (peak_rss_mb(args.case, n, device=device) for n in (args.samples, args.large))
     print(f"  peak RSS     {small:8.0f} MB at {args.samples} samples, {large:.0f} MB at {args.large}")
     summary.update({f"peak_rss_mb_{args.samples}": round(small, 1), f"peak_rss_mb_{args.large}": round(large, 1)})
+    gpu = {f"peak_gpu_mb_{args.samples}": small_gpu, f"peak_gpu_mb_{args.large}": large_gpu}
     if args.repair != "none":
-        small_r = peak_rss_mb(args.case, args.samples, args.repair, args.samples)
-        large_r = peak_rss_mb(args.case, args.samples, args.repair, args.large)
+        (small_r, small_r_gpu), (large_r, large_r_gpu) = (
+            peak_rss_mb(args.case, args.samples, args.repair, n, device) for n in (args.samples, args.large)
+        )
         print(f"  peak RSS     {small_r:8.0f} MB with {args.samples} repair samples, {large_r:.0f} MB with {args.large}")
         summary.update({f"peak_rss_mb_repair_{args.samples}": round(small_r, 1),
                         f"peak_rss_mb_repair_{args.large}": round(large_r, 1)})
-    uncached = sweep_seconds(args.case, args.samples, settings, cached=False)
-    cached = sweep_seconds(args.case, args.samples, settings, cached=True)
+        gpu.update({f"peak_gpu_mb_repair_{args.samples}": small_r_gpu, f"peak_gpu_mb_repair_{args.large}": large_r_gpu})
+    if device == "cuda":
+        print(f"  peak GPU     {summary['peak_gpu_mb']:8.0f} MB in the timed fuses; fresh processes: "
+              + ", ".join(f"{key.removeprefix('peak_gpu_mb_')} {mb:.0f} MB" for key, mb in gpu.items()))
+        summary.update({key: round(mb, 1) for key, mb in gpu.items()})
+    uncached = sweep_seconds(args.case, args.samples, settings, cached=False, device=device)
+    cached = sweep_seconds(args.case, args.samples, settings, cached=True, device=device)
     fuse_s = summary["fuse_s"]
     print(f"  reg sweep    {uncached:8.2f} s as {len(SWEEP_REGS)} fuses, {cached:.2f} s through the statistics cache "
           f"({cached / fuse_s:.2f} x one fuse)")

@@ -177,6 +177,24 @@ def test_steps_to_beat_reads_the_curve():
     assert steps_to_beat([[0, 3.0], [10, 2.0]], 2.5, False) == 10
 
 
+def test_device_names_are_checked(monkeypatch):
+    from tfuse.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(TfuseError, match=f"device={name} but no CUDA GPU is visible"):
+            resolve_device(name)
+    for name in ("gpu", "cuda:x", "cuda:"):
+        with pytest.raises(TfuseError, match="is not known; allowed: auto, cpu, cuda, cuda:N"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(TfuseError, match=r"device=cuda:2 but 2 CUDA GPU\(s\) are visible \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+
+
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
 def test_distillation_loss_is_the_cross_entropy_when_the_teacher_is_one_hot(weight):
     from tfuse.tasks.distill import distillation_loss

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import shlex
 import shutil
 import time
@@ -39,12 +40,20 @@ from tfuse.training import train
 
 
 def resolve_device(name: str) -> str:
+    """The device every stage runs on (parents, task batches, fusion, finetuning): ``auto`` is
+    cuda when a GPU is visible; a named GPU must exist."""
+    name = str(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TfuseError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
         raise TfuseError(f"device={name!r} is not known; allowed: auto, cpu, cuda, cuda:N")
+    if name == "cpu":
+        return name
+    if not torch.cuda.is_available():
+        raise TfuseError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    count = torch.cuda.device_count()
+    if name.startswith("cuda:") and int(name[5:]) >= count:
+        raise TfuseError(f"device={name} but {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
     return name
 
 

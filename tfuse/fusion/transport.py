@@ -47,13 +47,13 @@ def _emd(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor
 def _exact(cost: torch.Tensor) -> torch.Tensor:
     n_a, n_b = cost.shape
     if n_a == n_b:  # equal uniform marginals: the optimum is a permutation
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())  # scipy: on the CPU, the plan where the cost is
         plan = torch.zeros_like(cost)
-        plan[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0 / n_a
+        plan[torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)] = 1.0 / n_a
         return plan
     a = torch.full((n_a,), 1.0 / n_a, dtype=cost.dtype, device=cost.device)
     b = torch.full((n_b,), 1.0 / n_b, dtype=cost.dtype, device=cost.device)
-    return ot.emd(a, b, cost, numItermax=10_000_000)
+    return ot.emd(a, b, cost, numItermax=10_000_000)  # POT solves on the CPU, returns on cost's device
 
 
 @SOLVERS.register("sinkhorn")

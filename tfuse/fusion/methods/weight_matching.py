@@ -9,7 +9,6 @@ parents are averaged (and repaired, which alone reads data).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align, average
-from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, with_state
+from tfuse.fusion.engine import FusionOutcome, check_parents, clock, parameters, repair_fused, with_state
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.methods.ot import OTSettings
@@ -50,7 +49,7 @@ class WeightMatching(Method):
         check_parents(models, graph, anchor)
         plan = make_plan(graph, SYMMETRIES)
         reference = parameters(models[anchor], graph)
-        start = time.perf_counter()
+        start = clock(models[anchor])
         maps: list[dict[str, torch.Tensor]] = [{} for _ in models]
         aligned: dict[int, State] = {anchor: reference}
         sweeps = []
@@ -60,7 +59,7 @@ class WeightMatching(Method):
             maps[i] = {name: as_coupling(perm) for name, perm in perms.items()}
             aligned[i] = align(state, graph, plan, maps[i])
             sweeps.append(used)
-        timings = {"match": time.perf_counter() - start}
+        timings = {"match": clock(models[anchor]) - start}
         weights = settings.weights(len(models))
         fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
         info: dict = {"sweeps": sweeps}
@@ -77,7 +76,8 @@ def match_weights(
     """Permutations (per resolved space: the parent's neuron at each of the reference's
     positions) maximising the weights' agreement; and the sweeps it took."""
     sizes = _sizes(state, reference, graph, plan)
-    perms = {name: torch.arange(n) for name, n in sizes.items()}
+    device = next(iter(state.values())).device  # the permutations index the weights where they are
+    perms = {name: torch.arange(n, device=device) for name, n in sizes.items()}
     units = [(rule.qk.name, rule.v.name, rule.heads) if isinstance(rule, HeadRule) else (rule.name,)
              for rule in plan.rules if isinstance(rule, (OTRule, HeadRule))]
     axes = _axes_of(graph, plan)
@@ -105,8 +105,8 @@ def match_weights(
 def as_coupling(perm: torch.Tensor) -> torch.Tensor:
     """The permutation as a transport map (n_parent x n_reference, mass 1/n per matched pair)."""
     n = perm.numel()
-    t = torch.zeros(n, n, dtype=torch.float64)
-    t[perm, torch.arange(n)] = 1.0 / n
+    t = torch.zeros(n, n, dtype=torch.float64, device=perm.device)
+    t[perm, torch.arange(n, device=perm.device)] = 1.0 / n
     return t
 
 
@@ -153,15 +153,19 @@ def _similarity(space, state, reference, graph, plan, perms, axes) -> torch.Tens
 
 
 def _assignment(similarity: torch.Tensor) -> torch.Tensor:
+    """The linear assignment (scipy, on the CPU) as a permutation on ``similarity``'s device."""
     rows, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(cols)] = torch.as_tensor(rows)
-    return perm
+    return perm.to(similarity.device)
 
 
 def _head_assignment(qk: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Heads matched as wholes by the best inner assignments' total (Q/K and V together), then
-    the dimensions inside each matched pair of heads."""
+    the dimensions inside each matched pair of heads. Solved on the CPU, where scipy runs the
+    heads^2 small assignments; the permutations are returned on the similarities' device."""
+    device = qk.device
+    qk, v = qk.cpu(), v.cpu()
     d = qk.shape[0] // heads
     inner: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     value = np.zeros((heads, heads))
@@ -177,4 +181,4 @@ def _head_assignment(qk: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[tor
         p_qk, p_v = inner[h, g]
         full_qk[g * d:(g + 1) * d] = h * d + p_qk
         full_v[g * d:(g + 1) * d] = h * d + p_v
-    return full_qk, full_v
+    return full_qk.to(device), full_v.to(device)
