@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import BertForMaskedLM
 
 from tfuse.arch import hf_bert
