@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,13 +42,22 @@ def parameters(model: nn.Module, graph: FlowGraph | None = None) -> State:
     return graph.to_virtual(state) if graph is not None else state
 
 
-def clock(model: nn.Module) -> float:
-    """``time.perf_counter()`` once ``model``'s device has run the work queued on it: CUDA runs
-    asynchronously, and a stage's seconds would otherwise be counted in the next one's."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+@contextmanager
+def timed(timings: dict[str, float], name: str, model: nn.Module) -> Iterator[None]:
+    """Add the block's seconds to ``timings[name]``, read once ``model``'s device has run the work
+    queued on it: CUDA runs asynchronously, and a stage's seconds would otherwise count in the next."""
+
+    def now() -> float:
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    start = now()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + now() - start
 
 
 def check_graph(model: nn.Module, graph: FlowGraph, label: str) -> None:
@@ -103,16 +113,12 @@ def repair_fused(
         return []
     if calibration is None:
         raise TfuseError(f"fusion.repair={settings.repair} needs calibration data")
-    start = clock(fused)
-    models = targets()
-    if cache is None or not (settings.cache and settings.cache_targets):
-        fits = repair(fused, models, weights, graph, settings, calibration(), model_inputs)
-        info["repair_targets"] = "computed"
-    else:
-        with cache.repair_targets(cache.targets_key(models, weights, settings)) as store:
+    with timed(timings, "repair", fused):
+        models = targets()
+        kept = cache is not None and settings.cache and settings.cache_targets
+        with cache.repair_targets(cache.targets_key(models, weights, settings)) if kept else nullcontext() as store:
             fits = repair(fused, models, weights, graph, settings, calibration(), model_inputs, store)
-        info["repair_targets"] = store.source
-    timings["repair"] = clock(fused) - start
+    info["repair_targets"] = store.source if store is not None else "computed"
     return fits
 
 

@@ -413,10 +413,10 @@ def _repair(fused, targets, weights, graph, settings, inputs, rows, store) -> li
         for b, x in enumerate(inputs):
             if method.needs_inputs:
                 seen = replays[0].run(b, x, inputs_of=stage.modules[:1])
-                fused_in = rows(b, seen["in", stage.modules[0]])
+                fused_seen = rows(b, seen["in", stage.modules[0]])
             else:
                 seen = replays[0].run(b, x, outputs_of=stage.modules)
-                fused_out = {n: rows(b, seen["out", n]) for n in stage.modules}
+                fused_seen = {n: rows(b, seen["out", n]) for n in stage.modules}
             if stored:
                 target = store.read(index, b)
             else:
@@ -429,7 +429,7 @@ def _repair(fused, targets, weights, graph, settings, inputs, rows, store) -> li
                 target = method.target(parents, weights)
                 if store is not None:
                     store.write(index, b, target)
-            method.add(fused_in if method.needs_inputs else fused_out, target)
+            method.add(fused_seen, target)
         if store is not None and not stored:
             store.end_stage(index)
         if ends_block:

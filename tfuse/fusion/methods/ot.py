@@ -12,7 +12,7 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import align, average
 from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
-from tfuse.fusion.engine import FusionOutcome, check_parents, clock, parameters, repair_fused, with_state
+from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, timed, with_state
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.methods import METHODS, Method
@@ -105,25 +105,22 @@ def ot_fuse(
     sources: list[str] = []
     for _ in range(settings.iterations):
         ref_state = parameters(reference, graph)
-        start = clock(reference)
-        stats, source = _statistics(
-            [models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches, cache
-        )
+        with timed(timings, "statistics", reference):
+            stats, source = _statistics(
+                [models[i] for i in movers], reference, graph, plan, calibration, model_inputs, settings, batches, cache
+            )
         sources.append(source)
-        timings["statistics"] += clock(reference) - start
         aligned = {anchor: ref_state} if reference is models[anchor] else {}
         maps = [{} for _ in models]
         for k, i in enumerate(movers):
             state = parameters(models[i], graph)
-            start = clock(reference)
-            maps[i] = compute_maps(
-                plan, graph, settings,
-                stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None, state, ref_state,
-            )
-            timings["transport"] += clock(reference) - start
-            start = clock(reference)
-            aligned[i] = align(state, graph, plan, maps[i])
-            timings["align"] += clock(reference) - start
+            with timed(timings, "transport", reference):
+                maps[i] = compute_maps(
+                    plan, graph, settings,
+                    stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None, state, ref_state,
+                )
+            with timed(timings, "align", reference):
+                aligned[i] = align(state, graph, plan, maps[i])
         fused = average([aligned[i] for i in range(len(models))], weights)
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))

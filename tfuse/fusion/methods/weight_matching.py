@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align, average
-from tfuse.fusion.engine import FusionOutcome, check_parents, clock, parameters, repair_fused, with_state
+from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, timed, with_state
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.methods.ot import OTSettings
@@ -49,17 +49,17 @@ class WeightMatching(Method):
         check_parents(models, graph, anchor)
         plan = make_plan(graph, SYMMETRIES)
         reference = parameters(models[anchor], graph)
-        start = clock(models[anchor])
-        maps: list[dict[str, torch.Tensor]] = [{} for _ in models]
-        aligned: dict[int, State] = {anchor: reference}
-        sweeps = []
-        for i in (i for i in range(len(models)) if i != anchor):
-            state = parameters(models[i], graph)
-            perms, used = match_weights(state, reference, graph, plan, settings.max_sweeps, settings.seed)
-            maps[i] = {name: as_coupling(perm) for name, perm in perms.items()}
-            aligned[i] = align(state, graph, plan, maps[i])
-            sweeps.append(used)
-        timings = {"match": clock(models[anchor]) - start}
+        timings: dict[str, float] = {}
+        with timed(timings, "match", models[anchor]):
+            maps: list[dict[str, torch.Tensor]] = [{} for _ in models]
+            aligned: dict[int, State] = {anchor: reference}
+            sweeps = []
+            for i in (i for i in range(len(models)) if i != anchor):
+                state = parameters(models[i], graph)
+                perms, used = match_weights(state, reference, graph, plan, settings.max_sweeps, settings.seed)
+                maps[i] = {name: as_coupling(perm) for name, perm in perms.items()}
+                aligned[i] = align(state, graph, plan, maps[i])
+                sweeps.append(used)
         weights = settings.weights(len(models))
         fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
         info: dict = {"sweeps": sweeps}
