@@ -61,5 +61,12 @@ def model_card(kind: str, name: str, label: str, results: dict, parents: list[di
         cells = ", ".join(f"{metric} {value:.4g}" + (f" ({val[metric]:.4g})" if metric in val else "")
                           for metric, value in test.items())
         lines.append(f"- {title}: {cells}")
+    partition = results.get("partition")
+    if partition:
+        knobs = ", ".join(f"{k} {v}" for k, v in partition.items() if k != "shards")
+        lines += ["", f"## Training data of the parents (partition: {knobs})", "",
+                  "| parent | examples | per class |", "|---|---:|---|",
+                  *[f"| {i} | {shard['size']} | {' '.join(map(str, shard.get('classes', [])))} |"
+                    for i, shard in enumerate(partition["shards"])]]
     lines += ["", "## Settings (`fusion`)", "", "```yaml", yaml.safe_dump(results["settings"], sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from torch import nn
 from tfuse.arch import family, load_parent
 from tfuse.errors import TfuseError
 from tfuse.io import locked, new_directory, write_json
+from tfuse.partition import Partition, describe, shards
 from tfuse.tasks.base import Task
 from tfuse.training import epochs_to_steps, train
 
@@ -26,19 +27,39 @@ class Parent:
     seed: int | None = None  # a recipe parent's training seed
 
 
-def recipe(cfg: DictConfig, seed: int) -> dict:
-    """What determines a recipe parent: architecture, data, schedule and seed."""
-    return {
+def recipe(cfg: DictConfig, seed: int, shard: tuple[int, int] | None = None) -> dict:
+    """What determines a recipe parent: architecture, data, schedule and seed, and under a non-IID
+    partition its settings and the parent's ``shard`` (index, count)."""
+    out = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "seed": seed,
     }
+    part = partition_of(cfg)
+    if not part.iid and shard is not None:  # IID parents keep the keys they always had
+        out["partition"] = {**part.as_dict(), "shard": list(shard)}
+    return out
 
 
-def recipe_dir(cfg: DictConfig, seed: int) -> Path:
-    key = hashlib.sha1(json.dumps(recipe(cfg, seed), sort_keys=True).encode()).hexdigest()[:12]
+def recipe_dir(cfg: DictConfig, seed: int, shard: tuple[int, int] | None = None) -> Path:
+    key = hashlib.sha1(json.dumps(recipe(cfg, seed, shard), sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.cache_dir) / f"{cfg.model.family}-{cfg.data.name}-{key}-seed{seed}"
+
+
+def partition_of(cfg: DictConfig) -> Partition:
+    """The ``partition`` group's settings (``iid`` when the config has none)."""
+    data = cfg.get("partition")
+    return Partition.from_config(OmegaConf.to_container(data, resolve=True) if data is not None else None)
+
+
+def parent_shards(cfg: DictConfig, task: Task) -> tuple[list[torch.Tensor], dict]:
+    """Each recipe parent's training indices under ``partition``, and their description
+    (results.json ``partition``)."""
+    part = partition_of(cfg)
+    labels = getattr(task, "train_labels", None)
+    parts = shards(part, labels, task.train_size, len(parent_seeds(cfg)))
+    return parts, describe(part, parts, labels, getattr(task, "num_classes", None), cfg.train.batch_size)
 
 
 def train_parent(cfg: DictConfig, task: Task, seed: int, device: str) -> tuple[nn.Module, dict]:
@@ -56,12 +77,13 @@ def train_parent(cfg: DictConfig, task: Task, seed: int, device: str) -> tuple[n
     return model, metrics
 
 
-def save_parent(model: nn.Module, cfg: DictConfig, metrics: dict, seed: int, path: Path) -> None:
+def save_parent(model: nn.Module, cfg: DictConfig, metrics: dict, seed: int, path: Path,
+                shard: tuple[int, int] | None = None) -> None:
     """Write a parent with ``save_pretrained``-style files beside its metrics and recipe."""
     with new_directory(path) as tmp:
         family(cfg.model.family).save(model, str(tmp))
         write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "recipe.json", recipe(cfg, seed))
+        write_json(tmp / "recipe.json", recipe(cfg, seed, shard))
 
 
 def parent_seeds(cfg: DictConfig) -> list[int]:
@@ -96,21 +118,28 @@ def parent_configs(cfg: DictConfig) -> list[DictConfig]:
     return out
 
 
-def obtain_parents(cfg: DictConfig, task: Task, device: str) -> list[Parent]:
+def obtain_parents(cfg: DictConfig, task: Task, device: str, parts: list[torch.Tensor] | None = None) -> list[Parent]:
     """``parents=[...]`` when given, else the experiment's recipe (trained once, then cached): one
     parent per seed of ``parent_seeds`` (default 0 .. n_parents-1), each with its ``parent_models``
-    override."""
+    override, parent i on the training examples ``parts[i]`` under a non-IID partition."""
     fam = cfg.model.family
     if cfg.parents:
+        if not partition_of(cfg).iid:
+            raise TfuseError(f"partition={partition_of(cfg).kind} deals the data to recipe parents, but parents=[...] "
+                             "are checkpoints already trained; drop the partition override")
         return [Parent(load_parent(str(s), fam, f"parents[{i}]").to(device), str(s)) for i, s in enumerate(cfg.parents)]
+    iid = partition_of(cfg).iid
+    seeds = parent_seeds(cfg)
     out = []
-    for seed, one in zip(parent_seeds(cfg), parent_configs(cfg)):
-        path = recipe_dir(one, seed)
+    for i, (seed, one) in enumerate(zip(seeds, parent_configs(cfg))):
+        shard = (i, len(seeds))
+        path = recipe_dir(one, seed, shard)
         with locked(path):  # parallel jobs of a sweep train a shared parent once
             if path.is_dir():
                 out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path), seed=seed))
                 continue
-            model, metrics = train_parent(one, task, seed, device)
-            save_parent(model, one, metrics, seed, path)
+            own = task if iid or parts is None else task.restricted(parts[i])
+            model, metrics = train_parent(one, own, seed, device)
+            save_parent(model, one, metrics, seed, path, shard)
             out.append(Parent(model, str(path), metrics["train"]["seconds"], seed))
     return out

@@ -5,6 +5,7 @@ collect_results -> save_models."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import re
@@ -31,7 +32,8 @@ from tfuse.fusion.engine import FusionOutcome
 from tfuse.fusion.methods import METHODS, Calibration, label_of, settings_from_config
 from tfuse.fusion.settings import FusionSettings
 from tfuse.io import new_directory, new_file, write_json
-from tfuse.parents import obtain_parents, save_parent, train_parent
+from tfuse.parents import obtain_parents, parent_configs, parent_shards, save_parent, train_parent
+from tfuse.partition import own_classes
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
 from tfuse.tasks.distill import TEACHERS, Distilled
@@ -143,16 +145,18 @@ class Setup:
     parents: list
     models: list[torch.nn.Module]
     widths_differ: bool
+    partition: dict | None = None  # results.json ``partition``: the shards of recipe parents
 
 
 @dataclass
 class Baseline:
-    """Stage 2: the parents and their ensemble scored, and the anchor chosen."""
+    """Stage 2: the parents and their ensemble scored, the anchor chosen and the weights resolved."""
 
     one_shot: dict[str, dict]
     one_shot_val: dict[str, dict]
     anchor: int
     anchor_val_scores: list[float] | None
+    weights: list[float]
 
 
 @dataclass
@@ -184,7 +188,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     setup = prepare(cfg, clock)
     baseline = score_parents(setup, clock)
     fused = fuse_parents(setup, baseline, clock)
-    tuned = finetune_all(setup, fused, clock)
+    tuned = finetune_all(setup, fused, clock, baseline.anchor)
     results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
@@ -218,19 +222,21 @@ def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     seed_everything(cfg.seed)
     with clock.stage("data"):
         task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents, cfg.model.family)
+    parts, partition = parent_shards(cfg, task) if not cfg.parents else (None, None)
     with clock.stage("parents"):
-        parents = obtain_parents(cfg, task, device)
+        parents = obtain_parents(cfg, task, device, parts)
     models = [p.model for p in parents]
     task = for_models(task, models)  # bare encoders: embedding agreement with the parents
     widths_differ = any(
         a.shape != b.shape for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
     )
     check_same_architecture(models, allow_widths=METHODS[settings.method].allows_widths)
-    return Setup(cfg, settings, device, task, parents, models, widths_differ)
+    return Setup(cfg, settings, device, task, parents, models, widths_differ, partition)
 
 
 def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
-    """Every parent and the ensemble on the test and validation splits; the anchor."""
+    """Every parent and the ensemble on the test and validation splits (and the weighted ensemble
+    when the weights are not uniform); the anchor and the weights."""
     task, models = setup.task, setup.models
     with clock.stage("evaluate_parents"):
         one_shot = {f"parent_{i}": task.evaluate(m) for i, m in enumerate(models)}
@@ -238,13 +244,36 @@ def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
         one_shot_val = {f"parent_{i}": task.evaluate(m, "val") for i, m in enumerate(models)}
         one_shot_val["ensemble"] = task.evaluate_ensemble(models, "val")
         anchor, val_scores = choose_anchor(setup.settings.anchor, models, task)
-    return Baseline(one_shot, one_shot_val, anchor, val_scores)
+        weights = resolve_alpha(setup, one_shot_val)
+        if len(set(weights)) > 1:
+            one_shot["ensemble_weighted"] = task.evaluate_ensemble(models, weights=weights)
+            one_shot_val["ensemble_weighted"] = task.evaluate_ensemble(models, "val", weights=weights)
+    return Baseline(one_shot, one_shot_val, anchor, val_scores, weights)
+
+
+def resolve_alpha(setup: Setup, val: dict[str, dict]) -> list[float]:
+    """The parents' weights: ``fusion.alpha`` as given, ``shard`` (in proportion to their shards'
+    sizes) or ``val`` (to their validation score; for a loss, to exp(-loss))."""
+    alpha, n, task = setup.settings.alpha, len(setup.models), setup.task
+    if alpha == "shard":
+        if setup.partition is None:
+            raise TfuseError("fusion.alpha=shard weighs recipe parents by their shards; parents=[...] have none "
+                             "(use fusion.alpha=val or a list)")
+        sizes = [s["size"] for s in setup.partition["shards"]]
+        return [z / sum(sizes) for z in sizes]
+    if alpha == "val":
+        scores = [val[f"parent_{i}"][task.primary_metric] for i in range(n)]
+        scores = scores if task.higher_is_better else [math.exp(-v) for v in scores]
+        if not sum(scores) > 0:
+            raise TfuseError(f"fusion.alpha=val: every parent scores 0 on validation {task.primary_metric}; give the weights")
+        return [v / sum(scores) for v in scores]
+    return setup.settings.weights(n)
 
 
 def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
     """The configured method's fused model, and vanilla fusion as the control where the widths
     agree (repaired alike: alignment's share of a repaired model)."""
-    settings, task = setup.settings, setup.task
+    settings, task = dataclasses.replace(setup.settings, alpha=baseline.weights), setup.task
     graph = family_for(setup.models[baseline.anchor]).graph(setup.models[baseline.anchor])
     calibration = Calibration(
         lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
@@ -255,6 +284,7 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
             "task": task.name, "data": OmegaConf.to_container(setup.cfg.data, resolve=True),
             "parents": [p.source for p in setup.parents],  # a text family's tokenizer comes with them
         }),
+        getattr(task, "competence", None),
     )
     names = ([] if setup.widths_differ else ["vanilla"]) + ([settings.method] if settings.method != "vanilla" else [])
     models, outcomes, one_shot = {}, {}, {}
@@ -271,14 +301,17 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
     return Fused(models, outcomes, one_shot, one_shot_val)
 
 
-def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch) -> Tuned:
-    """Every fused model and (``finetune.controls=parents``) every parent finetuned with the same
-    budget and schedule; with widths that differ, the anchor finetuned alone is the compression
-    baseline."""
-    cfg, task, tuned = setup.cfg, setup.task, Tuned()
+def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch, anchor: int = 0) -> Tuned:
+    """Every fused model and its controls finetuned on the same samples (``finetune.max_samples``
+    of the training split, default all) with the same budget and schedule: every parent
+    (``parents``), and a fresh model of the anchor's recipe trained on those samples alone
+    (``scratch``). With widths that differ, the anchor finetuned alone is the compression baseline."""
+    cfg, tuned = setup.cfg, Tuned()
     if cfg.finetune.steps <= 0:
         return tuned
-    controls = {f"parent_{i}": m for i, m in enumerate(setup.models)} if _controls(cfg) == "parents" else {}
+    task = finetune_task(setup.task, cfg)
+    wanted = _controls(cfg)
+    controls = {f"parent_{i}": m for i, m in enumerate(setup.models)} if "parents" in wanted else {}
     for name, model in {**fused.models, **controls}.items():
         copy_ = copy.deepcopy(model)
         with clock.stage(f"finetune_{name}"):
@@ -289,7 +322,29 @@ def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch) -> Tuned:
             tuned.curves[name] = stats["curve"]
         if name in fused.models:
             tuned.models[name] = copy_
+    if "scratch" in wanted:
+        if cfg.parents:
+            raise TfuseError("finetune.controls=scratch trains the parents' recipe, but parents=[...] are checkpoints; "
+                             "drop scratch from finetune.controls")
+        with clock.stage("finetune_scratch"):
+            model, _ = train_parent(parent_configs(cfg)[anchor], task, cfg.seed, setup.device)
+        tuned.finetuned["scratch"] = task.evaluate(model)
+        tuned.finetuned_val["scratch"] = task.evaluate(model, "val")
     return tuned
+
+
+def finetune_task(task: Task, cfg: DictConfig) -> Task:
+    """The task the finetune trains on: ``finetune.max_samples`` training examples, a subset seeded
+    by ``seed`` (null: all of them)."""
+    limit = cfg.finetune.get("max_samples")
+    if limit is None:
+        return task
+    if not isinstance(limit, int) or limit < 1:
+        raise TfuseError(f"finetune.max_samples={limit} must be a positive number of training samples (or null: all)")
+    if not hasattr(task, "restricted"):
+        raise TfuseError(f"finetune.max_samples: the {task.name} task cannot be restricted to a subset; drop it")
+    order = torch.randperm(task.train_size, generator=torch.Generator().manual_seed(cfg.seed))
+    return task.restricted(order[:limit].sort().values)
 
 
 def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned, clock: Stopwatch, out_dir: Path) -> dict:
@@ -304,12 +359,16 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
         "settings": settings.as_dict(),
         "anchor": baseline.anchor,
         "anchor_val_scores": baseline.anchor_val_scores,
-        "alpha": settings.weights(len(setup.models)),
+        "alpha": baseline.weights,
         "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds} for p in setup.parents],
         "primary_metric": task.primary_metric,
         "not_applicable": {"vanilla": "widths differ"} if setup.widths_differ else {},
         "repair": {name: _fit_summary(o.repair) for name, o in fused.outcomes.items() if o.repair},
     }
+    if setup.partition is not None:
+        results["partition"] = setup.partition
+    if hasattr(task, "predictions"):
+        results.update(class_scores(setup, baseline, fused, tuned))
     info = {name: o.info for name, o in fused.outcomes.items() if o.info}
     if info:
         results["methods"] = info
@@ -322,6 +381,47 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
         }
         plot_curves(tuned.curves, level, task.primary_metric, out_dir / "finetune.png")
     return results
+
+
+def class_scores(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned) -> dict:
+    """Every one-shot model's test predictions (``test_predictions``, with ``test_labels``: paired
+    tests), its accuracy per class (``per_class``; ``per_class_finetuned``) and, under a non-IID
+    partition, on each parent's own classes and on the rest (``by_shard``)."""
+    task, models = setup.task, setup.models
+    weighted = {"ensemble": None, "ensemble_weighted": baseline.weights}
+    predicted = {}
+    for name in baseline.one_shot:
+        if name in weighted:
+            predicted[name], labels = task.predictions(models, weights=weighted[name])
+        else:
+            predicted[name], labels = task.predictions([models[int(name.split("_")[1])]])
+    for name, model in fused.models.items():
+        predicted[name], labels = task.predictions([model])
+    tuned_predicted = {name: task.predictions([m])[0] for name, m in tuned.models.items()}
+    n_classes = int(labels.max()) + 1 if getattr(task, "num_classes", None) is None else task.num_classes
+
+    def per_class(pred: torch.Tensor) -> list[float | None]:
+        return [float((pred[labels == c] == c).float().mean()) if (labels == c).any() else None for c in range(n_classes)]
+
+    out = {
+        "test_labels": labels.tolist(),
+        "test_predictions": {name: p.tolist() for name, p in predicted.items()},
+        "per_class": {name: per_class(p) for name, p in predicted.items()},
+        "per_class_finetuned": {name: per_class(p) for name, p in tuned_predicted.items()},
+    }
+    owned = own_classes(setup.partition, len(models)) if setup.partition else None
+    if owned:
+        def share(pred: torch.Tensor, classes: list[int]) -> float | None:
+            keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+            return float((pred[keep] == labels[keep]).float().mean()) if classes and keep.any() else None
+
+        rest = [[c for c in range(n_classes) if c not in own] for own in owned]
+        out["by_shard"] = {
+            name: [{"own": share(p, own), "rest": share(p, other)} for own, other in zip(owned, rest)]
+            for name, p in predicted.items()
+        }
+        out["own_classes"] = owned
+    return out
 
 
 def _fit_summary(fits: list) -> dict:
@@ -350,11 +450,18 @@ def _command_line(out_dir: Path) -> str:
     return " ".join(["tfuse fuse", *(shlex.quote(str(o)) for o in overrides)])
 
 
-def _controls(cfg: DictConfig) -> str:
-    controls = cfg.finetune.get("controls", "parents")
-    if controls not in ("parents", "none"):
-        raise TfuseError(f"finetune.controls={controls!r} is not known; allowed: parents, none")
-    return controls
+CONTROLS = ("parents", "scratch", "none")
+
+
+def _controls(cfg: DictConfig) -> set[str]:
+    """``finetune.controls``: one of CONTROLS or a list of them (``[parents,scratch]``)."""
+    given = cfg.finetune.get("controls", "parents")
+    names = [given] if isinstance(given, str) else list(given)
+    unknown = [c for c in names if c not in CONTROLS]
+    if unknown or not names:
+        raise TfuseError(f"finetune.controls={given!r} is not known; allowed: {', '.join(CONTROLS)} or a list "
+                         "such as [parents,scratch]")
+    return set(names) - {"none"}
 
 
 def results_table(results: dict) -> Table:
@@ -370,12 +477,20 @@ def results_table(results: dict) -> Table:
     beat = results.get("steps_to_beat_best_parent")
     if beat:
         table.add_column("steps until above the best parent (val)", justify="right")
-    for name, scores in one_shot.items():
-        row = [label_of(name)] + [_fmt(m, scores[m]) for m in metrics]
+    shards = results.get("by_shard", {})
+    count = len(next(iter(shards.values()))) if shards else 0
+    for i in range(count):  # what a fused model must combine: each parent's own classes, and the rest
+        table.add_column(f"own {i}", justify="right")
+        table.add_column(f"rest {i}", justify="right")
+    for name in [*one_shot, *(n for n in tuned if n not in one_shot)]:
+        scores = one_shot.get(name, {})
+        row = [label_of(name)] + [_fmt(m, scores[m]) if m in scores else "" for m in metrics]
         if tuned:
             row += [_fmt(m, tuned[name][m]) if name in tuned else "" for m in metrics]
         if beat:
             row.append("" if name not in beat else "never" if beat[name] is None else str(beat[name]))
+        for part in shards.get(name, [{}] * count):
+            row += ["" if part.get(k) is None else f"{100 * part[k]:.1f}%" for k in ("own", "rest")]
         table.add_row(*row)
     for name, why in results.get("not_applicable", {}).items():
         table.add_row(label_of(name), *[f"n/a: {why}" if i == 0 else "" for i in range(len(table.columns) - 1)])

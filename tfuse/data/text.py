@@ -60,6 +60,10 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, index: torch.Tensor) -> "Sequences":
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Sequences(self.input_ids[index], self.attention_mask[index], pick(self.labels), pick(self.token_type_ids))
+
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
         if self.token_type_ids is not None:
@@ -304,10 +308,7 @@ def cap(seq: Sequences, limit: int | None, seed: int) -> Sequences:
     if not limit or len(seq) <= limit:
         return seq
     keep = torch.randperm(len(seq), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return Sequences(
-        seq.input_ids[keep], seq.attention_mask[keep], None if seq.labels is None else seq.labels[keep],
-        None if seq.token_type_ids is None else seq.token_type_ids[keep],
-    )
+    return seq.subset(keep)
 
 
 def sequences(tokenizer, docs: list[Document], length: int, label_names: list[str] | None = None) -> Sequences:

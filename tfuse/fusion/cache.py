@@ -87,7 +87,8 @@ class StatisticsCache:
             "format": FORMAT, "targets": [tensors_sha256(m.state_dict()) for m in targets],
             "weights": [float(w) for w in weights], "data": self.data, "repair": settings.repair,
             "samples": settings.repair_samples, "batch_size": settings.batch_size, "seed": settings.seed,
-            "tokens": settings.repair_tokens,
+            "tokens": settings.repair_tokens, **({"per_sample": settings.repair_targets}
+                                                 if settings.repair_targets != "mean" else {}),
         }
 
     @contextmanager

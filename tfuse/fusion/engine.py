@@ -104,6 +104,7 @@ def repair_fused(
     timings: dict[str, float],
     info: dict,
     cache: "StatisticsCache | None" = None,
+    competence: Callable | None = None,
 ) -> list[LayerFit]:
     """``fusion.repair`` of a fused model toward ``targets()`` (the aligned parents, built only
     when there is a repair), its seconds in ``timings["repair"]``; with ``cache`` and
@@ -117,7 +118,7 @@ def repair_fused(
         models = targets()
         kept = cache is not None and settings.cache and settings.cache_targets
         with cache.repair_targets(cache.targets_key(models, weights, settings)) if kept else nullcontext() as store:
-            fits = repair(fused, models, weights, graph, settings, calibration(), model_inputs, store)
+            fits = repair(fused, models, weights, graph, settings, calibration(), model_inputs, store, competence)
     info["repair_targets"] = store.source if store is not None else "computed"
     return fits
 

@@ -25,6 +25,12 @@ the blocks before it are final, the blocks before are bypassed, and the pass sto
 stage has been observed. With ``fusion.cache_targets``, the targets are kept (``cache.py``,
 ``TargetStore``): a sweep that leaves the aligned parents as they are (over ``repair_ridge``, or
 the finetune's knobs) replays only the fused model.
+
+*Per-sample targets* (``repair_targets``, lstsq): on each calibration sample, aligned parent k
+weighs ``alpha_k x s_k`` normalised over the parents, where ``s_k`` is its probability of the
+sample's true label (``label``) or its top probability (``confidence``), read off the task
+(``competence``): the parent that knows a sample dominates its target, as it dominates the
+ensemble's vote. ``mean`` (``s_k = 1``) is the plain alpha-weighted mean.
 """
 from __future__ import annotations
 
@@ -207,13 +213,25 @@ class _Rows:
     def __call__(self, b: int, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return x.float()
+        rows = self._rows(b, x)
+        flat = x.reshape(-1, x.shape[-1])
+        return (flat if rows is None else flat.index_select(0, rows)).float()
+
+    def per_row(self, b: int, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``values`` given per example of batch ``b`` (first axis), repeated for each of the
+        example's rows that ``self(b, x)`` keeps."""
+        if x.dim() == 2:
+            return values
+        spread = values.repeat_interleave(x.shape[1], dim=0)
+        rows = self._rows(b, x)
+        return spread if rows is None else spread.index_select(0, rows.to(spread.device))
+
+    def _rows(self, b: int, x: torch.Tensor) -> torch.Tensor | None:
         key = (b, x.shape[1])
         if key not in self.cache:
             mask = token_mask(self.batches[b], x.shape[1], self.graph.tokens, self.settings, self.generator)
             self.cache[key] = kept_rows(mask, x.device)
-        rows = self.cache[key]
-        flat = x.reshape(-1, x.shape[-1])
-        return (flat if rows is None else flat.index_select(0, rows)).float()
+        return self.cache[key]
 
 
 class _LeastSquares:
@@ -231,8 +249,9 @@ class _LeastSquares:
         self.ysum = {n: z(m.out_features) for n, m in layers.items()}
         self.ysq = dict.fromkeys(layers, 0.0)
 
-    def target(self, parents: list[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Each layer's target: the alpha-weighted mean of the aligned parents' outputs."""
+    def target(self, parents: list[dict[str, torch.Tensor]], weights: Sequence) -> dict[str, torch.Tensor]:
+        """Each layer's target: the weighted mean of the aligned parents' outputs (a weight per
+        parent, or a column of per-row weights)."""
         return {n: sum(a * p[n] for a, p in zip(weights, parents)) for n in self.layers}
 
     def add(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
@@ -356,6 +375,28 @@ def _mean_std(moments: list) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (centred / max(n, 1)).sqrt()
 
 
+def sample_weights(
+    targets: Sequence[nn.Module], weights: Sequence[float], batches: Sequence[Batch], kind: str, competence,
+) -> list[torch.Tensor]:
+    """Per batch, each example's weight of every aligned parent, ``(examples, parents)``, summing
+    to one per example: ``alpha_k x s_k`` normalised, ``s_k`` the parent's probability of the true
+    label (``label``) or its top probability (``confidence``); the plain alphas where every
+    parent gives a sample zero."""
+    if competence is None:
+        raise TfuseError(f"fusion.repair_targets={kind} needs the task's per-sample predictions, which this task "
+                         "does not give; use fusion.repair_targets=mean")
+    out = []
+    for batch in batches:
+        if kind == "label" and "labels" not in batch:
+            raise TfuseError("fusion.repair_targets=label needs labelled calibration samples; use confidence or mean")
+        scores = torch.stack([competence(m, batch)[0 if kind == "label" else 1].double() for m in targets], dim=1)
+        alpha = scores.new_tensor(list(weights))
+        raw = scores * alpha
+        total = raw.sum(1, keepdim=True)
+        out.append(torch.where(total > 0, raw / total.clamp_min(1e-300), alpha / alpha.sum()).float())
+    return out
+
+
 def repair(
     fused: nn.Module,
     targets: Sequence[nn.Module],
@@ -365,11 +406,13 @@ def repair(
     batches: Iterable[Batch],
     model_inputs,
     store: "TargetStore | None" = None,
+    competence=None,
 ) -> list[LayerFit]:
-    """Repair ``fused`` in place toward the alpha-weighted mean of ``targets`` (the aligned parents,
-    in ``fused``'s architecture); returns each refit layer's calibration error before and after.
-    With ``store``, the targets are read from it when it holds them for these stages (the
-    targets are not run at all), else computed and written to it."""
+    """Repair ``fused`` in place toward the weighted mean of ``targets`` (the aligned parents, in
+    ``fused``'s architecture; per sample with ``repair_targets``, scored by ``competence(model,
+    batch) -> (p_label, p_top)`` per example); returns each refit layer's calibration error before
+    and after. With ``store``, the targets are read from it when it holds them for these stages
+    (the targets are not run at all), else computed and written to it."""
     if settings.repair == "none":
         return []
     data = list(batches)
@@ -383,13 +426,15 @@ def repair(
         m.eval()
     try:
         with torch.no_grad():
-            return _repair(fused, targets, weights, graph, settings, inputs, rows, store)
+            per_sample = (None if settings.repair_targets == "mean"
+                          else sample_weights(targets, weights, data, settings.repair_targets, competence))
+            return _repair(fused, targets, weights, graph, settings, inputs, rows, store, per_sample)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
 
 
-def _repair(fused, targets, weights, graph, settings, inputs, rows, store) -> list[LayerFit]:
+def _repair(fused, targets, weights, graph, settings, inputs, rows, store, per_sample) -> list[LayerFit]:
     stages = find_stages(fused, graph, inputs[0])
     if not stages:
         raise TfuseError("repair: no linear layer that the flow graph describes ran in the forward pass")
@@ -420,13 +465,18 @@ def _repair(fused, targets, weights, graph, settings, inputs, rows, store) -> li
             if stored:
                 target = store.read(index, b)
             else:
-                parents = []
+                parents, shape = [], None
                 for replay in replays[1:]:
                     got = replay.run(b, x, outputs_of=stage.modules, block_output=ends_block)
                     if ends_block:  # the block's last use of this batch's input
                         replay.advance_batch(b, got["block"])
                     parents.append({n: rows(b, got["out", n]) for n in stage.modules})
-                target = method.target(parents, weights)
+                    shape = got["out", stage.modules[0]]
+                factors = weights
+                if per_sample is not None:  # one column of row weights per parent
+                    w = rows.per_row(b, shape, per_sample[b].to(shape.device))
+                    factors = [w[:, k:k + 1] for k in range(w.shape[1])]
+                target = method.target(parents, factors)
                 if store is not None:
                     store.write(index, b, target)
             method.add(fused_seen, target)

@@ -11,6 +11,8 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.tokens import TOKEN_FILTERS
 
 REPAIRS = ("none", "rescale", "lstsq")
+REPAIR_TARGETS = ("mean", "label", "confidence")  # how the aligned parents' outputs are weighed per sample
+ALPHA_RULES = ("shard", "val")  # alpha resolved by the pipeline: by shard size, by validation score
 
 
 @dataclass
@@ -18,7 +20,7 @@ class FusionSettings:
     """Every method's knobs; defaults are the paper's released ones except where noted."""
 
     CHOICES: ClassVar[dict[str, Collection[str]]] = {
-        "tokens": TOKEN_FILTERS, "repair": REPAIRS, "repair_tokens": TOKEN_FILTERS,
+        "tokens": TOKEN_FILTERS, "repair": REPAIRS, "repair_tokens": TOKEN_FILTERS, "repair_targets": REPAIR_TARGETS,
     }
 
     method: str = "ot"
@@ -28,12 +30,13 @@ class FusionSettings:
     window: int = 6
     token_count: int = 8
     anchor: int | str = 0
-    alpha: Sequence[float] | None = None
+    alpha: Sequence[float] | str | None = None  # weights per parent, or shard | val (resolved by the pipeline)
     seed: int = 0
     repair: str = "none"  # after averaging: none | rescale (REPAIR) | lstsq (layer-wise ridge refit)
     repair_ridge: float = 1e-3  # lstsq: pull toward the fused weights, relative to mean diag(X^T X)
     repair_samples: int = 3000  # calibration examples of the repair (its own count)
     repair_tokens: str = "all"  # which tokens are the repair's samples (as ``tokens``)
+    repair_targets: str = "mean"  # per sample, each aligned parent weighs alpha x: 1 (mean), p(label), top p (confidence)
     cache: bool = True  # reuse what an identical earlier pass computed (fusion/cache.py)
     cache_targets: bool = False  # also keep the repair's targets (disk: every repair sample's layer outputs)
 
@@ -48,6 +51,11 @@ class FusionSettings:
             raise TfuseError(f"fusion.repair_ridge={self.repair_ridge} must be 0 (plain least squares) or positive")
         if self.repair_samples < 1:
             raise TfuseError(f"fusion.repair_samples={self.repair_samples} must be at least 1")
+        if self.repair_targets != "mean" and self.repair == "rescale":
+            raise TfuseError(f"fusion.repair_targets={self.repair_targets} weighs each sample's target; it needs "
+                             "fusion.repair=lstsq (rescale matches whole-split moments)")
+        if isinstance(self.alpha, str) and self.alpha not in ALPHA_RULES:
+            raise TfuseError(f"fusion.alpha={self.alpha!r}: give one weight per parent, or one of {', '.join(ALPHA_RULES)}")
         if not (isinstance(self.anchor, int) or self.anchor == "best"):
             raise TfuseError(f"fusion.anchor={self.anchor!r}: give a parent index or 'best'")
 
@@ -65,7 +73,7 @@ class FusionSettings:
             raise TfuseError(
                 f"unknown fusion setting(s) {', '.join(unknown)}; known: {', '.join(sorted(cls.known() | set(ignore)))}"
             )
-        if data.get("alpha") is not None:
+        if data.get("alpha") is not None and not isinstance(data["alpha"], str):
             data["alpha"] = [float(a) for a in data["alpha"]]
         return cls(**data)
 
@@ -73,6 +81,9 @@ class FusionSettings:
         """Per-parent averaging weights (uniform unless ``alpha`` is given), summing to one."""
         if self.alpha is None:
             return [1.0 / n_parents] * n_parents
+        if isinstance(self.alpha, str):
+            raise TfuseError(f"fusion.alpha={self.alpha} is resolved by `tfuse fuse` (from the shards or the "
+                             "validation scores); give the weights themselves here")
         if len(self.alpha) != n_parents or any(a < 0 for a in self.alpha) or sum(self.alpha) <= 0:
             raise TfuseError(
                 f"fusion.alpha={list(self.alpha)} needs {n_parents} non-negative weights, one per parent"
@@ -82,5 +93,5 @@ class FusionSettings:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["alpha"] = list(self.alpha) if self.alpha is not None else None
+        out["alpha"] = list(self.alpha) if isinstance(self.alpha, (list, tuple)) else self.alpha
         return out

@@ -1,12 +1,22 @@
 """What the pipeline needs from a task: batches to train and calibrate on, a loss, metrics."""
 from __future__ import annotations
 
+import math
 from typing import Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+
+
+def mixed_log_probs(log_probs: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """The log of the ensemble's probabilities from its members' (stacked on the first axis):
+    their mean, or their ``weights``-weighted mean."""
+    if weights is None:
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(log_probs))
+    log_w = torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]) - math.log(sum(weights))
+    return torch.logsumexp(log_probs + log_w.to(log_probs.device).view(-1, *[1] * (log_probs.dim() - 1)), dim=0)
 
 
 class Task(Protocol):
@@ -39,5 +49,7 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         """Metrics of one model on a split ("val" or "test")."""
 
-    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
-        """Metrics of the prediction ensemble (averaged probabilities) of several models."""
+    def evaluate_ensemble(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of the prediction ensemble (averaged, or ``weights``-weighted, probabilities)."""

@@ -1,8 +1,8 @@
 """Image classification task for Hugging Face style classifiers and timm models."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
 from typing import Iterator, Sequence
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from tfuse.data.images import ImageData, Split
 from tfuse.errors import TfuseError
-from tfuse.tasks.base import Batch
+from tfuse.tasks.base import Batch, mixed_log_probs
 
 SPLITS = ("train", "val", "test")
 
@@ -41,6 +41,21 @@ class ImageClassificationTask:
     @property
     def train_size(self) -> int:
         return len(self.data.train[1])
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        """The training split's classes (what a partition deals)."""
+        return self.data.train[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    def restricted(self, index: torch.Tensor) -> "ImageClassificationTask":
+        """The same task trained (and calibrated) on the training examples ``index`` only."""
+        images, labels = self.data.train
+        data = dataclasses.replace(self.data, train=(images[index], labels[index]))
+        return type(self)(data, self.eval_batch_size, self.device)
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Endless batches of the training split, reshuffled each epoch."""
@@ -72,32 +87,48 @@ class ImageClassificationTask:
         """Accuracy and mean cross-entropy of one model on ``split``."""
         return self.evaluate_ensemble([model], split)
 
-    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
-        """Accuracy and NLL of the averaged softmax probabilities of ``models`` on ``split``."""
-        data = self._split(split)
+    def evaluate_ensemble(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """Accuracy and NLL of the averaged (``weights``: weighted) softmax probabilities of
+        ``models`` on ``split``."""
+        predicted, labels, nll = self._score(models, self._split(split), weights)
+        n = len(labels)
+        return {"accuracy": int((predicted == labels).sum()) / n, "loss": nll / n}
+
+    def predictions(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble's predicted class of every example of ``split`` (one model: its own), and
+        the labels: per-class scores and paired tests are read off them."""
+        predicted, labels, _ = self._score(models, self._split(split), weights)
+        return predicted, labels
+
+    @torch.no_grad()
+    def competence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example of ``batch``: the model's probability of the true label, and its top probability."""
+        probs = F.softmax(logits(model, self.model_inputs(batch)["pixel_values"]).float(), dim=-1)
+        labels = batch["labels"].to(probs.device)
+        return probs.gather(1, labels[:, None])[:, 0], probs.max(-1).values
+
+    @torch.no_grad()
+    def _score(self, models: Sequence[nn.Module], data: Split, weights: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Predicted classes, labels and summed NLL of the ensemble's (weighted) mean probabilities."""
         modes = [model.training for model in models]
         for model in models:
             model.eval()
+        predicted, nll = [], 0.0
         try:
-            correct, nll = self._score(models, data)
+            for batch in _batches(data, torch.arange(len(data[1])), self.eval_batch_size):
+                x, y = batch["pixel_values"].to(self.device), batch["labels"].to(self.device)
+                log_probs = torch.stack([F.log_softmax(logits(m, x).float(), dim=-1) for m in models])
+                mean_log_probs = mixed_log_probs(log_probs, weights)
+                predicted.append(mean_log_probs.argmax(dim=-1).cpu())
+                nll += float(F.nll_loss(mean_log_probs, y, reduction="sum"))
         finally:
             for model, mode in zip(models, modes):
                 model.train(mode)
-        n = len(data[1])
-        return {"accuracy": correct / n, "loss": nll / n}
-
-    @torch.no_grad()
-    def _score(self, models: Sequence[nn.Module], data: Split) -> tuple[int, float]:
-        """Number of correct predictions and summed NLL of the ensemble's mean probabilities."""
-        correct, nll = 0, 0.0
-        order = torch.arange(len(data[1]))
-        for batch in _batches(data, order, self.eval_batch_size):
-            x, y = batch["pixel_values"].to(self.device), batch["labels"].to(self.device)
-            log_probs = torch.stack([F.log_softmax(logits(m, x).float(), dim=-1) for m in models])
-            mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(len(models))
-            correct += int((mean_log_probs.argmax(dim=-1) == y).sum())
-            nll += float(F.nll_loss(mean_log_probs, y, reduction="sum"))
-        return correct, nll
+        return torch.cat(predicted), data[1].cpu(), nll
 
     def _split(self, split: str) -> Split:
         """The (images, labels) of a split by name."""

@@ -62,6 +62,17 @@ class MLMTask(TextTask):
         ids, labels = mask_tokens(batch, self.tokenizer, generator, self.mask_probability)
         return {**batch, "input_ids": ids, "labels": labels}
 
+    def restricted(self, index: torch.Tensor) -> "MLMTask":
+        task = super().restricted(index)
+        task._fixed = {k: v for k, v in self._fixed.items() if k != "train"}  # val and test are shared
+        return task
+
+    def scored(self, batch: Batch) -> Batch:
+        return self.training_batch(batch, torch.Generator().manual_seed(self.mask_seed))
+
+    def owners(self, batch: Batch) -> torch.Tensor:
+        return (batch["labels"] != -100).nonzero()[:, 0]
+
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the masked positions and the tokens they must predict."""
         labels = batch["labels"].to(self.device)
@@ -81,8 +92,12 @@ class MLMTask(TextTask):
         return self._fixed[split]
 
     @torch.no_grad()
-    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
-        """Loss, perplexity and masked-token accuracy of the averaged logits of ``models``."""
+    def evaluate_ensemble(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """Loss, perplexity and masked-token accuracy of the averaged (``weights``: weighted) logits
+        of ``models``."""
+        share = [1 / len(models)] * len(models) if weights is None else [w / sum(weights) for w in weights]
         modes = [m.training for m in models]
         for m in models:
             m.eval()
@@ -92,7 +107,8 @@ class MLMTask(TextTask):
                 inputs = self.model_inputs(batch)
                 labels = batch["labels"].to(self.device)
                 keep = labels != -100
-                logits = sum(masked_logits(m, inputs, keep).float() for m in models) / len(models)
+                logits = (sum(masked_logits(m, inputs, keep).float() for m in models) / len(models) if weights is None
+                          else sum(w * masked_logits(m, inputs, keep).float() for w, m in zip(share, models)))
                 target = labels[keep]
                 nll += float(F.cross_entropy(logits, target, reduction="sum"))
                 correct += int((logits.argmax(-1) == target).sum())
@@ -148,19 +164,22 @@ class EmbeddingAgreementTask:
         raise TfuseError("a bare BertModel has no head to finetune; set finetune.steps=0")
 
     @torch.no_grad()
-    def _embeddings(self, models: Sequence[nn.Module], split: str) -> list[torch.Tensor]:
+    def _embeddings(self, models: Sequence[nn.Module], split: str, weights: Sequence[float] | None = None) -> list[torch.Tensor]:
         seq = getattr(self.data, split)
+        share = [1.0] * len(models) if weights is None else [len(models) * w / sum(weights) for w in weights]
         out = []
         for batch in batches(seq, torch.arange(len(seq)), self.base.eval_batch_size):
-            out.append(sum(mean_pooled(m.eval(), batch, self.base.device) for m in models) / len(models))
+            out.append(sum(s * mean_pooled(m.eval(), batch, self.base.device) for s, m in zip(share, models)) / len(models))
         return out
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
         return self.evaluate_ensemble([model], split)
 
-    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
-        """Mean cosine to each parent's embeddings (the ensemble's embedding: their average)."""
-        mine = self._embeddings(models, split)
+    def evaluate_ensemble(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """Mean cosine to each parent's embeddings (the ensemble's embedding: their (weighted) average)."""
+        mine = self._embeddings(models, split, weights)
         scores = {}
         for i, parent in enumerate(self.parents):
             key = f"{split}/{i}"

@@ -2,6 +2,8 @@
 sequences, the model's inputs and a cross-entropy loss."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Iterator, Sequence
 
@@ -36,6 +38,42 @@ class TextTask(ABC):
     @property
     def train_size(self) -> int:
         return len(self.data.train)
+
+    @property
+    def train_labels(self) -> torch.Tensor | None:
+        """The training split's classes (None without labels): what a partition deals."""
+        return self.data.train.labels
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.data.label_names) or None
+
+    def restricted(self, index: torch.Tensor) -> "TextTask":
+        """The same task trained (and calibrated) on the training sequences ``index`` only."""
+        task = copy.copy(self)
+        task.data = dataclasses.replace(self.data, train=self.data.train.subset(index))
+        return task
+
+    def scored(self, batch: Batch) -> Batch:
+        """A calibration batch as it is scored (MLM masks it, with a fixed seed)."""
+        return batch
+
+    @torch.no_grad()
+    def competence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence: the model's probability of the true class and its top probability, each
+        averaged over the sequence's scored items (MLM: its masked positions)."""
+        scored = self.scored(batch)
+        logits, labels = self.predict(model, scored)
+        probs = F.softmax(logits.float(), dim=-1)
+        owner = self.owners(scored).to(probs.device)
+        size = len(batch["input_ids"])
+        count = torch.zeros(size, device=probs.device).index_add_(0, owner, torch.ones_like(owner, dtype=probs.dtype))
+        mean = lambda v: torch.zeros(size, device=probs.device).index_add_(0, owner, v) / count.clamp_min(1)  # noqa: E731
+        return mean(probs.gather(1, labels[:, None])[:, 0]), mean(probs.max(-1).values)
+
+    def owners(self, batch: Batch) -> torch.Tensor:
+        """The sequence each of ``predict``'s rows belongs to."""
+        return torch.arange(len(batch["input_ids"]))
 
     def training_batch(self, batch: Batch, generator: torch.Generator) -> Batch:
         """What a training batch becomes before the model sees it (MLM masks it afresh)."""

@@ -3,7 +3,6 @@ or a GLUE task through ``datasets`` (nyu-mll/glue). Scored by accuracy, plus F1 
 uses it (macro F1 for the genres, binary F1 for MRPC and QQP)."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from tfuse.data.text import Sequences, TextData, cap, load_text, pad
 from tfuse.errors import TfuseError
-from tfuse.tasks.base import Batch
+from tfuse.tasks.base import Batch, mixed_log_probs
 from tfuse.tasks.text import TextTask, batches
 
 # task -> (text columns, number of labels, F1 kind or None, validation split used as test)
@@ -51,8 +50,10 @@ class TextClassificationTask(TextTask):
         return model(**self.model_inputs(batch)).logits.float(), batch["labels"].to(self.device)
 
     @torch.no_grad()
-    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
-        """Accuracy, NLL (and F1) of the averaged probabilities of ``models``."""
+    def evaluate_ensemble(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """Accuracy, NLL (and F1) of the averaged (``weights``: weighted) probabilities of ``models``."""
         seq: Sequences = getattr(self.data, split)
         modes = [m.training for m in models]
         for m in models:
@@ -62,7 +63,7 @@ class TextClassificationTask(TextTask):
             for batch in batches(seq, torch.arange(len(seq)), self.eval_batch_size):
                 inputs = self.model_inputs(batch)
                 logp = torch.stack([F.log_softmax(m(**inputs).logits.float(), -1) for m in models])
-                mean = torch.logsumexp(logp, 0) - math.log(len(models))
+                mean = mixed_log_probs(logp, weights)
                 nll += float(F.nll_loss(mean, batch["labels"].to(self.device), reduction="sum"))
                 preds.append(mean.argmax(-1).cpu())
         finally:

@@ -29,14 +29,15 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class Calibration:
     """The data a method may read: a fresh pass over the statistics' batches, the repair's
-    batches (default: the same), how a batch becomes model inputs, the batches in a pass, and
-    the statistics cache."""
+    batches (default: the same), how a batch becomes model inputs, the batches in a pass, the
+    statistics cache, and how a model scores each calibration example (per-sample repair targets)."""
 
     batches: Callable[[], Iterable[Batch]] | None
     model_inputs: Callable[[Batch], Batch]
     total: int | None = None
     repair: Callable[[], Iterable[Batch]] | None = None
     cache: StatisticsCache | None = None  # where statistics of identical passes are kept
+    competence: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]] | None = None  # per example: p(label), top p
 
     def repair_batches(self) -> Callable[[], Iterable[Batch]] | None:
         return self.repair or self.batches

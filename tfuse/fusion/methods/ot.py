@@ -72,7 +72,7 @@ class OT(Method):
 
     def fuse(self, models, graph, anchor, calibration, settings):
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
-                       calibration.total, calibration.repair, calibration.cache)
+                       calibration.total, calibration.repair, calibration.cache, calibration.competence)
 
 
 def ot_fuse(
@@ -85,6 +85,7 @@ def ot_fuse(
     batches: int | None = None,
     repair_calibration: Callable[[], Iterable[Batch]] | None = None,
     cache: StatisticsCache | None = None,
+    competence: Callable | None = None,
 ) -> FusionOutcome:
     """Fuse ``models`` into the anchor's architecture.
 
@@ -127,7 +128,7 @@ def ot_fuse(
     info: dict = {"statistics": sources}
     fits = repair_fused(
         reference, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
-        graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache,
+        graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache, competence,
     )
     return FusionOutcome(reference, maps, timings, fits, info)
 

@@ -28,6 +28,6 @@ class Vanilla(Method):
         info: dict = {}
         fits = repair_fused(  # the parents are their own aligned selves
             model, lambda: models, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs,
-            timings, info, calibration.cache,
+            timings, info, calibration.cache, calibration.competence,
         )
         return FusionOutcome(model, [{} for _ in models], timings, fits, info)

@@ -66,6 +66,7 @@ class WeightMatching(Method):
         fits = repair_fused(
             fused, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
             graph, settings, calibration.repair_batches(), calibration.model_inputs, timings, info, calibration.cache,
+            calibration.competence,
         )
         return FusionOutcome(fused, maps, timings, fits, info)
 
