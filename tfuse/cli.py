@@ -41,7 +41,7 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
-        console = Console()
+        console = wide_console()
         threads = job_threads(HydraConfig.get().launcher, os.cpu_count() or 1)
         if threads is not None:
             import torch
@@ -54,6 +54,12 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
 
     sys.argv = [f"tfuse {command}", *overrides]
     app()
+
+
+def wide_console() -> Console:
+    """The terminal's width on a terminal; printed to a file or pipe, wide enough that the results
+    table keeps one-line headers (rich would fold them into 80 columns)."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def job_threads(launcher, cores: int) -> int | None:
@@ -108,7 +114,7 @@ def _paper(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="tfuse paper", description="The paper's claims over seed pairs.")
     parser.add_argument("dir", help="the directory scripts/paper_tables.sh wrote (default outputs/paper)")
     ns = parser.parse_args(args)
-    write_paper_report(Path(ns.dir), Console())
+    write_paper_report(Path(ns.dir), wide_console())
 
 
 def main(argv: list[str] | None = None) -> None:
