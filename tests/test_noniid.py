@@ -144,13 +144,9 @@ def test_the_partition_seed_and_shards_key_the_parent_cache(skew_run: Path, work
     assert all(r["partition"]["kind"] == "skew" for r in recipes)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("partition.fraction=1.5", "partition.fraction=1.5 must lie in (0, 1]"),
-    ("partition=classes n_parents=11", "deals 10 classes to 11 parents"),
-    ("partition=dirichlet partition.alpha=-1", "partition.alpha=-1 must be positive"),
-])
-def test_bad_partitions_from_the_shell_end_with_one_line_and_exit_2(override, message, workdir: Path):
-    args = ["partition=skew", *override.split()] if override.startswith("partition.fraction") else override.split()
-    proc = tfuse("fuse", "+experiment=vit_digits_tiny", *args, f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_a_bad_partition_from_the_shell_ends_with_one_line_and_exit_2(workdir: Path):
+    """Every partition error takes this path (test_partition.py checks each message)."""
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", "partition=classes", "n_parents=11",
+                 f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
+    assert proc.returncode == 2 and "deals 10 classes to 11 parents" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
