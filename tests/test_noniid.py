@@ -133,6 +133,9 @@ def test_a_skewed_run_records_its_shards_classes_and_controls(skew_run: Path, wo
     assert results["settings"]["repair_targets"] == "label"
     assert set(results["finetuned"]) == {"ot", "vanilla", "parent_0", "parent_1", "scratch"}
     assert results["finetuned"]["scratch"]["accuracy"] > 0.5
+    for name, pred in results["test_predictions_finetuned"].items():  # controls too: paired tests after the finetune
+        assert (torch.tensor(pred) == labels).float().mean().item() == pytest.approx(results["finetuned"][name]["accuracy"])
+    assert set(results["by_shard_finetuned"]) == set(results["finetuned"])
     card = (skew_run / "fused" / "README.md").read_text()
     assert "partition: kind skew, seed 0, fraction 0.9" in card and f"| 0 | {sizes[0]} |" in card
     assert "own 0" in (skew_run / "stdout.txt").read_text()  # the printed table's non-IID columns

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from tfuse.errors import TfuseError
-from tfuse.paper import CLAIMS, evaluate_claims, verdict, write_paper_report
+from tfuse.paper import CLAIMS, evaluate_claims, noniid_tests, verdict, write_paper_report
 
 from test_report import PNG_MAGIC, make_job
 
@@ -58,6 +58,22 @@ def fabricate(root: Path, ot_gain: list[float]) -> None:
             {**parents, "ot": 0.85}, tuned={"ot": 0.91, "parent_0": 0.93, "parent_1": 0.92}))
         triple = f"[{3 * i},{3 * i + 1},{3 * i + 2}]"
         make_job(root / "n3", i, [f"parent_seeds={triple}"], results({**parents, "vanilla": 0.89, "ot": 0.89 + gain}))
+        make_job(root / "noniid", i, [f"partition.seed={i}"], noniid(i, gain))
+
+
+def noniid(seed: int, gain: float) -> dict:
+    """A skewed pair on 100 test images, 50 of parent 0's classes and 50 of the rest: OT above
+    both parents and below the ensemble; the predictions agree with the scores."""
+    labels = [0] * 50 + [1] * 50
+    right = lambda n: [0] * 50 + [1] * (n - 50) + [0] * (100 - n) if n >= 50 else [0] * n + [1] * (50 - n) + [0] * 50  # noqa: E731
+    correct = {"parent_0": 70, "parent_1": 61 + 5 * seed, "ensemble": 90, "vanilla": 78, "ot": 80 + round(100 * gain)}
+    tuned = {"ot": 88, "parent_0": 86, "parent_1": 89, "scratch": 70}
+    out = results({m: n / 100 for m, n in correct.items()}, tuned={m: n / 100 for m, n in tuned.items()})
+    out["test_labels"] = labels
+    out["test_predictions"] = {m: right(n) for m, n in correct.items()}
+    out["test_predictions_finetuned"] = {m: right(n) for m, n in tuned.items()}
+    out["by_shard"] = {m: [{"own": 0.9, "rest": 0.1 * seed}, {"own": 0.5, "rest": 0.6}] for m in correct}
+    return out
 
 
 def claim(table: pd.DataFrame, text: str) -> pd.Series:
@@ -100,6 +116,34 @@ def test_claims_pair_runs_by_parent_seeds_and_pick_reg_on_validation(tmp_path: P
     hetero = claim(table, "both finetuned alike")
     assert hetero["difference mean"] == pytest.approx(-0.01) and hetero["verdict"] == "does not hold"
     assert claim(table, "N = 3")["per pair"] == "[0,1,2]: +2.0, [3,4,5]: +3.0, [6,7,8]: +2.5"
+
+
+def test_non_iid_claims_pair_runs_by_partition_seed(tmp_path: Path) -> None:
+    fabricate(tmp_path, [0.02, 0.03, 0.025])
+    table = evaluate_claims(tmp_path)
+    best = claim(table, "non-IID (skew): OT+repair one-shot above the best parent")
+    assert best["per pair"] == "0: +12.0, 1: +13.0, 2: +11.0" and best["verdict"] == "holds"
+    assert claim(table, "OT above VF, both repaired")["pairs"] == 3
+    gap = claim(table, "level with the parents' ensemble")
+    assert gap["difference mean"] == pytest.approx(-0.23 / 3) and gap["verdict"] == "does not hold"
+    tuned = claim(table, "budget 1,000: finetuned OT above every parent finetuned alike")
+    assert tuned["second mean"] == pytest.approx(0.89) and tuned["verdict"] == "does not hold"
+    assert claim(table, "(scratch)")["difference mean"] == pytest.approx(0.18)
+
+
+def test_non_iid_section_gives_mcnemar_per_partition_seed_and_own_rest(tmp_path: Path) -> None:
+    fabricate(tmp_path, [0.02, 0.03, 0.025])
+    tests = noniid_tests(tmp_path)
+    assert tests["partition.seed"].tolist() == [0, 1, 2]
+    assert tests["best parent"].tolist() == ["70.0 (parent 0)", "70.0 (parent 0)", "71.0 (parent 1)"]
+    # seed 0: OT right on 82, parent 0 on 70, nested: 12 discordant examples, all OT's
+    assert tests.loc[0, "p vs best parent"] == pytest.approx(2 * 0.5 ** 12)
+    assert tests.loc[0, "p vs ensemble"] == pytest.approx(2 * 0.5 ** 8)
+    assert tests.loc[0, "finetuned best parent"] == "89.0 (parent 1)"
+    assert tests.loc[0, "finetuned p vs scratch"] == pytest.approx(2 * 0.5 ** 18)
+    text = write_paper_report(tmp_path, Console(file=io.StringIO()))["report.md"].read_text()
+    assert "## Parents that know different things (step `noniid`)" in text
+    assert "| one_shot | ot | 3 | 90.0 +- 0.0 | 10.0 +- 10.0 | 50.0 +- 0.0 | 60.0 +- 0.0 |" in text
 
 
 def test_report_writes_the_claims_table_curves_and_selection(tmp_path: Path) -> None:
@@ -147,10 +191,10 @@ def calls(tmp_path: Path) -> list[str]:
     return (tmp_path / "calls").read_text().splitlines()
 
 
-STEPS = ["main", "hard", "reg", "residual", "hetero", "n3"]
+STEPS = ["main", "hard", "reg", "residual", "hetero", "n3", "noniid"]
 
 
-def test_script_runs_six_sweeps_then_the_report_and_skips_finished_sweeps_on_a_rerun(tmp_path: Path) -> None:
+def test_script_runs_seven_sweeps_then_the_report_and_skips_finished_sweeps_on_a_rerun(tmp_path: Path) -> None:
     assert run_script(tmp_path).returncode == 0
     first = calls(tmp_path)
     assert [c.split()[-1].rsplit("/", 1)[-1] for c in first[:-1]] == STEPS
@@ -158,6 +202,7 @@ def test_script_runs_six_sweeps_then_the_report_and_skips_finished_sweeps_on_a_r
     assert all("parent_seeds=[0,1],[2,3],[4,5]" in first[i] for i in (0, 1, 4))
     assert "+ablation=reg fusion.repair=none" in first[2] and "+ablation=residual fusion.repair=none" in first[3]
     assert "parent_seeds=[0,1,2],[3,4,5],[6,7,8]" in first[5]
+    assert "+experiment=vit_mnist_skew partition.seed=0,1,2" in first[6]
     assert first[-1] == f"paper {tmp_path / 'out'}"
     assert run_script(tmp_path).returncode == 0
     assert calls(tmp_path)[len(first):] == [first[-1]]  # every sweep complete: only the report again

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 from rich.console import Console
+from scipy import stats
 
 from tfuse.errors import TfuseError
-from tfuse.report import build_report, parse_override, run_report
+from tfuse.report import build_report, mcnemar, over_seeds, parse_override, run_report, shard_scores
 
 PNG_MAGIC = b"\x89PNG"
 
@@ -230,3 +231,41 @@ def test_select_val_picks_by_validation_and_shows_the_optimism_of_picking_on_tes
 def test_select_val_without_validation_scores_is_a_clear_error(reg_sweep: Path):
     with pytest.raises(TfuseError, match="no validation scores"):
         run_report(str(reg_sweep), console=quiet(), select="val")
+
+
+def test_non_iid_runs_pool_partition_seeds_and_show_own_and_rest(tmp_path: Path):
+    """partition.seed is a seed axis; by_shard becomes own/rest columns, mean +- std per model."""
+    for seed, own in enumerate([0.90, 0.92, 0.94]):
+        results = scores(0.8)
+        results["by_shard"] = {"ot": [{"own": own, "rest": 0.7}, {"own": 0.8, "rest": None}]}
+        results["by_shard_finetuned"] = {"ot": [{"own": 0.95, "rest": 0.9}, {"own": 0.9, "rest": 0.95}]}
+        make_job(tmp_path, seed, ["fusion.repair_targets=label", f"partition.seed={seed}"], results)
+    report = build_report(tmp_path)
+    assert report.table["one_shot/ot/own_0"].tolist() == pytest.approx([0.90, 0.92, 0.94])
+    assert "one_shot/ot/rest_1" not in report.table  # no test image of the rest: not a zero
+    assert len(over_seeds(report)) == 1
+    console = Console(file=io.StringIO(), width=200)
+    paths = run_report(str(tmp_path), console=console)
+    assert "own classes and on the rest" in console.file.getvalue()
+    shards = paths["shards_md"].read_text().splitlines()
+    assert shards[0] == "| stage | model | runs | own 0 | rest 0 | own 1 | rest 1 |"
+    assert shards[2] == "| one_shot | ot | 3 | 92.0 +- 2.0 | 70.0 +- 0.0 | 80.0 +- 0.0 |  |"
+    assert shards[3] == "| finetuned | ot | 3 | 95.0 +- 0.0 | 90.0 +- 0.0 | 90.0 +- 0.0 | 95.0 +- 0.0 |"
+    assert shard_scores(build_report(tmp_path / "0")) is not None  # one run: means alone
+
+
+def test_a_run_without_shards_has_no_shard_table(reg_sweep: Path):
+    assert shard_scores(build_report(reg_sweep)) is None
+    assert "shards_md" not in run_report(str(reg_sweep), console=quiet())
+
+
+def test_mcnemar_counts_only_the_examples_one_model_gets_right():
+    labels = [0] * 20
+    # 10 examples only the first gets right, 1 only the second, 9 both
+    first = [0] * 19 + [1]
+    second = [1] * 10 + [0] * 10
+    assert mcnemar(labels, first, second) == pytest.approx(stats.binomtest(10, 11, 0.5).pvalue)
+    assert mcnemar(labels, first, second) == pytest.approx(24 / 2048)  # two-sided: 2 * (1 + 11) / 2 ** 11
+    assert mcnemar(labels, first, first) == 1.0
+    with pytest.raises(TfuseError, match="differ in length"):
+        mcnemar(labels, first[:5], second)

@@ -20,7 +20,7 @@ commands:
   fuse     fuse parents (default experiment: vit_mnist); e.g. tfuse fuse +experiment=vit_cifar
   train    train one parent from scratch;            e.g. tfuse train +experiment=vit_mnist seed=3
   report   gather a multirun's results into tables;  e.g. tfuse report outputs/multirun/DATE/TIME
-  paper    the paper's six claims from scripts/paper_tables.sh's sweeps; e.g. tfuse paper outputs/paper
+  paper    the paper's claims (and the non-IID ones) from scripts/paper_tables.sh's sweeps; e.g. tfuse paper outputs/paper
 
 `tfuse fuse --cfg job` prints the resolved config; `-m` sweeps (Hydra multirun).
 """

@@ -1,5 +1,6 @@
-"""`tfuse paper DIR`: the paper's six claims, each a paired difference over seed pairs, from the
-sweeps `scripts/paper_tables.sh` writes into DIR; writes DIR/report.md, claims.csv and plots."""
+"""`tfuse paper DIR`: the paper's six claims and the non-IID ones, each a paired difference over
+seed pairs (partition seeds for non-IID), from the sweeps `scripts/paper_tables.sh` writes into DIR;
+writes DIR/report.md, claims.csv and plots."""
 from __future__ import annotations
 
 import math
@@ -16,9 +17,13 @@ from scipy import stats
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods import label_of
-from tfuse.report import build_report, find_runs, format_value, runs_table, select_by_validation, to_markdown, write_atomic
+from tfuse.report import (
+    build_report, find_runs, format_value, mcnemar, runs_table, select_by_validation, shard_scores, to_markdown,
+    write_atomic,
+)
 
-PAIR = "parent_seeds"  # the seed axis every step sweeps; claims pair runs on it
+PAIR = "parent_seeds"  # the seed axis a step sweeps; claims pair runs on it
+PAIR_AXES = {"noniid": "partition.seed"}  # steps whose parents share seeds and differ in their data
 METRIC = "accuracy"
 # The sweeps of scripts/paper_tables.sh, one folder each under DIR.
 STEPS = {
@@ -28,6 +33,9 @@ STEPS = {
     "residual": "vit_mnist +ablation=residual, no repair: every residual policy, one-shot",
     "hetero": "vit_hetero (width 128 into 64, lstsq repair), finetuned 200 steps with the parents as controls",
     "n3": "vit_mnist with three parents per run (lstsq repair), one-shot",
+    "noniid": "vit_mnist_skew over partition seeds 0, 1, 2 (parent 0 holds 90% of digits 0-4, parent 1 of 5-9; "
+              "label-weighted lstsq repair), finetuned on the fuser's 1,000 samples with the parents finetuned "
+              "alike and the recipe trained on those samples (scratch) as controls",
 }
 
 
@@ -116,6 +124,21 @@ CLAIMS = [
     Claim("f", "N = 3 parents: OT one-shot above VF (both repaired, lstsq)",
           Side("OT", "n3", column("one_shot/ot")),
           Side("VF", "n3", column("one_shot/vanilla"))),
+    Claim("g", "non-IID (skew): OT+repair one-shot above the best parent",
+          Side("OT", "noniid", column("one_shot/ot")),
+          Side("best parent", "noniid", best_parent("one_shot"))),
+    Claim("g", "non-IID (skew): OT above VF, both repaired",
+          Side("OT", "noniid", column("one_shot/ot")),
+          Side("VF", "noniid", column("one_shot/vanilla"))),
+    Claim("g", "non-IID (skew): OT one-shot level with the parents' ensemble (the difference is the gap)",
+          Side("OT", "noniid", column("one_shot/ot")),
+          Side("ensemble", "noniid", column("one_shot/ensemble"))),
+    Claim("g", "non-IID (skew), budget 1,000: finetuned OT above every parent finetuned alike",
+          Side("OT finetuned", "noniid", column("finetuned/ot")),
+          Side("best parent finetuned", "noniid", best_parent("finetuned"))),
+    Claim("g", "non-IID (skew), budget 1,000: finetuned OT above the recipe trained on those samples (scratch)",
+          Side("OT finetuned", "noniid", column("finetuned/ot")),
+          Side("scratch", "noniid", column("finetuned/scratch"))),
 ]
 
 
@@ -166,9 +189,10 @@ def load_step(root: Path, step: str) -> pd.DataFrame:
     runs = find_runs(folder)
     keys = list(dict.fromkeys(key for run in runs for key in run.overrides))
     table = runs_table(runs, keys)
-    if PAIR not in table:
-        raise TfuseError(f"{folder}: its runs set no {PAIR}; the claims pair runs on it (rerun scripts/paper_tables.sh)")
-    return table
+    axis = PAIR_AXES.get(step, PAIR)
+    if axis not in table:
+        raise TfuseError(f"{folder}: its runs set no {axis}; the claims pair runs on it (rerun scripts/paper_tables.sh)")
+    return table.assign(pair=table[axis].astype(str))
 
 
 def finetune_summary(root: Path) -> tuple[pd.DataFrame, Figure]:
@@ -213,6 +237,34 @@ def _curves_figure(curves: dict[str, dict[str, list[np.ndarray]]]) -> Figure:
     return figure
 
 
+def noniid_tests(root: Path) -> pd.DataFrame:
+    """Step ``noniid``, per partition seed: OT against the best parent, the ensemble and (finetuned)
+    the best parent finetuned alike and scratch, in points, with exact McNemar p-values on the same
+    test images."""
+    rows = []
+    for run in find_runs(root / "noniid"):
+        row: dict = {"partition.seed": run.overrides.get("partition.seed")}
+        labels = run.results.get("test_labels")
+        for stage, key in (("one_shot", "test_predictions"), ("finetuned", "test_predictions_finetuned")):
+            scores = {m: v[METRIC] for m, v in (run.results.get(stage) or {}).items() if METRIC in v}
+            if "ot" not in scores:
+                continue
+            predicted = run.results.get(key) or {}
+            parents = [m for m in scores if m.startswith("parent_")]
+            others = {"best parent": max(parents, key=scores.get)} if parents else {}
+            others |= {"ensemble": "ensemble"} if stage == "one_shot" else {"scratch": "scratch"}
+            prefix = "" if stage == "one_shot" else "finetuned "
+            row[f"{prefix}OT"] = 100 * scores["ot"]
+            for side, model in others.items():
+                if model not in scores:
+                    continue
+                row[f"{prefix}{side}"] = f"{100 * scores[model]:.1f} ({label_of(model)})" if side == "best parent" else 100 * scores[model]
+                paired = labels is not None and "ot" in predicted and model in predicted
+                row[f"{prefix}p vs {side}"] = mcnemar(labels, predicted["ot"], predicted[model]) if paired else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def reg_figure(root: Path) -> Figure:
     """Soft OT one-shot test accuracy (mean +- std over pairs) against reg for each cost, beside
     hard alignment's with that cost (dashed); validation dotted."""
@@ -248,7 +300,8 @@ def write_paper_report(root: Path, console: Console | None = None) -> dict[str, 
     write_atomic(paths["claims.csv"], lambda tmp: claims.to_csv(tmp, index=False))
     write_atomic(paths["finetune.png"], lambda tmp: curves.savefig(tmp, format="png", dpi=120))
     write_atomic(paths["reg.png"], lambda tmp: reg_figure(root).savefig(tmp, format="png", dpi=120))
-    text = render(claims, finetuning, selection)
+    noniid = build_report(root / "noniid")
+    text = render(claims, finetuning, selection, noniid_tests(root), shard_scores(noniid))
     write_atomic(paths["report.md"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if console is not None:
         console.print(text, markup=False, highlight=False)
@@ -256,7 +309,7 @@ def write_paper_report(root: Path, console: Console | None = None) -> dict[str, 
 
 
 def claims_markdown(claims: pd.DataFrame) -> str:
-    """The six-claim table: test accuracy in points, mean +- std over the pairs."""
+    """The claims table: test accuracy in points, mean +- std over the pairs."""
     points = lambda m, s: f"{100 * m:.1f} +- {100 * s:.1f}"  # noqa: E731
     view = pd.DataFrame({
         "claim": claims["claim"],
@@ -271,12 +324,13 @@ def claims_markdown(claims: pd.DataFrame) -> str:
     return to_markdown(view)
 
 
-def render(claims: pd.DataFrame, finetuning: pd.DataFrame, selection: pd.DataFrame) -> str:
+def render(claims: pd.DataFrame, finetuning: pd.DataFrame, selection: pd.DataFrame, tests: pd.DataFrame,
+           shards: pd.DataFrame | None) -> str:
     return "\n".join([
         "# The paper's claims, measured (scripts/paper_tables.sh)",
         "",
         "Test accuracy in points (1,000 MNIST test images), mean +- standard deviation over the seed pairs "
-        "(parents [0,1], [2,3], [4,5]; triples for N = 3). A claim holds (or does not) when its mean "
+        "(parents [0,1], [2,3], [4,5]; triples for N = 3; partition seeds 0, 1, 2 for non-IID). A claim holds (or does not) when its mean "
         "difference exceeds the difference's spread over the pairs; otherwise it is within noise. p: paired "
         "t-test over the pairs. Settings marked 'chosen on validation' were picked by the mean validation score.",
         "",
@@ -296,6 +350,16 @@ def render(claims: pd.DataFrame, finetuning: pd.DataFrame, selection: pd.DataFra
         to_markdown(selection),
         "![soft vs hard](reg.png)",
         "",
+        "## Parents that know different things (step `noniid`)",
+        "",
+        "Per partition seed: test accuracy in points, and exact McNemar p-values of OT against each other "
+        "model on the same 1,000 test images (the best parent is the best on test, the strictest comparison).",
+        "",
+        to_markdown(tests),
+        "Test accuracy (points, mean +- std over the partition seeds) on each parent's own classes and on the "
+        "rest: what a fused model must combine.",
+        "",
+        to_markdown(shards) if shards is not None else "(no per-shard scores in these runs)\n",
         "## Steps",
         "",
         *[f"- `{name}`: {what}" for name, what in STEPS.items()],
@@ -322,7 +386,7 @@ def _need(rows: pd.DataFrame, name: str) -> str:
 
 def _per_pair(rows: pd.DataFrame, values: pd.Series) -> pd.Series:
     """Values indexed by the pair; a pair twice in one side is an ambiguous step."""
-    series = pd.Series(values.to_numpy(), index=rows[PAIR].astype(str).to_numpy(), dtype=float)
+    series = pd.Series(values.to_numpy(), index=rows["pair"].to_numpy(), dtype=float)
     if series.index.has_duplicates:
-        raise TfuseError(f"several runs per {PAIR} on one side of a claim ({list(series.index)}); one run per pair")
+        raise TfuseError(f"several runs per seed on one side of a claim ({list(series.index)}); one run per pair")
     return series

@@ -176,6 +176,7 @@ class Tuned:
     finetuned: dict[str, dict] = field(default_factory=dict)
     finetuned_val: dict[str, dict] = field(default_factory=dict)
     models: dict[str, torch.nn.Module] = field(default_factory=dict)  # the fused ones
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # every model's test classes, where the task gives them
     curves: dict[str, list] = field(default_factory=dict)
 
 
@@ -316,8 +317,7 @@ def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch, anchor: int = 0) 
         copy_ = copy.deepcopy(model)
         with clock.stage(f"finetune_{name}"):
             stats = finetune(copy_, task, cfg, cfg.seed, setup.device, label_of(name), setup.models)
-        tuned.finetuned[name] = task.evaluate(copy_)
-        tuned.finetuned_val[name] = task.evaluate(copy_, "val")
+        _score(tuned, name, copy_, task)
         if "curve" in stats:
             tuned.curves[name] = stats["curve"]
         if name in fused.models:
@@ -328,9 +328,15 @@ def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch, anchor: int = 0) 
                              "drop scratch from finetune.controls")
         with clock.stage("finetune_scratch"):
             model, _ = train_parent(parent_configs(cfg)[anchor], task, cfg.seed, setup.device)
-        tuned.finetuned["scratch"] = task.evaluate(model)
-        tuned.finetuned_val["scratch"] = task.evaluate(model, "val")
+        _score(tuned, "scratch", model, task)
     return tuned
+
+
+def _score(tuned: Tuned, name: str, model: torch.nn.Module, task: Task) -> None:
+    tuned.finetuned[name] = task.evaluate(model)
+    tuned.finetuned_val[name] = task.evaluate(model, "val")
+    if hasattr(task, "predictions"):
+        tuned.predictions[name] = task.predictions([model])[0]
 
 
 def finetune_task(task: Task, cfg: DictConfig) -> Task:
@@ -384,9 +390,10 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
 
 
 def class_scores(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned) -> dict:
-    """Every one-shot model's test predictions (``test_predictions``, with ``test_labels``: paired
-    tests), its accuracy per class (``per_class``; ``per_class_finetuned``) and, under a non-IID
-    partition, on each parent's own classes and on the rest (``by_shard``)."""
+    """Every model's test predictions (``test_predictions``, ``test_predictions_finetuned``, with
+    ``test_labels``: paired tests), its accuracy per class (``per_class``, ``per_class_finetuned``)
+    and, under a non-IID partition, on each parent's own classes and on the rest (``by_shard``,
+    ``by_shard_finetuned``)."""
     task, models = setup.task, setup.models
     weighted = {"ensemble": None, "ensemble_weighted": baseline.weights}
     predicted = {}
@@ -397,7 +404,7 @@ def class_scores(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned) -
             predicted[name], labels = task.predictions([models[int(name.split("_")[1])]])
     for name, model in fused.models.items():
         predicted[name], labels = task.predictions([model])
-    tuned_predicted = {name: task.predictions([m])[0] for name, m in tuned.models.items()}
+    tuned_predicted = tuned.predictions
     n_classes = int(labels.max()) + 1 if getattr(task, "num_classes", None) is None else task.num_classes
 
     def per_class(pred: torch.Tensor) -> list[float | None]:
@@ -406,6 +413,7 @@ def class_scores(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned) -
     out = {
         "test_labels": labels.tolist(),
         "test_predictions": {name: p.tolist() for name, p in predicted.items()},
+        "test_predictions_finetuned": {name: p.tolist() for name, p in tuned_predicted.items()},
         "per_class": {name: per_class(p) for name, p in predicted.items()},
         "per_class_finetuned": {name: per_class(p) for name, p in tuned_predicted.items()},
     }
@@ -416,10 +424,11 @@ def class_scores(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned) -
             return float((pred[keep] == labels[keep]).float().mean()) if classes and keep.any() else None
 
         rest = [[c for c in range(n_classes) if c not in own] for own in owned]
-        out["by_shard"] = {
-            name: [{"own": share(p, own), "rest": share(p, other)} for own, other in zip(owned, rest)]
-            for name, p in predicted.items()
-        }
+        for key, models_predicted in (("by_shard", predicted), ("by_shard_finetuned", tuned_predicted)):
+            out[key] = {
+                name: [{"own": share(p, own), "rest": share(p, other)} for own, other in zip(owned, rest)]
+                for name, p in models_predicted.items()
+            }
         out["own_classes"] = owned
     return out
 

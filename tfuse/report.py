@@ -1,6 +1,7 @@
 """`tfuse report DIR`: gather the results.json of a Hydra multirun into a table, markdown, CSV and plot;
-where runs differ only in a seed (``parent_seeds``, the run ``seed``, or the ``parents`` themselves),
-also their mean, standard deviation and count per setting, with the paired difference OT - VF."""
+where runs differ only in a seed (``parent_seeds``, the run ``seed``, ``partition.seed`` or the
+``parents`` themselves), also their mean, standard deviation and count per setting, with the paired
+difference OT - VF; for non-IID runs, every model's accuracy on each parent's own classes and the rest."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -19,13 +21,15 @@ from matplotlib.figure import Figure
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from scipy import stats
 
 from tfuse.errors import TfuseError
 
 STAGES = ("one_shot", "one_shot_val", "finetuned", "finetuned_val")
 STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--", "finetuned_val": "-."}
 PLOT_GROUP_MODEL = "ot"
-SEED_AXES = ("parent_seeds", "seed", "parents")  # overrides that draw another sample of the same setting
+SEED_AXES = ("parent_seeds", "seed", "parents", "partition.seed")  # overrides that draw another sample of the same setting
+SHARDS = {"one_shot": "by_shard", "finetuned": "by_shard_finetuned"}  # stage -> results key of own/rest scores
 PAIRED = ("ot", "vanilla")  # the paired difference reported over seeds
 _MISSING = object()
 
@@ -84,6 +88,11 @@ def run_report(
     if seeds is not None:
         paths.update(write_seed_report(seeds, report.root))
         print_seed_report(report, seeds, console)
+    shards = shard_scores(report)
+    if shards is not None:
+        write_atomic(report.root / "shards.md", lambda tmp: tmp.write_text(to_markdown(shards), encoding="utf-8"))
+        paths["shards_md"] = report.root / "shards.md"
+        _print_frame(shards, f"{report.root}: test accuracy (points) on each parent's own classes and on the rest", console)
     if select is not None:
         if select != "val":
             raise TfuseError(f"--select {select}: settings are selected on the validation split; use --select val")
@@ -158,6 +167,20 @@ def select_by_validation(report: Report, model: str = PLOT_GROUP_MODEL) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def mcnemar(labels: Iterable[int], first: Iterable[int], second: Iterable[int]) -> float:
+    """Exact two-sided McNemar p-value of two models' predictions on the same examples: a binomial
+    test on the examples exactly one of them gets right (1.0 when there are none)."""
+    labels, first, second = (np.asarray(list(v)) for v in (labels, first, second))
+    if not len(labels) == len(first) == len(second):
+        raise TfuseError(f"paired predictions differ in length ({len(labels)}, {len(first)}, {len(second)}); "
+                         "compare models scored on the same test split")
+    right_first, right_second = first == labels, second == labels
+    only_first, only_second = int((right_first & ~right_second).sum()), int((right_second & ~right_first).sum())
+    if only_first + only_second == 0:
+        return 1.0
+    return float(stats.binomtest(only_first, only_first + only_second, 0.5).pvalue)
+
+
 def write_seed_report(seeds: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     """seeds.md (``mean +- std`` cells) and seeds.csv (separate columns), atomically."""
     paths = {"seeds_md": out_dir / "seeds.md", "seeds_csv": out_dir / "seeds.csv"}
@@ -183,6 +206,13 @@ def _print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
     for row in frame.itertuples(index=False):
         view.add_row(*map(format_value, row))
     console.print(view)
+
+
+def _mean_std(mean: float, std: float) -> str:
+    """``mean +- std`` in points of one decimal (mean alone for one run; blank when missing)."""
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} +- {std:.1f}"
 
 
 def _mean_std_cells(seeds: pd.DataFrame) -> pd.DataFrame:
@@ -335,14 +365,46 @@ def runs_table(runs: list[Run], params: list[str]) -> pd.DataFrame:
 
 
 def _flatten(results: dict[str, Any]) -> dict[str, float]:
-    """``{"stage/model/metric": value}`` for every numeric metric of the known stages."""
-    return {
+    """``{"stage/model/metric": value}`` for every numeric metric of the known stages; non-IID runs
+    add ``own_i`` and ``rest_i``: accuracy on parent i's own classes and on the others."""
+    flat = {
         f"{stage}/{model}/{name}": float(value)
         for stage in STAGES
         for model, metrics in _dict(results.get(stage)).items()
         for name, value in _dict(metrics).items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
+    for stage, key in SHARDS.items():
+        for model, parts in _dict(results.get(key)).items():
+            for i, part in enumerate(parts):
+                for side in ("own", "rest"):
+                    if part.get(side) is not None:
+                        flat[f"{stage}/{model}/{side}_{i}"] = float(part[side])
+    return flat
+
+
+def shard_scores(report: Report) -> pd.DataFrame | None:
+    """Non-IID runs: per setting, stage and model, accuracy on each parent's own classes and on the
+    rest (``own i``, ``rest i``: ``mean +- std`` over seeds); None when the runs have no shards."""
+    pattern = re.compile(r"^(\w+)/(.+)/(own|rest)_(\d+)$")
+    found = [pattern.match(column) for column in report.table.columns]
+    if not any(found):
+        return None
+    seeds = by_setting(report)
+    keys = [param for param in report.params if param not in SEED_AXES]
+    shards = sorted({int(m.group(4)) for m in found if m})
+    rows = []
+    for _, setting in seeds.iterrows():
+        for stage in SHARDS:
+            for model in _unique(m.group(2) for m in found if m and m.group(1) == stage):
+                row = {**{k: setting[k] for k in keys}, "stage": stage, "model": model, "runs": setting["runs"]}
+                for i in shards:
+                    for side in ("own", "rest"):
+                        base = f"{stage}/{model}/{side}_{i}"
+                        mean, std = setting.get(f"{base}/mean", math.nan), setting.get(f"{base}/std", math.nan)
+                        row[f"{side} {i}"] = _mean_std(100 * mean, 100 * std)
+                rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _choose_metric(root: Path, metrics: list[str], metric: str | None) -> str | None:
