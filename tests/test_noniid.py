@@ -44,15 +44,16 @@ def test_per_sample_weights_sum_to_one_and_follow_the_competent_parent(kind, ima
         sample_weights([a, b], [0.5, 0.5], [{"pixel_values": images[:4]}], "label", competence)
 
 
-@pytest.mark.parametrize("kind", ["label", "confidence"])
-def test_a_parent_at_full_weight_on_every_sample_gives_back_its_aligned_model(kind, images):
-    """alpha = [1, 0]: every sample's target is parent 0's aligned output, whatever the other does."""
+@pytest.mark.parametrize(("kind", "anchor"), [("label", 0), ("confidence", 0), ("label", 1)])
+def test_a_parent_at_full_weight_on_every_sample_gives_back_its_aligned_model(kind, anchor, images):
+    """alpha = [1, 0]: every sample's target is parent 0's aligned output, whatever the other does;
+    the weights follow the parents, whichever is the anchor (fusion.anchor=best composes)."""
     model = trained_like(tiny_vit(), 3)
     other = trained_like(tiny_vit(4), 5)
     settings = OTSettings(**HARD, repair="lstsq", repair_ridge=0.0, repair_targets=kind, alpha=[1.0, 0.0])
     graph = hf_vit.graph(model)
-    outcome = ot_fuse([model, other], graph, settings, 0, labelled(images, 16), lambda b: {"pixel_values": b["pixel_values"]},
-                      competence=competence)
+    outcome = ot_fuse([model, other], graph, settings, anchor, labelled(images, 16),
+                      lambda b: {"pixel_values": b["pixel_values"]}, competence=competence)
     torch.testing.assert_close(logits(outcome.model, images), logits(model, images), atol=1e-4, rtol=1e-4)
     mean = ot_fuse([model, other], graph, OTSettings(**HARD, repair="lstsq", repair_ridge=0.0), 0, labelled(images, 16),
                    lambda b: {"pixel_values": b["pixel_values"]})
