@@ -25,6 +25,7 @@ def mlm_run(workdir: Path) -> Path:
     proc = tfuse(
         "fuse", "+experiment=bert_pydoc_tiny", "downstream=genre", "downstream.max_doc_chars=4000",
         "downstream.max_length=32", "downstream.steps=4", "downstream.max_eval=30",
+        "fusion.repair=lstsq", "fusion.repair_targets=label",  # per-sample targets over the masked positions
         f"hydra.run.dir={out}", f"cache_dir={workdir / 'parents'}", cwd=workdir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,6 +39,7 @@ def test_tiny_mlm_experiment_end_to_end(mlm_run: Path, workdir: Path):
         assert set(scores) == {"loss", "perplexity", "masked_accuracy"}
         assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
     assert set(results["finetuned"]) == {"ot", "vanilla", "parent_0", "parent_1"} and results["primary_metric"] == "loss"
+    assert results["settings"]["repair_targets"] == "label" and results["repair"]["ot"]["mean_error_after"] < 1
     down = results["downstream"]
     assert down["task"] == "genre" and set(down["results"]) == {"parent_0", "parent_1", "vanilla", "ot", "ensemble"}
     assert {"accuracy", "f1", "loss"} <= set(down["results"]["ot"]) and down["fused_from"]["ot"] == "mlm_finetuned"

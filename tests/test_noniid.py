@@ -25,7 +25,8 @@ def labelled(x: torch.Tensor, size: int):
 
 def competence(model, batch):
     probs = F.softmax(logits(model, batch["pixel_values"]), -1)
-    return probs.gather(1, batch["labels"][:, None])[:, 0], probs.max(-1).values
+    true = probs.gather(1, batch["labels"][:, None])[:, 0] if "labels" in batch else None
+    return true, probs.max(-1).values
 
 
 @pytest.mark.parametrize("kind", ["label", "confidence"])
@@ -148,9 +149,12 @@ def test_the_partition_seed_and_shards_key_the_parent_cache(skew_run: Path, work
     assert all(r["partition"]["kind"] == "skew" for r in recipes)
 
 
-def test_a_bad_partition_from_the_shell_ends_with_one_line_and_exit_2(workdir: Path):
+@pytest.mark.parametrize(("command", "message"), [
+    (("fuse", "partition=classes", "n_parents=11"), "deals 10 classes to 11 parents"),
+    (("train", "partition=skew"), "tfuse train trains one parent on the whole training split"),
+])
+def test_a_bad_partition_from_the_shell_ends_with_one_line_and_exit_2(command, message, workdir: Path):
     """Every partition error takes this path (test_partition.py checks each message)."""
-    proc = tfuse("fuse", "+experiment=vit_digits_tiny", "partition=classes", "n_parents=11",
-                 f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
-    assert proc.returncode == 2 and "deals 10 classes to 11 parents" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tfuse(command[0], "+experiment=vit_digits_tiny", *command[1:], f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

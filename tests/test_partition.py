@@ -80,6 +80,10 @@ def test_description_and_own_classes():
     assert [s["size"] for s in info["shards"]] == [500, 500] and info["shards"][1]["classes"][9] == 90
     assert own_classes(info, 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert own_classes(describe(Partition(), shards(Partition(), LABELS, 1000, 2), LABELS, 10, 64), 2) is None
+    sized = Partition("sizes", fractions=(0.5, 0.5))
+    assert own_classes(describe(sized, shards(sized, LABELS, 1000, 2), LABELS, 10, 64), 2) is None  # random shards own no class
+    small = describe(Partition(), shards(Partition(), LABELS, 1000, 2), LABELS, 10, 4096)  # IID trains on a short split as before
+    assert [s["size"] for s in small["shards"]] == [1000, 1000]
 
 
 @pytest.mark.parametrize("make, message", [
@@ -95,6 +99,8 @@ def test_description_and_own_classes():
     (lambda: describe(Partition("sizes", fractions=(0.05, 0.95)), shards(Partition("sizes", fractions=(0.05, 0.95)),
                                                                          LABELS, 1000, 2), LABELS, 10, 64),
      "parent 0's shard holds 50 training examples, fewer than one batch"),
+    (lambda: describe(Partition("classes"), [torch.arange(500), torch.arange(0)], LABELS, 10, 64),
+     "parent 1's shard holds 0 training examples"),  # an empty (class-less) shard
 ])
 def test_bad_partitions_are_one_line_errors(make, message):
     with pytest.raises(TfuseError) as err:

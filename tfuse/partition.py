@@ -131,26 +131,24 @@ def _counts(shares: np.ndarray, total: int) -> np.ndarray:
 def describe(partition: Partition, parts: Sequence[torch.Tensor], labels: torch.Tensor | None,
              n_classes: int | None, batch_size: int) -> dict:
     """results.json's ``partition``: the kind, its seed and knobs, and each shard's size and class
-    counts; a shard smaller than one training batch, or without a class, is refused."""
+    counts; a non-IID shard smaller than one training batch (an empty one included) is refused."""
     out = {**partition.as_dict(), "shards": []}
     for i, index in enumerate(parts):
         shard = {"size": len(index)}
         if labels is not None and n_classes:
             shard["classes"] = torch.bincount(labels[index], minlength=n_classes).tolist()
-        if len(index) < batch_size:
+        if not partition.iid and len(index) < batch_size:
             raise TfuseError(f"partition={partition.kind}: parent {i}'s shard holds {len(index)} training examples, "
                              f"fewer than one batch (train.batch_size={batch_size}); change partition.seed, use fewer "
                              "parents or a milder partition")
-        if "classes" in shard and not any(shard["classes"]):
-            raise TfuseError(f"partition={partition.kind}: parent {i}'s shard holds no class; use fewer parents")
         out["shards"].append(shard)
     return out
 
 
 def own_classes(description: dict, n_parents: int) -> list[list[int]] | None:
-    """Each parent's own classes: those it holds more than an equal share of (None for ``iid``
-    or data without classes)."""
-    if description.get("kind", "iid") == "iid" or "classes" not in description["shards"][0]:
+    """Each parent's own classes: those it holds more than an equal share of (None for a kind
+    that does not deal classes, or data without classes)."""
+    if description.get("kind", "iid") not in CLASS_KINDS or "classes" not in description["shards"][0]:
         return None
     counts = np.array([s["classes"] for s in description["shards"]], dtype=float)
     totals = counts.sum(0)

@@ -32,7 +32,7 @@ from tfuse.fusion.engine import FusionOutcome
 from tfuse.fusion.methods import METHODS, Calibration, label_of, settings_from_config
 from tfuse.fusion.settings import FusionSettings
 from tfuse.io import new_directory, new_file, write_json
-from tfuse.parents import obtain_parents, parent_configs, parent_shards, save_parent, train_parent
+from tfuse.parents import obtain_parents, parent_configs, parent_shards, partition_of, save_parent, train_parent
 from tfuse.partition import own_classes
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
@@ -512,6 +512,9 @@ def _fmt(metric: str, value: float) -> str:
 
 def run_train(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     """One parent from scratch with ``seed``; saved to ``out_dir/model`` beside its metrics."""
+    if not partition_of(cfg).iid:
+        raise TfuseError(f"partition={partition_of(cfg).kind}: tfuse train trains one parent on the whole training "
+                         "split; partitions deal shards to tfuse fuse's recipe parents (drop the override)")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     task = build_task(cfg.data, cfg.eval_batch_size, device)

@@ -387,9 +387,10 @@ def sample_weights(
                          "does not give; use fusion.repair_targets=mean")
     out = []
     for batch in batches:
-        if kind == "label" and "labels" not in batch:
+        chosen = [competence(m, batch)[0 if kind == "label" else 1] for m in targets]
+        if any(score is None for score in chosen):
             raise TfuseError("fusion.repair_targets=label needs labelled calibration samples; use confidence or mean")
-        scores = torch.stack([competence(m, batch)[0 if kind == "label" else 1].double() for m in targets], dim=1)
+        scores = torch.stack([score.double() for score in chosen], dim=1)
         alpha = scores.new_tensor(list(weights))
         raw = scores * alpha
         total = raw.sum(1, keepdim=True)

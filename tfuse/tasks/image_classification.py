@@ -105,9 +105,12 @@ class ImageClassificationTask:
         return predicted, labels
 
     @torch.no_grad()
-    def competence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per example of ``batch``: the model's probability of the true label, and its top probability."""
+    def competence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Per example of ``batch``: the model's probability of the true label (None for an
+        unlabelled batch), and its top probability."""
         probs = F.softmax(logits(model, self.model_inputs(batch)["pixel_values"]).float(), dim=-1)
+        if "labels" not in batch:
+            return None, probs.max(-1).values
         labels = batch["labels"].to(probs.device)
         return probs.gather(1, labels[:, None])[:, 0], probs.max(-1).values
 

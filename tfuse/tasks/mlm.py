@@ -97,7 +97,7 @@ class MLMTask(TextTask):
     ) -> dict[str, float]:
         """Loss, perplexity and masked-token accuracy of the averaged (``weights``: weighted) logits
         of ``models``."""
-        share = [1 / len(models)] * len(models) if weights is None else [w / sum(weights) for w in weights]
+        share = None if weights is None else [w / sum(weights) for w in weights]
         modes = [m.training for m in models]
         for m in models:
             m.eval()
@@ -107,7 +107,8 @@ class MLMTask(TextTask):
                 inputs = self.model_inputs(batch)
                 labels = batch["labels"].to(self.device)
                 keep = labels != -100
-                logits = (sum(masked_logits(m, inputs, keep).float() for m in models) / len(models) if weights is None
+                # unweighted: the sum over models divided once, as the IID results were computed
+                logits = (sum(masked_logits(m, inputs, keep).float() for m in models) / len(models) if share is None
                           else sum(w * masked_logits(m, inputs, keep).float() for w, m in zip(share, models)))
                 target = labels[keep]
                 nll += float(F.cross_entropy(logits, target, reduction="sum"))

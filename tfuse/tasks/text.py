@@ -105,5 +105,7 @@ class TextTask(ABC):
         return self.evaluate_ensemble([model], split)
 
     @abstractmethod
-    def evaluate_ensemble(self, models: Sequence[nn.Module], split: str = "test") -> dict[str, float]:
-        """Metrics of the prediction ensemble of ``models`` on a split."""
+    def evaluate_ensemble(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of the prediction ensemble of ``models`` (``weights``: weighted) on a split."""

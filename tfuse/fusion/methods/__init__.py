@@ -37,7 +37,7 @@ class Calibration:
     total: int | None = None
     repair: Callable[[], Iterable[Batch]] | None = None
     cache: StatisticsCache | None = None  # where statistics of identical passes are kept
-    competence: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]] | None = None  # per example: p(label), top p
+    competence: Callable[[nn.Module, Batch], tuple[torch.Tensor | None, torch.Tensor]] | None = None  # per example: p(label) (None unlabelled), top p
 
     def repair_batches(self) -> Callable[[], Iterable[Batch]] | None:
         return self.repair or self.batches
