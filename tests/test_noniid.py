@@ -90,6 +90,38 @@ def test_rescale_refuses_per_sample_targets():
         OTSettings(alpha="sized")
 
 
+def test_the_finetune_budget_is_the_repair_calibration_set():
+    """finetune.max_samples=N trains on the N images the repair calibrates on (same seed)."""
+    from omegaconf import OmegaConf
+
+    from tfuse.data.images import load_images
+    from tfuse.pipeline import finetune_task
+    from tfuse.tasks.image_classification import ImageClassificationTask
+
+    task = ImageClassificationTask(load_images("digits"))
+    cfg = OmegaConf.create({"seed": 3, "finetune": {"max_samples": 100}})
+    budget = finetune_task(task, cfg)
+    calibration = torch.cat([b["pixel_values"] for b in task.calibration_batches(100, 32, 3)])
+    assert budget.train_size == 100 and budget.data.test is task.data.test
+    held = {tuple(x.flatten().tolist()) for x in budget.data.train[0]}
+    assert held == {tuple(x.flatten().tolist()) for x in calibration}
+    assert finetune_task(task, OmegaConf.create({"seed": 3, "finetune": {"max_samples": None}})) is task
+    with pytest.raises(TfuseError, match="finetune.max_samples=0 must be a positive number"):
+        finetune_task(task, OmegaConf.create({"seed": 3, "finetune": {"max_samples": 0}}))
+
+
+def test_alpha_shard_weighs_parents_by_their_shards_and_needs_recipe_parents():
+    from types import SimpleNamespace
+
+    from tfuse.pipeline import resolve_alpha
+
+    setup = SimpleNamespace(settings=OTSettings(alpha="shard"), models=[None, None], task=None,
+                            partition={"shards": [{"size": 300}, {"size": 900}]})
+    assert resolve_alpha(setup, {}) == pytest.approx([0.25, 0.75])
+    with pytest.raises(TfuseError, match="parents=\\[...\\] have none"):
+        resolve_alpha(SimpleNamespace(**{**vars(setup), "partition": None}), {})
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
