@@ -104,3 +104,58 @@ def widened_copy(model: nn.Module, graph: FlowGraph, wide: nn.Module, spaces: li
             raise TfuseError(f"widened_copy: attention space '{group[0]}' cannot be widened without changing the function")
         maps.update({space: _duplication_map(sizes[space], factor) for space in group})
     return with_state(wide, align(state, graph, _identity_plan(graph), maps), graph)
+
+
+def _signed_map(perm: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    t = _as_map(perm)
+    return t if sign is None else t * sign.double()[:, None]
+
+
+def symmetric_copy(model: nn.Module, graph: FlowGraph, seed: int = 0, signs: bool = False) -> nn.Module:
+    """A copy of ``model`` under a random element of every symmetry its graph claims: the stream
+    and the other spaces permuted, heads as wholes; grouped attention (GQA, RoPE) by a group
+    permutation, query heads permuted inside their group and value dimensions inside their head,
+    the Q/K dimensions in place under RoPE; with ``signs``, every space of ``graph.signed`` also
+    flipped at random (the value dimensions with the output projection's columns)."""
+    from tfuse.fusion.engine import parameters, with_state
+
+    state = parameters(model, graph)
+    sizes = space_sizes(graph, state)
+    gen = torch.Generator().manual_seed(seed)
+    flip = lambda n: (torch.randint(0, 2, (n,), generator=gen) * 2 - 1) if signs else None  # noqa: E731
+    maps: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for att in graph.attention:
+        heads, kv = att.heads, att.kv_heads or att.heads
+        r = heads // kv
+        dk, dv = sizes[att.k] // kv, sizes[att.v] // kv
+        groups = torch.randperm(kv, generator=gen)
+        inner_q = [torch.randperm(r, generator=gen) for _ in range(kv)]
+        inner_k = [torch.arange(dk) if att.rope else torch.randperm(dk, generator=gen) for _ in range(kv)]
+        inner_v = [torch.randperm(dv, generator=gen) for _ in range(kv)]
+        sign_v = flip(sizes[att.v]) if att.v in graph.signed else None
+        perm = {s: [] for s in ("q", "k", "v", "o")}
+        sign_o = []
+        for g in range(kv):
+            perm["k"] += [int(groups[g]) * dk + int(inner_k[g][e]) for e in range(dk)]
+            perm["v"] += [int(groups[g]) * dv + int(inner_v[g][e]) for e in range(dv)]
+            for i in range(r):
+                head = int(groups[g]) * r + int(inner_q[g][i])
+                perm["q"] += [head * dk + int(inner_k[g][e]) for e in range(dk)]
+                perm["o"] += [head * dv + int(inner_v[g][e]) for e in range(dv)]
+                if sign_v is not None:
+                    sign_o.append(sign_v[g * dv:(g + 1) * dv])
+        maps[att.q] = _as_map(torch.tensor(perm["q"]))
+        maps[att.k] = _as_map(torch.tensor(perm["k"]))
+        maps[att.v] = _signed_map(torch.tensor(perm["v"]), sign_v)
+        if att.o is not None:
+            maps[att.o] = _signed_map(torch.tensor(perm["o"]), torch.cat(sign_o) if sign_o else None)
+        done |= {att.q, att.k, att.v, att.o}
+    for group in symmetry_groups(graph):
+        group = [s for s in group if s not in done]
+        if not group:
+            continue
+        perm = torch.randperm(sizes[group[0]], generator=gen)
+        sign = flip(len(perm)) if all(s in graph.signed for s in group) else None
+        maps.update({space: _signed_map(perm, sign) for space in group})
+    return with_state(model, align(state, graph, _identity_plan(graph), maps), graph)

@@ -61,7 +61,7 @@ def test_parents_from_directories_share_their_tokenizer_and_bad_parents_are_clea
 
     tiny_vit().save_pretrained(tmp_path / "vit")
     proc = tfuse("fuse", "model=hf_bert", f"parents=[{a},{tmp_path / 'vit'}]", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
-    assert proc.returncode == 2 and "not a BERT" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "model.family=hf_bert does not own" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_parents_with_different_tokenizers_are_refused(tmp_path: Path):

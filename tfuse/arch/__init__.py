@@ -10,11 +10,11 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
-from tfuse.arch import hf_bert, hf_vit
-from tfuse.arch.base import Family, TextFamily, is_local
+from tfuse.arch import hf_bert, hf_gpt2, hf_llama, hf_vit
+from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily, is_local
 from tfuse.errors import TfuseError
 
-FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert}
+FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
 TEXT_FAMILY = "hf_bert"  # the family whose checkpoints text data reads its tokenizer from
 
 
@@ -30,6 +30,19 @@ def family_for(model: nn.Module) -> Family:
         if fam.owns(model):
             return fam
     raise TfuseError(f"no model family owns a {type(model).__name__}; tfuse knows the families {', '.join(FAMILIES)}")
+
+
+def is_causal(name: str) -> bool:
+    """Whether ``model.family=name`` is a decoder-only causal LM."""
+    return isinstance(family(name), CausalLMFamily)
+
+
+def tokenized_family(name: str) -> TokenizedFamily:
+    """A family whose checkpoints carry a tokenizer (BERT, GPT-2, LLaMA)."""
+    fam = family(name)
+    if not isinstance(fam, TokenizedFamily):
+        raise TfuseError(f"model.family={name!r} carries no tokenizer; text data needs a text family")
+    return fam
 
 
 def text_family(name: str = TEXT_FAMILY) -> TextFamily:

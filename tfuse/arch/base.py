@@ -1,7 +1,8 @@
 """What a model family provides: the pipeline's part (``Family``) and, for text models, the
 tokenizer and heads the text tasks and the downstream stage need (``TextFamily``).
 
-A family is a module whose functions satisfy one of these protocols (modules match protocols
+A family is a module whose functions satisfy one of these protocols (``CausalLMFamily``:
+decoder-only language models) (modules match protocols
 structurally: nothing is subclassed)."""
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Family(Protocol):
 
 
 @runtime_checkable
-class TextFamily(Family, Protocol):
+class TokenizedFamily(Family, Protocol):
     def tokenizer_of(self, model: nn.Module):
         """The tokenizer ``model`` carries, or None."""
 
@@ -75,6 +76,16 @@ class TextFamily(Family, Protocol):
     def check_directory(self, path: str, label: str) -> dict:
         """The checkpoint's config, after checking that it holds this family's model."""
 
+
+@runtime_checkable
+class CausalLMFamily(TokenizedFamily, Protocol):
+    """A decoder-only language model: ``model(**inputs).logits`` predicts each next token."""
+
+    causal_lm: bool
+
+
+@runtime_checkable
+class TextFamily(TokenizedFamily, Protocol):
     def has_head(self, model: nn.Module) -> bool:
         """Whether ``model`` has a head (a bare encoder has none)."""
 

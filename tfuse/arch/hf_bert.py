@@ -19,46 +19,20 @@ and tokenizer through these functions only.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    BertModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
+from tfuse.arch.tokenized import attach_tokenizer, checkpoint_config, load_tokenizer, save, tokenizer_of
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
+__all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's TextFamily functions
+
 CLASSES = {cls.__name__: cls for cls in (BertForMaskedLM, BertForSequenceClassification, BertModel)}
 HEADS = {"mlm": BertForMaskedLM, "classification": BertForSequenceClassification, "none": BertModel}
-
-
-class SharedTokenizer:
-    """Holds a model's tokenizer; deep copies of the model share it (it is never mutated)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-
-    def __deepcopy__(self, memo) -> "SharedTokenizer":
-        return self
-
-
-def attach_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
-    if tokenizer is not None:
-        model.tfuse_tokenizer = SharedTokenizer(tokenizer)
-    return model
-
-
-def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase | None:
-    shared = getattr(model, "tfuse_tokenizer", None)
-    return shared.tokenizer if shared is not None else None
 
 
 def build(cfg, task) -> nn.Module:
@@ -168,17 +142,7 @@ def to_classifier(model: nn.Module, num_labels: int, seed: int) -> BertForSequen
 
 def check_directory(path: str, label: str) -> dict:
     """The checkpoint's config, after checking that it is a BERT (clear error otherwise)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise TfuseError(f"{label}: '{path}' has no config.json; give a directory written by save_pretrained")
-    config = json.loads(config_file.read_text())
-    kind = config.get("model_type")
-    if kind != "bert":
-        raise TfuseError(
-            f"{label}: '{path}' holds a {kind!r} checkpoint, not a BERT (model.family=hf_bert); "
-            "all parents must be BERTs of one tokenizer"
-        )
-    return config
+    return checkpoint_config(path, label, ("bert",), "hf_bert", "all parents must be BERTs of one tokenizer")
 
 
 def load(path: str, revision: str | None = None) -> nn.Module:
@@ -187,20 +151,3 @@ def load(path: str, revision: str | None = None) -> nn.Module:
     cls = CLASSES.get(arch, BertForMaskedLM if "MaskedLM" in arch or "PreTraining" in arch else BertModel)
     model = cls.from_pretrained(path, revision=revision, use_safetensors=(Path(path) / "model.safetensors").exists() or None)
     return attach_tokenizer(model, load_tokenizer(path, revision))
-
-
-def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase | None:
-    folder = Path(path)
-    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path, revision=revision)
-    except (OSError, ValueError):
-        return None
-
-
-def save(model: nn.Module, path: str) -> None:
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer = tokenizer_of(model)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)

@@ -4,7 +4,9 @@ Output side (axis written into a space with map T, n_a x n_b): each target neuro
 barycentre of the parent's neurons, ``W~[j] = sum_i T_ij W[i] / nu_j`` with nu_j = 1 / n_b.
 Input side (axis reading the space): ``W~ = W (T / mu)`` with mu_i = 1 / n_a, whose rows sum to
 one, so the consumer keeps reading the same total signal. Both reduce to the same permutation
-when T is one, and differ exactly when widths differ (heterogeneous fusion).
+when T is one, and differ exactly when widths differ (heterogeneous fusion). A signed map (a
+signed permutation: entries +-1/n) flips the neurons it negates on both sides; axes marked
+``Out(..., magnitude=True)`` (gains) move by |T| and keep their sign.
 """
 from __future__ import annotations
 
@@ -43,10 +45,13 @@ class SideMatrices:
         self.maps, self.dtype = maps, dtype
         self._cache: dict[tuple[str, bool], torch.Tensor] = {}
 
-    def get(self, space: str, output: bool) -> torch.Tensor:
-        key = (space, output)
+    def get(self, space: str, output: bool, magnitude: bool = False) -> torch.Tensor:
+        """``magnitude``: of the map's absolute value (axes that keep their sign under a flip)."""
+        t = self.maps[space]
+        magnitude = magnitude and bool((t < 0).any())  # unsigned maps share one matrix
+        key = (space, output, magnitude)
         if key not in self._cache:
-            self._cache[key] = _side(self.maps[space], output, self.dtype)
+            self._cache[key] = _side(t.abs() if magnitude else t, output, self.dtype)
         return self._cache[key]
 
 
@@ -89,7 +94,7 @@ def align(
                 continue
             _check(name, axis, w, t, spec.space)
             output = isinstance(spec, Out)
-            w = (_out if output else _in)(w, axis, side.get(space, output))
+            w = (_out if output else _in)(w, axis, side.get(space, output, output and spec.magnitude))
         out[name] = w
     for space, by_segment in stacked.items():
         _apply_stacked(out, side.get(space, True), [by_segment[s] for s in sorted(by_segment)], space)
@@ -111,15 +116,18 @@ def _apply_stacked(state: State, bary: torch.Tensor, segments: list[list[tuple[s
 
 
 def writer_rows(
-    state: State, graph: FlowGraph, plan: Plan, maps: dict[str, torch.Tensor], space: str, aligned: bool = True
+    state: State, graph: FlowGraph, plan: Plan, maps: dict[str, torch.Tensor], space: str, aligned: bool = True,
+    signed: bool = False,
 ) -> torch.Tensor | None:
     """Features of each neuron of a resolved space for the weight cost: the rows of every
     parameter written into it, aligned on their other axes when ``aligned`` (only writers whose
-    other axes are already mapped count). Segments of a stacked space are stacked along neurons."""
+    other axes are already mapped count). Segments of a stacked space are stacked along neurons.
+    ``signed``: only the writers that flip with the neuron (no gains), so that a row's sign is
+    the neuron's."""
     by_segment: dict[int, list[torch.Tensor]] = defaultdict(list)
     for name, axes in graph.params.items():
         writes = [(i, ax) for i, ax in enumerate(axes) if isinstance(ax, Out) and plan.where[ax.space][0] == space]
-        if len(writes) != 1:
+        if len(writes) != 1 or (signed and writes[0][1].magnitude):
             continue
         axis, spec = writes[0]
         others = [ax for i, ax in enumerate(axes) if ax is not None and i != axis]

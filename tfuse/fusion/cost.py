@@ -45,8 +45,10 @@ class Cost(ABC):
     default_reg = 0.08
 
     @abstractmethod
-    def matrix(self, space: str, inputs: CostInputs) -> torch.Tensor:
-        """The raw cost of ``space`` (normalised by the caller)."""
+    def matrix(self, space: str, inputs: CostInputs, signed: bool = False):
+        """The raw cost of ``space`` (normalised by the caller); with ``signed``, ``(cost, sign)``:
+        the cost of the better of a neuron and its negation (the magnitude of their agreement)
+        and the sign (+-1) that achieves it."""
 
 
 COSTS: Registry[Cost] = Registry("cost")
@@ -61,8 +63,8 @@ class _Activations(Cost):
     needs_statistics = True
     default_reg = 0.08
 
-    def matrix(self, space, inputs):
-        return activation_cost(inputs.stats[space], inputs.settings)
+    def matrix(self, space, inputs, signed=False):
+        return activation_cost(inputs.stats[space], inputs.settings, signed)
 
 
 @COSTS.register("weights")
@@ -71,15 +73,15 @@ class _Weights(Cost):
 
     default_reg = 0.06
 
-    def matrix(self, space, inputs):
-        rows_a = writer_rows(inputs.state, inputs.graph, inputs.plan, inputs.maps, space)
-        rows_b = writer_rows(inputs.reference, inputs.graph, inputs.plan, inputs.maps, space, aligned=False)
+    def matrix(self, space, inputs, signed=False):
+        rows_a = writer_rows(inputs.state, inputs.graph, inputs.plan, inputs.maps, space, signed=signed)
+        rows_b = writer_rows(inputs.reference, inputs.graph, inputs.plan, inputs.maps, space, aligned=False, signed=signed)
         if rows_a is None:
             raise TfuseError(
                 f"fusion.cost=weights: no weight writes layer '{space}' from already aligned "
                 "inputs; use fusion.cost=activations for this architecture"
             )
-        return weight_cost(rows_a, rows_b, inputs.settings)
+        return weight_cost(rows_a, rows_b, inputs.settings, signed)
 
 
 def _affine(m: Moments, settings: "OTSettings") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,8 +99,9 @@ def _affine(m: Moments, settings: "OTSettings") -> tuple[torch.Tensor, torch.Ten
     return shift, scale, centred_sq / scale**2
 
 
-def activation_cost(stats: PairStats, settings: "OTSettings") -> torch.Tensor:
-    """Cost matrix (n_a, n_b) of the configured metric over the transformed activations."""
+def activation_cost(stats: PairStats, settings: "OTSettings", signed: bool = False):
+    """Cost matrix (n_a, n_b) of the configured metric over the transformed activations (with
+    ``signed``: and the signs, ``_metric``)."""
     ca, sa, norm_a = _affine(stats.a, settings)
     cb, sb, norm_b = _affine(stats.b, settings)
     n = stats.a.count
@@ -107,10 +110,10 @@ def activation_cost(stats: PairStats, settings: "OTSettings") -> torch.Tensor:
         dot = dot - ca[:, None] * stats.b.sum[None, :] - stats.a.sum[:, None] * cb[None, :] + n * ca[:, None] * cb[None, :]
     if settings.standardize:
         dot = dot / (sa[:, None] * sb[None, :])
-    return _metric(dot, norm_a, norm_b, settings)
+    return _metric(dot, norm_a, norm_b, settings, signed)
 
 
-def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: "OTSettings") -> torch.Tensor:
+def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: "OTSettings", signed: bool = False):
     """Cost between weight rows (already aligned on their input side)."""
     a, b = rows_a.double(), rows_b.double()
     if settings.center:
@@ -118,11 +121,16 @@ def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: "OTSetting
     if settings.standardize:
         a = a / a.std(1, keepdim=True).clamp_min(1e-12)
         b = b / b.std(1, keepdim=True).clamp_min(1e-12)
-    return _metric(a @ b.T, (a * a).sum(1), (b * b).sum(1), settings)
+    return _metric(a @ b.T, (a * a).sum(1), (b * b).sum(1), settings, signed)
 
 
-def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: "OTSettings") -> torch.Tensor:
-    """Distances from dot products and squared norms (``dot`` is a fresh tensor: used in place)."""
+def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: "OTSettings", signed: bool = False):
+    """Distances from dot products and squared norms (``dot`` is a fresh tensor: used in place).
+    ``signed``: the distance of the nearer of ``a`` and ``-a`` (``|dot|`` for the dot), returned
+    with the sign that chose it, ``(cost, sign)``."""
+    if signed:
+        sign = torch.where(dot < 0, -1.0, 1.0).to(torch.float64)
+        return _metric(dot.abs_(), norm_a, norm_b, settings), sign
     if settings.unit_norm or settings.metric == "cosine":
         ra, rb = norm_a.clamp_min(1e-24).rsqrt(), norm_b.clamp_min(1e-24).rsqrt()
         dot = dot * ra[:, None] * rb[None, :]

@@ -21,6 +21,11 @@ An architecture describes itself as plain data (``FlowGraph``); the engine never
 * ``blocks`` lists the module paths of the repeated blocks in the order they run, each called
   with the previous one's output tensor as its first argument and returning a tensor: the repair
   replays a model from any block with that block's input cached.
+* ``signed`` lists the spaces whose symmetry includes sign flips: a neuron negated everywhere it
+  is written and read leaves the function unchanged (no LayerNorm centres it, no nonlinearity
+  reads it alone). Axes that keep their sign under a flip say ``Out(space, magnitude=True)``.
+* ``transposed`` names the linear modules that store their weight as (in, out) (GPT-2's
+  ``Conv1D``), for the repair.
 * ``views`` says how a parameter stored fused (timm's ``qkv``: rows ``[q; k; v]``) splits into
   equal *virtual* parameters along one axis. ``params`` describes the virtual ones, and the
   engine works on the virtual parameter dict (``to_virtual`` / ``to_real``). A probe may likewise
@@ -37,9 +42,12 @@ from tfuse.errors import TfuseError
 
 @dataclass(frozen=True)
 class Out:
-    """The axis is written into ``space`` (output side: barycentric projection)."""
+    """The axis is written into ``space`` (output side: barycentric projection). ``magnitude``:
+    the axis keeps its sign when a signed map flips the neuron (an RMSNorm gain, a SwiGLU gate
+    row), so it is moved by the map's absolute value."""
 
     space: str
+    magnitude: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,26 @@ class Residual:
 
 @dataclass(frozen=True)
 class Attention:
-    """One multi-head attention block: its query, key and value spaces and head count."""
+    """One multi-head attention block: its query, key and value spaces and head count.
+
+    Grouped-query attention (``kv_heads`` below ``heads``): each key/value head serves
+    ``heads / kv_heads`` consecutive query heads, and the output projection reads ``o``, the
+    value heads as each query head sees them (``heads x`` the value head width). ``rope``: the
+    query/key dimensions inside a head are rotated in fixed pairs, so only whole heads move."""
 
     name: str
     q: str
     k: str
     v: str
     heads: int
+    kv_heads: int | None = None  # None: one per query head
+    rope: bool = False
+    o: str | None = None  # the space the output projection reads; None: ``v``
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the block needs the grouped head rule (GQA, or RoPE's fixed dimensions)."""
+        return self.rope or (self.kv_heads or self.heads) != self.heads
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,8 @@ class FlowGraph:
     stream: str = "stream"  # prefix naming the stream points (``stream.0`` is the embeddings')
     views: dict[str, Split] = field(default_factory=dict)  # real parameter -> its virtual parts
     blocks: list[str] = field(default_factory=list)  # module paths of the repeated blocks, in order
+    signed: set[str] = field(default_factory=set)  # spaces whose neurons may also flip sign (RMSNorm streams)
+    transposed: set[str] = field(default_factory=set)  # linear modules that store weights (in, out): x @ W + b
 
     def to_virtual(self, state: dict) -> dict:
         """Real parameter dict -> the virtual one ``params`` describes (fused ones split)."""
@@ -192,8 +215,9 @@ class GraphBuilder:
             self.param(f"{prefix}.bias", Out(out) if out else None)
 
     def norm(self, prefix: str, space: str, bias: bool = True) -> None:
-        """A LayerNorm's gain and shift live in the space it normalises."""
-        self.param(f"{prefix}.weight", Out(space))
+        """A LayerNorm's gain and shift live in the space it normalises (an RMSNorm's gain, without
+        a shift, keeps its sign under a signed map)."""
+        self.param(f"{prefix}.weight", Out(space, magnitude=not bias))
         if bias:
             self.param(f"{prefix}.bias", Out(space))
 
@@ -238,8 +262,10 @@ class GraphBuilder:
         self.probe(out, probe or fc2)
         return out
 
-    def attention(self, name: str, heads: int) -> tuple[str, str, str]:
-        """Register an attention block; returns its query, key and value space names."""
+    def attention(self, name: str, heads: int, kv_heads: int | None = None, rope: bool = False) -> tuple[str, str, str]:
+        """Register an attention block; returns its query, key and value space names (with
+        grouped key/value heads, the output projection reads ``{name}.o``)."""
         q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"
-        self.graph.attention.append(Attention(name, q, k, v, heads))
+        o = f"{name}.o" if (kv_heads or heads) != heads else None
+        self.graph.attention.append(Attention(name, q, k, v, heads, kv_heads, rope, o))
         return q, k, v

@@ -8,10 +8,10 @@ import torch
 from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, normalize
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.plan import HeadRule, OTRule, Plan
+from tfuse.fusion.plan import GroupedHeadRule, HeadRule, OTRule, Plan
 from tfuse.fusion.residual import RESIDUALS
 from tfuse.fusion.statistics import PairStats
-from tfuse.fusion.transport import head_aware, solve
+from tfuse.fusion.transport import grouped_head_aware, head_aware, solve
 
 if TYPE_CHECKING:
     from tfuse.fusion.methods.ot import OTSettings
@@ -26,7 +26,9 @@ def compute_maps(
     state: State,
     reference: State,
 ) -> dict[str, torch.Tensor]:
-    """Every resolved space's map (n_parent x n_reference), in forward order."""
+    """Every resolved space's map (n_parent x n_reference), in forward order. With
+    ``fusion.signs``, the maps of spaces the graph lets flip sign are signed: matched on the
+    magnitude of agreement, each pair carrying the sign it agrees with."""
     maps: dict[str, torch.Tensor] = {}
     kind = COSTS[settings.cost]
     inputs = CostInputs(settings, stats, state, reference, graph, plan, maps)
@@ -34,9 +36,24 @@ def compute_maps(
     def cost(rule: OTRule) -> torch.Tensor:
         return normalize(kind.matrix(rule.name, inputs), settings.normalize_cost, rule.name)
 
+    def signed_cost(rule: OTRule) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not (settings.signs and rule.name in plan.signed):
+            return cost(rule), None
+        raw, sign = kind.matrix(rule.name, inputs, signed=True)
+        return normalize(raw, settings.normalize_cost, rule.name), sign
+
     for rule in plan.rules:
         if isinstance(rule, OTRule):
-            maps[rule.name] = solve(cost(rule), settings, rule.name)
+            matrix, sign = signed_cost(rule)
+            coupling = solve(matrix, settings, rule.name)
+            maps[rule.name] = coupling if sign is None else coupling * sign
+        elif isinstance(rule, GroupedHeadRule):
+            cost_v, sign_v = signed_cost(rule.v)
+            found = grouped_head_aware(cost(rule.q), cost(rule.k), cost_v, sign_v, rule.heads, rule.kv_heads,
+                                       rule.rope, settings, rule.q.name)
+            for name, t in zip((rule.q.name, rule.k.name, rule.v.name, rule.o), found):
+                if name is not None:
+                    maps[name] = t
         elif isinstance(rule, HeadRule):
             maps[rule.qk.name], maps[rule.v.name] = head_aware(
                 cost(rule.qk), cost(rule.v), rule.heads, settings, rule.qk.name

@@ -37,6 +37,22 @@ class HeadRule:
 
 
 @dataclass(frozen=True)
+class GroupedHeadRule:
+    """Grouped heads (GQA, RoPE): one map between key/value groups, maps between the query heads
+    inside matched groups and between value dimensions inside matched heads; Q/K dimensions stay
+    in place under RoPE. The output projection's space ``o`` follows from the query-head and
+    value maps."""
+
+    q: OTRule
+    k: OTRule
+    v: OTRule
+    o: str | None
+    heads: int
+    kv_heads: int
+    rope: bool
+
+
+@dataclass(frozen=True)
 class CombineRule:
     """Stream point ``name`` from the maps of ``skip`` and ``branch`` (resolved names)."""
 
@@ -48,7 +64,7 @@ class CombineRule:
     branch_probe: str
 
 
-Rule = OTRule | HeadRule | CombineRule
+Rule = OTRule | HeadRule | GroupedHeadRule | CombineRule
 
 
 @dataclass
@@ -56,6 +72,7 @@ class Plan:
     rules: list[Rule]
     where: dict[str, tuple[str, int]]  # logical space -> (resolved space, segment index)
     segments: dict[str, Segments] = field(default_factory=dict)  # resolved OT space -> segments
+    signed: set[str] = field(default_factory=set)  # resolved spaces whose maps may flip signs
 
     def ot_rules(self) -> list[OTRule]:
         out: list[OTRule] = []
@@ -64,6 +81,8 @@ class Plan:
                 out.append(rule)
             elif isinstance(rule, HeadRule):
                 out += [rule.qk, rule.v]
+            elif isinstance(rule, GroupedHeadRule):
+                out += [rule.q, rule.k, rule.v]
         return out
 
     def probes(self) -> list[str]:
@@ -103,6 +122,18 @@ class PlanBuilder:
         self.rules[qk] = HeadRule(OTRule(qk, ((att.q, att.k),)), OTRule(att.v, ((att.v,),)), att.heads)
         self.where.update({att.q: (qk, 0), att.k: (qk, 0), att.v: (att.v, 0)})
 
+    def grouped_heads(self, att: Attention) -> None:
+        """Grouped head maps for one attention block (``GroupedHeadRule``)."""
+        kv = att.kv_heads or att.heads
+        if att.heads % kv:
+            raise TfuseError(f"attention '{att.name}': {att.heads} query heads do not divide into {kv} key/value groups")
+        rule = GroupedHeadRule(OTRule(att.q, ((att.q,),)), OTRule(att.k, ((att.k,),)), OTRule(att.v, ((att.v,),)),
+                               att.o, att.heads, kv, att.rope)
+        self.rules[att.q] = rule
+        for space in (att.q, att.k, att.v, att.o):
+            if space is not None:
+                self.where[space] = (space, 0)
+
     def combine(self, space: str, res: Residual, policy: str) -> None:
         """Stream point ``space`` = skip + branch, its map combined from theirs by ``policy``."""
         for part in (res.skip, res.branch):
@@ -124,6 +155,10 @@ def make_plan(graph: FlowGraph, settings: "OTSettings") -> Plan:
             builder.ot(space, ((space,),), space)
     plan = Plan(_in_forward_order(builder.rules, builder.where, spaces), builder.where)
     plan.segments = {r.name: r.segments for r in plan.ot_rules()}
+    served: dict[str, list[str]] = {}
+    for space, (name, _) in builder.where.items():
+        served.setdefault(name, []).append(space)
+    plan.signed = {name for name, logical in served.items() if all(s in graph.signed for s in logical)}
     return plan
 
 
@@ -168,4 +203,6 @@ def _in_forward_order(rules: dict[str, Rule], where: dict[str, tuple[str, int]],
 def _names(rule: Rule) -> tuple[str, ...]:
     if isinstance(rule, HeadRule):
         return (rule.qk.name, rule.v.name)
+    if isinstance(rule, GroupedHeadRule):
+        return tuple(n for n in (rule.q.name, rule.k.name, rule.v.name, rule.o) if n is not None)
     return (rule.name,)

@@ -81,11 +81,28 @@ def _first(args: tuple, kwargs: dict):
     return args[0] if args else next(iter(kwargs.values()))
 
 
+class _Transposed:
+    """A linear module storing its weight as (in, out) (``FlowGraph.transposed``: GPT-2's
+    ``Conv1D``) seen as an ``nn.Linear``: ``weight`` is a view of the stored one, so writes reach it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    in_features = property(lambda self: self.module.weight.shape[0])
+    out_features = property(lambda self: self.module.weight.shape[1])
+    weight = property(lambda self: self.module.weight.T)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
 def linear_layers(model: nn.Module, graph: FlowGraph) -> dict[str, nn.Linear]:
-    """The model's ``nn.Linear`` modules whose weight the flow graph describes."""
+    """The model's linear modules whose weight the flow graph describes (``nn.Linear``, and the
+    graph's ``transposed`` ones)."""
     described = graph.real_names()
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and f"{name}.weight" in described
+        name: m if isinstance(m, nn.Linear) else _Transposed(m) for name, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or name in graph.transposed) and f"{name}.weight" in described
     }
 
 

@@ -133,3 +133,62 @@ def head_aware(
             t[h * da:(h + 1) * da, g * db:(g + 1) * db] = head_plan[h, g] * plan
         full.append(t)
     return full[0], full[1]
+
+
+def _unit(block: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+    """The coupling of one block of a cost, scaled to a maximum of 1 first."""
+    block = block.double()
+    return solve(block / max(float(block.max()), 1e-30), settings, space)
+
+
+def grouped_head_aware(
+    cost_q: torch.Tensor, cost_k: torch.Tensor, cost_v: torch.Tensor, sign_v: torch.Tensor | None,
+    heads: int, kv_heads: int, rope: bool, settings: "OTSettings", space: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Maps of the query, key, value and output-projection spaces of grouped attention.
+
+    A key/value group is a key head, a value head and the ``heads / kv_heads`` query heads that
+    read them. For every pair of groups (G of the parent, G' of the reference): the Q/K
+    dimensions map by the identity under RoPE (else by the key block's coupling), the value
+    dimensions by their own coupling (signed where ``sign_v`` is given), and the query heads of
+    G by a coupling to those of G' over their blocks' costs under the Q/K map. The groups' cost
+    is the sum of the three values; one coupling between groups weighs every inner one, so the
+    marginals stay uniform. The output projection reads (query head, value dimension): its map
+    is the query heads' coupling times the value dimensions'."""
+    r = heads // kv_heads
+    dka, dkb = cost_k.shape[0] // kv_heads, cost_k.shape[1] // kv_heads
+    dva, dvb = cost_v.shape[0] // kv_heads, cost_v.shape[1] // kv_heads
+    if rope and dka != dkb:
+        raise TfuseError(f"attention '{space}': head widths {dka} and {dkb} differ, but RoPE keeps every Q/K "
+                         "dimension of a head in place; fuse parents with one head_dim")
+    dev = cost_q.device
+    eye = torch.eye(dka, dtype=torch.float64, device=dev) / dka
+    inner_k, inner_v, inner_q = {}, {}, {}
+    group_cost = torch.zeros(kv_heads, kv_heads, dtype=torch.float64, device=dev)
+    for g in range(kv_heads):
+        for h in range(kv_heads):
+            ka, kb = slice(g * dka, (g + 1) * dka), slice(h * dkb, (h + 1) * dkb)
+            va, vb = slice(g * dva, (g + 1) * dva), slice(h * dvb, (h + 1) * dvb)
+            k_block, v_block = cost_k[ka, kb].double(), cost_v[va, vb].double()
+            qk = eye if rope else _unit(k_block, settings, f"{space} keys {g}->{h}")
+            v = _unit(v_block, settings, f"{space} values {g}->{h}")
+            q_cost = torch.zeros(r, r, dtype=torch.float64, device=dev)
+            for i in range(r):
+                for j in range(r):
+                    qa, qb = (g * r + i) * dka, (h * r + j) * dkb
+                    q_cost[i, j] = (qk * cost_q[qa:qa + dka, qb:qb + dkb].double()).sum()
+            q = torch.ones(1, 1, dtype=torch.float64, device=dev) if r == 1 else _unit(q_cost, settings, f"{space} query heads {g}->{h}")
+            group_cost[g, h] = (qk * k_block).sum() + (v * v_block).sum() + (q * q_cost).sum()
+            inner_k[g, h], inner_q[g, h] = qk, q
+            inner_v[g, h] = v if sign_v is None else v * sign_v[va, vb]
+    groups = _unit(group_cost, settings, f"{space} groups")
+
+    def assemble(inner: dict, rows: int, cols: int) -> torch.Tensor:
+        t = torch.zeros(kv_heads * rows, kv_heads * cols, dtype=torch.float64, device=dev)
+        for (g, h), plan in inner.items():
+            t[g * rows:(g + 1) * rows, h * cols:(h + 1) * cols] = groups[g, h] * plan
+        return t
+
+    kron = lambda inner: {key: torch.kron(inner_q[key], inner[key]) for key in inner}  # noqa: E731
+    return (assemble(kron(inner_k), r * dka, r * dkb), assemble(inner_k, dka, dkb), assemble(inner_v, dva, dvb),
+            assemble(kron(inner_v), r * dva, r * dvb))

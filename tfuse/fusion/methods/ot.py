@@ -45,6 +45,7 @@ class OTSettings(FusionSettings):
     unit_norm: bool = False
     residual: str = "mean"
     qk: str = "separate"
+    signs: bool = False  # signed maps where the graph allows flips (RMSNorm streams, SwiGLU up/down, values)
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn

@@ -21,8 +21,9 @@ from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.methods.ot import OTSettings
-from tfuse.fusion.plan import HeadRule, OTRule, Plan, make_plan
+from tfuse.fusion.plan import GroupedHeadRule, HeadRule, OTRule, Plan, make_plan
 from tfuse.fusion.settings import FusionSettings
+from tfuse.fusion.transport import grouped_head_aware
 
 # The plan of a transformer's exact symmetries: its resolved spaces are what one permutation serves.
 SYMMETRIES = OTSettings(solver="emd", cost="weights", residual="global", qk="head_aware")
@@ -79,15 +80,21 @@ def match_weights(
     sizes = _sizes(state, reference, graph, plan)
     device = next(iter(state.values())).device  # the permutations index the weights where they are
     perms = {name: torch.arange(n, device=device) for name, n in sizes.items()}
-    units = [(rule.qk.name, rule.v.name, rule.heads) if isinstance(rule, HeadRule) else (rule.name,)
-             for rule in plan.rules if isinstance(rule, (OTRule, HeadRule))]
+    units = [rule if isinstance(rule, GroupedHeadRule) else (rule.qk.name, rule.v.name, rule.heads)
+             if isinstance(rule, HeadRule) else (rule.name,)
+             for rule in plan.rules if isinstance(rule, (OTRule, HeadRule, GroupedHeadRule))]
     axes = _axes_of(graph, plan)
     order = np.random.default_rng(seed)
     for sweep in range(1, max_sweeps + 1):
         changed = False
         for index in order.permutation(len(units)):
             unit = units[index]
-            if len(unit) == 3:
+            if isinstance(unit, GroupedHeadRule):
+                new = _grouped_assignment(unit, {
+                    rule.name: _similarity(rule.name, state, reference, graph, plan, perms, axes)
+                    for rule in (unit.q, unit.k, unit.v)
+                })
+            elif len(unit) == 3:
                 qk, v, heads = unit
                 new = dict(zip((qk, v), _head_assignment(
                     _similarity(qk, state, reference, graph, plan, perms, axes),
@@ -183,3 +190,13 @@ def _head_assignment(qk: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[tor
         full_qk[g * d:(g + 1) * d] = h * d + p_qk
         full_v[g * d:(g + 1) * d] = h * d + p_v
     return full_qk.to(device), full_v.to(device)
+
+
+def _grouped_assignment(rule: GroupedHeadRule, similarity: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Grouped heads (GQA, RoPE) matched as OT's grouped head rule matches them, on the costs
+    ``max S - S`` with exact OT (whose couplings are permutations here)."""
+    cost = {name: s.max() - s for name, s in similarity.items()}
+    maps = grouped_head_aware(cost[rule.q.name], cost[rule.k.name], cost[rule.v.name], None, rule.heads,
+                              rule.kv_heads, rule.rope, SYMMETRIES, rule.q.name)
+    names = (rule.q.name, rule.k.name, rule.v.name, rule.o)
+    return {name: t.argmax(0) for name, t in zip(names, maps) if name is not None}

@@ -1,0 +1,120 @@
+"""Hugging Face LLaMA-family causal LMs (``LlamaForCausalLM``; ``MistralForCausalLM`` and
+``Qwen2ForCausalLM`` share its module layout): pre-norm blocks with RMSNorm, RoPE, SwiGLU and
+grouped-query attention, described as a flow graph.
+
+Symmetries the graph claims:
+
+* the residual stream: one map for every point (the global policy is exact), and because
+  RMSNorm does not centre, a *signed* one: a coordinate negated wherever it is written and read
+  leaves the model's function unchanged; the RMSNorm gains keep their sign (``magnitude``);
+* SwiGLU: ``gate_proj`` and ``up_proj`` write one hidden space that ``down_proj`` reads; an
+  ``up``/``down`` pair may flip sign, the ``gate`` row may not (SiLU is not odd);
+* attention: RoPE rotates fixed pairs of Q/K dimensions, so only whole heads move; under GQA a
+  key/value group moves with its query heads, which may reorder inside the group; value
+  dimensions permute (and flip) with the output projection's columns of every query head of the
+  group (``{name}.attn.o``);
+* tied input and output embeddings: the table is transported once, its columns in the stream.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+from tfuse.arch.tokenized import attach_tokenizer, checkpoint_config, load_tokenizer, save, tokenizer_of
+from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
+
+__all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
+
+CLASSES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+causal_lm = True
+
+
+def build(cfg, task) -> LlamaForCausalLM:
+    """A fresh LLaMA from the ``model`` config group for a causal-LM task's tokenizer."""
+    tokenizer = task.tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.mlp_size,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.get("kv_heads") or cfg.heads,
+        head_dim=cfg.get("head_dim") or cfg.hidden_size // cfg.heads,
+        max_position_embeddings=max(cfg.get("max_position", 0) or 0, task.max_length),
+        tie_word_embeddings=cfg.get("tie_embeddings", True),
+        attention_bias=cfg.get("attention_bias", False),
+        attention_dropout=cfg.get("dropout", 0.0),
+        rope_theta=cfg.get("rope_theta", 10000.0),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return attach_tokenizer(LlamaForCausalLM(config), tokenizer)
+
+
+def graph(model: nn.Module) -> FlowGraph:
+    cfg = model.config
+    names = {n for n, _ in model.named_parameters()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    g = GraphBuilder()
+    s0 = g.point(0)
+    g.param("model.embed_tokens.weight", None, Out(s0))
+    g.probe(s0, "model.embed_tokens")
+    signed = set()
+    for layer in range(cfg.num_hidden_layers):
+        block, name = f"model.layers.{layer}", f"layers.{layer}"
+        g.graph.blocks.append(block)
+        before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
+        g.norm(f"{block}.input_layernorm", before, bias=False)
+        attn = f"{block}.self_attn"
+        q, k, v = g.attention(f"{name}.attn", heads, kv_heads, rope=True)
+        source = Probe(f"{attn}.q_proj", "input")  # the normalised stream all three read
+        for space, proj in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
+            bias = f"{attn}.{proj}.bias" in names
+            g.linear(f"{attn}.{proj}", space, before, bias=bias)
+            g.probe(space, f"{attn}.{proj}", linear=Linear(source, f"{attn}.{proj}.weight", f"{attn}.{proj}.bias" if bias else None))
+        reads = g.graph.attention[-1].o or v
+        attn_out = f"{name}.attn_out"
+        g.linear(f"{attn}.o_proj", attn_out, reads, bias=f"{attn}.o_proj.bias" in names)
+        g.probe(attn_out, f"{attn}.o_proj")
+        g.residual(middle, before, attn_out)
+        g.probe(middle, f"{block}.post_attention_layernorm", "input")
+        g.norm(f"{block}.post_attention_layernorm", middle, bias=False)
+        mlp, hidden, mlp_out = f"{block}.mlp", f"{name}.mlp", f"{name}.mlp_out"
+        bias = f"{mlp}.up_proj.bias" in names
+        g.param(f"{mlp}.gate_proj.weight", Out(hidden, magnitude=True), In(middle))
+        if bias:
+            g.param(f"{mlp}.gate_proj.bias", Out(hidden, magnitude=True))
+        g.linear(f"{mlp}.up_proj", hidden, middle, bias=bias)
+        g.probe(hidden, f"{mlp}.down_proj", "input")
+        g.linear(f"{mlp}.down_proj", mlp_out, hidden, bias=bias)
+        g.probe(mlp_out, f"{mlp}.down_proj")
+        g.residual(after, middle, mlp_out)
+        g.probe(after, block)
+        signed |= {before, middle, after, attn_out, mlp_out, hidden, v} | ({reads} if reads != v else set())
+    last = g.point(2 * cfg.num_hidden_layers)
+    g.norm("model.norm", last, bias=False)
+    if "lm_head.weight" in names:  # untied: the head reads the normalised last point
+        g.param("lm_head.weight", None, In(last))
+    g.graph.signed = signed
+    g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
+    return g.graph
+
+
+def owns(model) -> bool:
+    return isinstance(model, CLASSES)
+
+
+def check_directory(path: str, label: str) -> dict:
+    """The checkpoint's config, after checking that it is a LLaMA-family causal LM."""
+    return checkpoint_config(path, label, MODEL_TYPES, "hf_llama", "LLaMA, Mistral and Qwen2 causal LMs")
+
+
+def load(path: str, revision: str | None = None) -> nn.Module:
+    if Path(path).is_dir():
+        check_directory(path, f"checkpoint '{path}'")
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision)
+    return attach_tokenizer(model, load_tokenizer(path, revision))

@@ -1,0 +1,70 @@
+"""What the text families share: the tokenizer a model carries (``model.tfuse_tokenizer``), read
+from and written beside its checkpoint, and the check that a checkpoint directory holds the
+family's model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tfuse.errors import TfuseError
+
+
+class SharedTokenizer:
+    """Holds a model's tokenizer; deep copies of the model share it (it is never mutated)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
+    def __deepcopy__(self, memo) -> "SharedTokenizer":
+        return self
+
+
+def attach_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
+    if tokenizer is not None:
+        model.tfuse_tokenizer = SharedTokenizer(tokenizer)
+    return model
+
+
+def tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase | None:
+    shared = getattr(model, "tfuse_tokenizer", None)
+    return shared.tokenizer if shared is not None else None
+
+
+def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase | None:
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError):
+        return None
+
+
+def save(model: nn.Module, path: str) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer = tokenizer_of(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def checkpoint_config(path: str, label: str, model_types: tuple[str, ...], family: str, what: str) -> dict:
+    """The directory's config.json, after checking that its ``model_type`` is one of the family's
+    (one line naming the model class otherwise)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise TfuseError(f"{label}: '{path}' has no config.json; give a directory written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TfuseError(f"{config_file}: not readable JSON ({err}); fix or remove it") from err
+    kind = config.get("model_type")
+    if kind not in model_types:
+        cls = (config.get("architectures") or [kind])[0]
+        raise TfuseError(
+            f"{label}: '{path}' holds a {cls} ({kind!r}) checkpoint, which model.family={family} does not own "
+            f"({what}); give parents of one family, or set model.family to the family that owns {cls}"
+        )
+    return config
