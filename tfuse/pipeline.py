@@ -178,6 +178,7 @@ class Tuned:
     models: dict[str, torch.nn.Module] = field(default_factory=dict)  # the fused ones
     predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # every model's test classes, where the task gives them
     curves: dict[str, list] = field(default_factory=dict)
+    continuations: dict[str, str] = field(default_factory=dict)  # a causal LM's greedy text, per model
 
 
 def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
@@ -197,6 +198,8 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     save_models(setup, fused, tuned, results, out_dir)
     write_json(out_dir / "results.json", results)
     console.print(results_table(results))
+    if "continuations" in results:
+        console.print(continuation_table(results["continuations"]))
     return results
 
 
@@ -337,6 +340,8 @@ def _score(tuned: Tuned, name: str, model: torch.nn.Module, task: Task) -> None:
     tuned.finetuned_val[name] = task.evaluate(model, "val")
     if hasattr(task, "predictions"):
         tuned.predictions[name] = task.predictions([model])[0]
+    if hasattr(task, "continuation"):
+        tuned.continuations[name] = task.continuation(model)
 
 
 def finetune_task(task: Task, cfg: DictConfig) -> Task:
@@ -375,6 +380,12 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
         results["partition"] = setup.partition
     if hasattr(task, "predictions"):
         results.update(class_scores(setup, baseline, fused, tuned))
+    if hasattr(task, "continuation"):
+        one_shot = {f"parent_{i}": m for i, m in enumerate(setup.models)} | fused.models
+        results["continuations"] = {
+            "prompt": task.prompt, "one_shot": {name: task.continuation(m) for name, m in one_shot.items()},
+            "finetuned": tuned.continuations,
+        }
     info = {name: o.info for name, o in fused.outcomes.items() if o.info}
     if info:
         results["methods"] = info
@@ -506,6 +517,19 @@ def results_table(results: dict) -> Table:
     return table
 
 
+def continuation_table(found: dict) -> Table:
+    """Each model's greedy continuation of the prompt, one-shot and finetuned."""
+    table = Table(title=f"greedy continuations of {found['prompt']!r}", title_justify="left")
+    table.add_column("model")
+    table.add_column("one-shot")
+    if found["finetuned"]:
+        table.add_column("finetuned")
+    for name in [*found["one_shot"], *(n for n in found["finetuned"] if n not in found["one_shot"])]:
+        row = [label_of(name), repr(found["one_shot"].get(name, ""))]
+        table.add_row(*row, *([repr(found["finetuned"].get(name, ""))] if found["finetuned"] else []))
+    return table
+
+
 def _fmt(metric: str, value: float) -> str:
     return f"{100 * value:.2f}%" if "accuracy" in metric else f"{value:.4f}"
 
@@ -517,7 +541,7 @@ def run_train(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
                          "split; partitions deal shards to tfuse fuse's recipe parents (drop the override)")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    task = build_task(cfg.data, cfg.eval_batch_size, device)
+    task = build_task(cfg.data, cfg.eval_batch_size, device, family_name=cfg.model.family)
     model, metrics = train_parent(cfg, task, cfg.seed, device)
     save_parent(model, cfg, metrics, cfg.seed, out_dir / "model")
     write_json(out_dir / "metrics.json", metrics)

@@ -1,4 +1,6 @@
-"""Text data for BERT: corpora split by document, a WordPiece tokenizer, fixed-length sequences.
+"""Text data: corpora split by document, a tokenizer, fixed-length sequences. For BERT, a
+WordPiece and ``[CLS] window [SEP]``; for causal LMs (``causal``), a byte-level BPE and
+``<|endoftext|> window``.
 
 Sources (``data.name``):
 
@@ -11,8 +13,8 @@ Sources (``data.name``):
 * ``wikitext``: WikiText-103 through ``datasets`` (online), or ``data.path``: a local text file, a
   folder of ``.txt`` files, a parquet/csv file or a ``save_to_disk`` folder with a ``text`` column.
 
-The tokenizer is a WordPiece trained on the training split only (deterministic, so every parent of
-one recipe gets the same one); when parents are given, their own tokenizer is used instead.
+The tokenizer is trained on the training split only (deterministic, so every parent of one
+recipe gets the same one); when parents are given, their own tokenizer is used instead.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tfuse.errors import TfuseError
 
 TEXT_SOURCES = ("plays", "pydoc", "wikitext")
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BPE_SPECIAL = ["<|endoftext|>", "<pad>"]  # begins (and ends) every document; padding
 FOLIO_GENRE = {
     "comedies": "comedy", "problems": "comedy", "romances": "comedy",
     "histories": "history", "roman": "tragedy", "tragedies": "tragedy",
@@ -246,11 +249,40 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def shared_tokenizer(sources: list[str]):
-    """The one tokenizer all parent checkpoints carry (clear errors when missing or different)."""
-    from tfuse.arch import hub_revision, text_family
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2's scheme) trained on ``texts``: offline and deterministic, every
+    byte representable, ``<|endoftext|>`` as beginning/end and ``<pad>`` as padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    fam = text_family()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BPE_SPECIAL[0], eos_token=BPE_SPECIAL[0],
+                                   pad_token=BPE_SPECIAL[1])
+
+
+def causal_framing(tokenizer) -> None:
+    """A causal LM's sequences start with ``bos_token`` and are padded with ``pad_token`` (which
+    the attention mask hides): checkpoints without them (GPT-2's) use ``eos_token`` for both."""
+    if tokenizer.eos_token is None and (tokenizer.bos_token is None or tokenizer.pad_token is None):
+        raise TfuseError("the parents' tokenizer has no bos, eos or pad token; a causal LM's sequences start with "
+                         "bos_token and are padded with pad_token: set them and save the tokenizer again")
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def shared_tokenizer(sources: list[str], family_name: str = "hf_bert"):
+    """The one tokenizer all parent checkpoints of ``model.family`` carry (clear errors when
+    missing or different)."""
+    from tfuse.arch import hub_revision, tokenized_family
+
+    fam = tokenized_family(family_name)
     tokenizers = []
     for i, source in enumerate(sources):
         name, revision = hub_revision(str(source))
@@ -267,7 +299,7 @@ def shared_tokenizer(sources: list[str]):
             raise TfuseError(
                 f"parents[0] and parents[{i}] have different tokenizers (vocabularies of {len(first)} and "
                 f"{len(tok)} tokens{'' if len(tok) != len(first) else ', same size but different tokens'}); "
-                "token ids must mean the same in every parent: fuse BERTs that share one tokenizer"
+                "token ids must mean the same in every parent: fuse models that share one tokenizer"
             )
     return first
 
@@ -283,14 +315,16 @@ def token_stream(tokenizer, text: str) -> list[int]:
     return [t for para in ids for t in para]
 
 
-def chunk(tokenizer, ids: list[int], length: int, min_tokens: int = 8) -> list[list[int]]:
-    """[CLS] window [SEP] for consecutive windows of ``length - 2`` tokens (a short last one kept)."""
-    body = length - 2
+def chunk(tokenizer, ids: list[int], length: int, min_tokens: int = 8, causal: bool = False) -> list[list[int]]:
+    """[CLS] window [SEP] for consecutive windows of ``length - 2`` tokens (a short last one
+    kept); ``causal``: <|endoftext|> window, of ``length - 1``."""
+    head, tail = ([tokenizer.bos_token_id], []) if causal else ([tokenizer.cls_token_id], [tokenizer.sep_token_id])
+    body = length - len(head) - len(tail)
     out = []
     for start in range(0, len(ids), body):
         piece = ids[start:start + body]
         if len(piece) >= min_tokens:
-            out.append([tokenizer.cls_token_id, *piece, tokenizer.sep_token_id])
+            out.append([*head, *piece, *tail])
     return out
 
 
@@ -311,10 +345,11 @@ def cap(seq: Sequences, limit: int | None, seed: int) -> Sequences:
     return seq.subset(keep)
 
 
-def sequences(tokenizer, docs: list[Document], length: int, label_names: list[str] | None = None) -> Sequences:
+def sequences(tokenizer, docs: list[Document], length: int, label_names: list[str] | None = None,
+              causal: bool = False) -> Sequences:
     rows, labels = [], []
     for doc in docs:
-        pieces = chunk(tokenizer, token_stream(tokenizer, doc.text), length)
+        pieces = chunk(tokenizer, token_stream(tokenizer, doc.text), length, causal=causal)
         rows += pieces
         if label_names is not None:
             labels += [label_names.index(doc.label)] * len(pieces)
@@ -323,17 +358,21 @@ def sequences(tokenizer, docs: list[Document], length: int, label_names: list[st
     return pad(tokenizer, rows, length, labels if label_names is not None else None)
 
 
-def load_text(cfg, tokenizer=None, labelled: bool = False) -> TextData:
-    """Corpus -> tokenizer (trained on the training split unless given) -> padded sequences."""
+def load_text(cfg, tokenizer=None, labelled: bool = False, causal: bool = False) -> TextData:
+    """Corpus -> tokenizer (trained on the training split unless given: a WordPiece, or for
+    ``causal`` LMs a byte-level BPE) -> padded sequences."""
     corpus = load_corpus(cfg)
     if tokenizer is None:
-        tokenizer = train_tokenizer([d.text for d in corpus.train], cfg.vocab_size)
+        train = train_bpe if causal else train_tokenizer
+        tokenizer = train([d.text for d in corpus.train], cfg.vocab_size)
+    if causal:
+        causal_framing(tokenizer)
     length = cfg.max_length
     names = sorted({d.label for d in corpus.train}) if labelled else None
     if labelled and any(d.label is None for d in corpus.train):
         raise TfuseError(f"data.name={cfg.name} has no labels to classify")
     seed = cfg.seed
-    splits = [sequences(tokenizer, docs, length, names) for docs in (corpus.train, corpus.val, corpus.test)]
+    splits = [sequences(tokenizer, docs, length, names, causal) for docs in (corpus.train, corpus.val, corpus.test)]
     train = cap(splits[0], cfg.get("max_train"), seed)
     val, test = (cap(s, cfg.get("max_eval"), seed + 1) for s in splits[1:])
     return TextData(train, val, test, tokenizer, length, names or [])

@@ -22,9 +22,18 @@ def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family
         )
         return ImageClassificationTask(data, eval_batch_size, device)
     if data_cfg.kind in ("text", "text_classification"):
+        from tfuse.arch import is_causal
         from tfuse.data.text import load_text, shared_tokenizer
 
-        tokenizer = shared_tokenizer([str(p) for p in parents]) if parents else None
+        family_name = family_name or "hf_bert"
+        tokenizer = shared_tokenizer([str(p) for p in parents], family_name) if parents else None
+        if is_causal(family_name):
+            if data_cfg.kind != "text":
+                raise TfuseError(f"data.kind={data_cfg.kind}: model.family={family_name} is a causal LM; use text data")
+            from tfuse.tasks.causal_lm import PROMPT, CausalLMTask
+
+            data = load_text(data_cfg, tokenizer, causal=True)
+            return CausalLMTask(data, eval_batch_size, device, data_cfg.get("prompt") or PROMPT)
         if data_cfg.kind == "text_classification":
             from tfuse.tasks.text_classification import genre_task
 
