@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from tfuse.arch import check_same_architecture, family_for
+from tfuse.arch import check_heads, check_same_architecture, family_for
 from tfuse.card import model_card, weights_sha256
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
@@ -235,6 +235,7 @@ def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
         a.shape != b.shape for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
     )
     check_same_architecture(models, allow_widths=METHODS[settings.method].allows_widths)
+    check_heads(models)
     return Setup(cfg, settings, device, task, parents, models, widths_differ, partition)
 
 

@@ -145,6 +145,20 @@ def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None
                 )
 
 
+def check_heads(models: list[nn.Module], anchor: int = 0) -> None:
+    """Every parent's attention blocks have the anchor's head layout (query heads, key/value
+    groups): maps move whole heads, so a different count has nothing to map onto."""
+    layouts = [[(att.name, att.heads, att.kv_heads or att.heads) for att in family_for(m).graph(m).attention]
+               for m in models]
+    for i, layout in enumerate(layouts):
+        for (name, heads, kv), (_, a_heads, a_kv) in zip(layout, layouts[anchor]):
+            if (heads, kv) != (a_heads, a_kv):
+                raise TfuseError(
+                    f"parents {i} and {anchor} differ in attention '{name}' ({heads} vs {a_heads} query heads, {kv} vs "
+                    f"{a_kv} key/value heads): the anchor cannot map them; fuse parents with one head layout"
+                )
+
+
 from tfuse.arch import timm_vit  # noqa: E402  (timm imports torchvision: registered last)
 
 FAMILIES["timm_vit"] = timm_vit

@@ -127,6 +127,8 @@ def ot_fuse(
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
     info: dict = {"statistics": sources}
+    if settings.signs and plan.signed:
+        info["sign_flips"] = [sign_flips(m, plan.signed) for i, m in enumerate(maps) if i != anchor or settings.iterations > 1]
     fits = repair_fused(
         reference, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
         graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache, competence,
@@ -134,6 +136,10 @@ def ot_fuse(
     return FusionOutcome(reference, maps, timings, fits, info)
 
 
+def sign_flips(maps: dict[str, torch.Tensor], signed: Collection[str]) -> dict[str, list[int]]:
+    """Per signed space: how many of the reference's neurons receive a negated parent neuron (a
+    column whose mass sums negative), of how many."""
+    return {space: [int((maps[space].sum(0) < 0).sum()), maps[space].shape[1]] for space in sorted(signed) if space in maps}
 
 
 def _statistics(
