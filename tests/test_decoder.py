@@ -148,12 +148,13 @@ def test_three_parents_and_repairs_recover_the_model(fam_name):
 
 @pytest.mark.parametrize("fam_name", ["gpt2", "llama"])
 def test_widened_mlp_fuses_back_into_the_original_width(fam_name):
-    make, fam = (gpt2, hf_gpt2) if fam_name == "gpt2" else (llama, hf_llama)
-    model, wide = (make(), make(mlp=256)) if fam is hf_gpt2 else (make(), make(mlp=96))
-    if fam is hf_gpt2:
-        model = gpt2(mlp=128)
+    """Every MLP neuron duplicated (and for LLaMA the stream too, its heads' width fixed)."""
+    if fam_name == "gpt2":
+        fam, model, wide = hf_gpt2, gpt2(mlp=128), gpt2(mlp=256)
+    else:
+        fam, model, wide = hf_llama, llama(tie=False), llama(tie=False, hidden=64, mlp=96)  # tied: the head would read copies
     graph = fam.graph(model)
-    spaces = [s for s in graph.spaces() if s.endswith(".mlp")]
+    spaces = [s for s in graph.spaces() if s.endswith(".mlp")] + ([graph.stream] if fam is hf_llama else [])
     widened = widened_copy(model, graph, wide, spaces)
     assert relative(logits(model), logits(widened)) < 1e-5
     fused = fuse([widened, model], fam, anchor=1, signs=fam is hf_llama).model
@@ -251,3 +252,22 @@ def test_parents_from_directories_and_bad_parents(llama_run: Path, workdir: Path
     ):
         proc = tfuse("fuse", "+experiment=llama_pydoc_tiny", bad, f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_statistics_estimate_counts_what_fusion_holds():
+    """The shape-only estimate of the statistics equals the bytes of the statistics collected."""
+    from tfuse.estimate import DecoderShape, statistics_bytes
+    from tfuse.fusion.plan import make_plan
+    from tfuse.fusion.statistics import collect_statistics
+
+    a, b = llama(seed=0, mlp=40), llama(seed=1, mlp=40)
+    graph = hf_llama.graph(b)
+    settings = OTSettings(**{**HARD, "signs": True})
+    stats = collect_statistics([a], b, graph, make_plan(graph, settings), BATCHES, calibration().model_inputs, settings)
+    held = 0
+    for pair in stats.pairs[0].values():
+        held += pair.cross.nbytes + sum(t.nbytes for m in (pair.a, pair.b) for t in (m.sum, m.sumsq) if t is not None)
+    shape = DecoderShape.from_config(b.config.to_dict())
+    estimate = statistics_bytes(shape)
+    assert held == estimate["total"] - estimate["layer.attention_input"]
+    assert shape.parameters() == sum(p.numel() for p in b.parameters())

@@ -1,0 +1,124 @@
+"""What fusing two (or more) LLaMA-shaped checkpoints needs, from their shapes alone: the memory
+of the streamed statistics (per space and in all), of the weights, and of the repair, and the
+time of the transport solves given a measured solver speed.
+
+The counts follow the code: OT with the decoder settings (activation cost, global stream,
+grouped head rule, ``tokens=all``) keeps, per moved parent, a float32 cross-product
+(``n_parent x n_reference``) and float64 moments per resolved space (the stream, and per layer
+Q, K, V and the SwiGLU hidden space), and per layer one float32 cross-product of the attention's
+input (Q, K and V are affine images of it: ``statistics.py``). The lstsq repair holds, for its
+largest stage, ``X^T X`` and ``X^T Y`` in float64, plus every replayed model's cached block
+input for the repair samples."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tfuse.errors import TfuseError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DecoderShape":
+        """From a LLaMA-family ``config.json``'s fields."""
+        try:
+            heads = config["num_attention_heads"]
+            return cls(config["hidden_size"], config["num_hidden_layers"], heads,
+                       config.get("num_key_value_heads") or heads,
+                       config.get("head_dim") or config["hidden_size"] // heads, config["intermediate_size"],
+                       config["vocab_size"], bool(config.get("tie_word_embeddings", False)))
+        except KeyError as err:
+            raise TfuseError(f"the config has no {err.args[0]!r}: give a LLaMA-family config.json") from err
+
+    def parameters(self) -> int:
+        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = d * q * 2 + d * kv * 2 + 3 * d * self.mlp + 2 * d
+        return self.layers * layer + self.vocab * d * (1 if self.tied else 2) + d
+
+    def spaces(self) -> dict[str, int]:
+        """Width of every resolved space with its own statistics (per layer: ``layer.*``)."""
+        return {"stream": self.hidden, "layer.q": self.heads * self.head_dim, "layer.k": self.kv_heads * self.head_dim,
+                "layer.v": self.kv_heads * self.head_dim, "layer.mlp": self.mlp, "layer.attention_input": self.hidden}
+
+
+# Published shapes: Llama-3.2-1B (GQA 32/8, tied) and Llama-2-7B (multi-head, untied).
+PRESETS = {
+    "llama-1b": DecoderShape(hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256, tied=True),
+    "llama-7b": DecoderShape(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, mlp=11008, vocab=32000, tied=False),
+}
+
+
+def shape_of(name: str) -> DecoderShape:
+    """A preset's name, or the path of a ``config.json`` (or of the directory holding one)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    path = Path(name)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise TfuseError(f"--estimate {name}: neither a preset ({', '.join(PRESETS)}) nor a config.json")
+    return DecoderShape.from_config(json.loads(path.read_text(encoding="utf-8")))
+
+
+def statistics_bytes(shape: DecoderShape, parents: int = 2, sums: bool = False) -> dict[str, float]:
+    """Bytes of the statistics per space (summed over layers) and in all (``total``): per moved
+    parent a float32 cross-product and its float64 moments, and the reference's moments once.
+    ``sums``: the cost centres or standardises (plain sums kept too)."""
+    moved, per = parents - 1, {}
+    moment = 8 * (2 if sums else 1)
+    for name, n in shape.spaces().items():
+        count = shape.layers if name.startswith("layer.") else 1
+        if name == "layer.attention_input":  # a source: both sums always kept
+            per[name] = count * (moved * (4 * n * n + 16 * n) + 16 * n)
+        else:
+            per[name] = count * (moved * (4 * n * n + moment * n) + moment * n)
+    per["total"] = sum(per.values())
+    return per
+
+
+def weights_bytes(shape: DecoderShape, parents: int = 2, bytes_per: int = 4) -> dict[str, float]:
+    """The models held at once: the parents, the moved parents' aligned weights and the fused
+    model while fusing; the repair adds every aligned parent as a model (its targets)."""
+    one = shape.parameters() * bytes_per
+    fuse = (parents + (parents - 1) + 1) * one
+    return {"one_model": one, "fuse": fuse, "repair": fuse + parents * one}
+
+
+def repair_bytes(shape: DecoderShape, parents: int, samples: int, tokens: int) -> dict[str, float]:
+    """The lstsq repair's largest normal equations (float64) and the replays' cached block inputs
+    (float32, the fused model and every aligned parent)."""
+    d, q, kv, mlp = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.mlp
+    stages = {  # (inputs, total outputs) per stage
+        "qkv": (d, q + 2 * kv), "o_proj": (q, d), "gate_up": (d, 2 * mlp), "down_proj": (mlp, d),
+    }
+    if not shape.tied:
+        stages["lm_head"] = (d, shape.vocab)
+    largest = max(8 * ((n + 1) ** 2 + (n + 1) * m) for n, m in stages.values())
+    cache = (1 + parents) * samples * tokens * d * 4
+    return {"normal_equations": largest, "block_inputs": cache, "total": largest + cache}
+
+
+def solve_seconds(shape: DecoderShape, seconds: Callable[[int], float], parents: int = 2) -> dict[str, float]:
+    """Transport solves per moved parent given ``seconds(n)`` for one n x n problem: the stream,
+    per layer the SwiGLU space and the grouped heads' blocks (kv_heads^2 value blocks of head_dim
+    and as many query-head problems), summed over the moved parents."""
+    moved = parents - 1
+    r = shape.heads // shape.kv_heads
+    heads = shape.kv_heads ** 2 * (seconds(shape.head_dim) + (seconds(r) if r > 1 else 0.0)) + seconds(shape.kv_heads)
+    per = {"stream": seconds(shape.hidden), "layer.mlp": shape.layers * seconds(shape.mlp), "layer.heads": shape.layers * heads}
+    per = {k: moved * v for k, v in per.items()}
+    per["total"] = sum(per.values())
+    return per
