@@ -96,8 +96,35 @@ def bert_case(seed: int):
     return model, hf_bert.graph, batches
 
 
-CASES: dict[str, Callable] = {"vit": vit_case, "vitb": vitb_case, "bert": bert_case}
-CASE_SETTINGS: dict[str, dict] = {"bert": {"tokens": "all"}}  # BERT has no patch grid: every real token
+def llama_case(seed: int):
+    """Two LLaMA-shaped decoders (6 layers, width 384, 6 query heads over 2 key/value heads of 64,
+    SwiGLU 1024, vocab 8,192, tied embeddings) on random token sequences of 128 with ragged padding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tfuse.arch import hf_llama
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+
+    def batches(samples: int, batch_size: int) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(1234)
+        for start in range(0, samples, batch_size):
+            n = min(batch_size, samples - start)
+            ids = torch.randint(2, 8192, (n, 128), generator=gen)
+            lengths = torch.randint(64, 129, (n,), generator=gen)
+            mask = (torch.arange(128)[None, :] < lengths[:, None]).long()
+            yield {"input_ids": ids * mask, "attention_mask": mask}
+
+    return model, hf_llama.graph, batches
+
+
+CASES: dict[str, Callable] = {"vit": vit_case, "vitb": vitb_case, "bert": bert_case, "llama": llama_case}
+CASE_SETTINGS: dict[str, dict] = {  # BERT and LLaMA have no patch grid: every real token
+    "bert": {"tokens": "all"},
+    "llama": {"tokens": "all", "solver": "emd", "qk": "head_aware", "residual": "global", "signs": True},  # llama_plays'
+}
 CASE_SAMPLES: dict[str, int] = {"vitb": 1000}  # the default --samples of a case (else DEFAULT_SAMPLES)
 DEFAULT_SAMPLES = 200
 
@@ -191,6 +218,9 @@ def main() -> None:
     parser.add_argument("--repair", choices=("none", "rescale", "lstsq"), default="lstsq",
                         help="also time fusion followed by this repair (none: skip)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models and inputs live")
+    parser.add_argument("--estimate", metavar="SHAPES",
+                        help="comma-separated presets (llama-1b, llama-7b) or config.json paths: print what fusing two such "
+                             "checkpoints needs, from the shapes and this machine's measured solver speed, and exit")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
     parser.add_argument("--child-repair", type=int, help=argparse.SUPPRESS)  # ... with this many repair samples
     args = parser.parse_args()
@@ -199,6 +229,9 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
     device = args.device
+    if args.estimate:
+        estimate(args.estimate.split(","), args.samples, args.large)
+        return
     settings = OTSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
     repaired = dataclasses.replace(settings, repair=args.repair, repair_samples=args.samples)
     if args.child:
@@ -271,6 +304,52 @@ def main() -> None:
     summary.update({"sweep8_uncached_s": round(uncached, 3), "sweep8_cached_s": round(cached, 3),
                     "sweep8_cached_per_fuse": round(cached / fuse_s, 3)})
     print(json.dumps(summary))
+
+
+def lap_seconds() -> Callable[[int], float]:
+    """This machine's exact-OT time for an n x n cost (linear assignment), fitted as ``c n^p`` to
+    measured sizes 128 .. 1024 (best of 3 each)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    sizes, times = [128, 256, 512, 1024], []
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        cost = rng.random((n, n))
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            linear_sum_assignment(cost)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
+    p, log_c = np.polyfit(np.log(sizes), np.log(times), 1)
+    print(f"exact OT (linear assignment) on this machine: {', '.join(f'{n}: {t * 1e3:.1f} ms' for n, t in zip(sizes, times))}; "
+          f"fit {np.exp(log_c):.3g} n^{p:.2f} s")
+    return lambda n: float(np.exp(log_c) * n ** p)
+
+
+def estimate(names: list[str], samples: int, large: int) -> None:
+    """Estimates for each shape at ``samples`` calibration sequences and ``large`` repair samples of
+    the longest context used here (2,048 tokens for the presets)."""
+    from tfuse.estimate import repair_bytes, shape_of, solve_seconds, statistics_bytes, weights_bytes
+
+    seconds = lap_seconds()
+    out = {}
+    for name in names:
+        shape = shape_of(name)
+        stats, weights = statistics_bytes(shape), weights_bytes(shape)
+        repair = repair_bytes(shape, 2, samples, 2048)
+        solve = solve_seconds(shape, seconds)
+        print(f"{name}: {shape.parameters() / 1e9:.2f} B parameters")
+        print("  statistics   " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in stats.items()))
+        print(f"  weights      {weights['fuse'] / 1e9:.1f} GB while fusing, {weights['repair'] / 1e9:.1f} GB with the repair (float32)")
+        print(f"  repair       normal equations {repair['normal_equations'] / 1e9:.2f} GB, block inputs of {samples} "
+              f"sequences x 2,048 tokens {repair['block_inputs'] / 1e9:.1f} GB")
+        print("  solve        " + ", ".join(f"{k} {v:.0f} s" for k, v in solve.items()) + " (exact OT, this machine)")
+        out[name] = {"parameters": shape.parameters(), "statistics_gb": round(stats["total"] / 1e9, 2),
+                     "weights_fuse_gb": round(weights["fuse"] / 1e9, 1), "weights_repair_gb": round(weights["repair"] / 1e9, 1),
+                     "repair_gb": round(repair["total"] / 1e9, 1), "solve_s": round(solve["total"], 1)}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

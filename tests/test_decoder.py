@@ -15,6 +15,7 @@ from transformers import (
 from conftest import tfuse
 from symmetry import symmetric_copy, widened_copy
 from tfuse.arch import check_heads, hf_gpt2, hf_llama
+from tfuse.data.text import train_bpe
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods import METHODS, Calibration
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
@@ -245,10 +246,21 @@ def test_parents_from_directories_and_bad_parents(llama_run: Path, workdir: Path
     given = json.loads((out / "results.json").read_text())["one_shot"]["ot"]["loss"]
     assert given == pytest.approx(json.loads((llama_run / "results.json").read_text())["one_shot"]["ot"]["loss"], rel=0.05)
 
-    gpt = gpt2()
-    gpt.save_pretrained(workdir / "gpt2")
+    gpt2().save_pretrained(workdir / "gpt2")
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=16)).save_pretrained(workdir / "bert")
+    (workdir / "phi").mkdir(exist_ok=True)
+    (workdir / "phi" / "config.json").write_text(json.dumps({"model_type": "phi", "architectures": ["PhiForCausalLM"]}))
+    other = hf_llama.load(str(b))
+    hf_llama.attach_tokenizer(other, train_bpe(["a different corpus, a different vocabulary " * 50], 300))
+    hf_llama.save(other, str(workdir / "other_tokenizer"))
     for bad, says in (
         (f"parents=[{a},{workdir / 'gpt2'}]", "holds a GPT2LMHeadModel ('gpt2') checkpoint, which model.family=hf_llama does not own"),
+        (f"parents=[{a},{workdir / 'bert'}]", "holds a BertForMaskedLM ('bert') checkpoint, which model.family=hf_llama does not own"),
+        (f"parents=[{a},{workdir / 'phi'}]", "holds a PhiForCausalLM ('phi') checkpoint"),
+        (f"parents=[{a},{workdir / 'other_tokenizer'}]", "have different tokenizers"),
     ):
         proc = tfuse("fuse", "+experiment=llama_pydoc_tiny", bad, f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -271,3 +283,17 @@ def test_the_statistics_estimate_counts_what_fusion_holds():
     estimate = statistics_bytes(shape)
     assert held == estimate["total"] - estimate["layer.attention_input"]
     assert shape.parameters() == sum(p.numel() for p in b.parameters())
+
+
+def test_gpt2_end_to_end_with_rescale_saves_a_loadable_model(workdir: Path):
+    from transformers import AutoModelForCausalLM
+
+    out = workdir / "gpt2_run"
+    proc = tfuse("fuse", "+experiment=gpt_pydoc_tiny", "fusion.repair=rescale", "finetune.steps=0",
+                 f"hydra.run.dir={out}", f"cache_dir={workdir / 'parents'}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    one_shot = results["one_shot"]
+    assert one_shot["ot"]["loss"] < one_shot["vanilla"]["loss"]  # aligned beats plain averaging on trained parents
+    assert "greedy continuations" in proc.stdout and set(results["continuations"]["one_shot"]) >= {"ot", "vanilla"}
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out / "fused"), GPT2LMHeadModel)
