@@ -1,10 +1,13 @@
 """Benchmark OT fusion against the bare forward passes of its parents, and its peak memory.
 
     python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000] [--repair lstsq] [--device cpu]
+    python scripts/bench_fuse.py --estimate llama-1b,llama-7b[,path/config.json]
 
 Two paper-sized parents with random weights (ViT: 7 layers, width 384, 12 heads, MLP 1536, patch 4
 on 32x32, 65 tokens; ``vitb``: ViT-B/16, 12 layers, width 768, 12 heads, MLP 3072, patch 16 on
-224x224, 197 tokens, 1,000 calibration samples by default) and random inputs. Prints the time of
+224x224, 197 tokens, 1,000 calibration samples by default; ``llama``: a LLaMA-shaped decoder, 6
+layers, width 384, 6 query heads over 2 key/value heads, SwiGLU 1,024, 128 tokens, with the
+``llama_plays`` fusion settings) and random inputs. Prints the time of
 each fusion stage, the time of the bare forward passes of both parents over the same inputs (the
 baseline, measured in the same process), their ratio (each fuse against the mean of the forward
 passes timed just before and after it, the median over ``--repeats`` fuses), and the peak resident
@@ -13,7 +16,10 @@ for fusion followed by ``--repair`` on ``--samples`` repair samples (``repair_ra
 ``repair_s``), and its peak memory with ``--samples`` and ``--large`` repair samples. Then an
 8-value reg sweep, as 8 independent fuses (``sweep8_uncached_s``) and through the statistics cache
 (``sweep8_cached_s``: the first fuse streams, the others reuse its statistics). Ends with one JSON
-line.
+line. ``--case llama`` also prints the shape-only estimate (``tfuse/estimate.py``) of its
+statistics and transport time beside the measured ones. ``--estimate`` prints, for LLaMA-shaped
+checkpoints (presets or ``config.json`` files), the statistics memory per space and in all, the
+weights held, the repair's memory and the exact-OT solve time at this machine's measured speed.
 
 ``--device cuda``: models and inputs on the GPU (the inputs drawn on the CPU, as for ``cpu``),
 every timer read after ``torch.cuda.synchronize()``, and the peak GPU memory
@@ -296,6 +302,17 @@ def main() -> None:
         print(f"  peak GPU     {summary['peak_gpu_mb']:8.0f} MB in the timed fuses; fresh processes: "
               + ", ".join(f"{key.removeprefix('peak_gpu_mb_')} {mb:.0f} MB" for key, mb in gpu.items()))
         summary.update({key: round(mb, 1) for key, mb in gpu.items()})
+    if args.case == "llama":  # the shape-only estimate against what this run measured
+        from tfuse.estimate import DecoderShape, solve_seconds, statistics_bytes
+
+        shape = DecoderShape.from_config(pair(args.case, "cpu")[0].config.to_dict())
+        predicted = solve_seconds(shape, lap_seconds())["total"]
+        measured = min(runs["fuse"], key=lambda f: f[0])[1]["transport"]
+        stats_mb = statistics_bytes(shape)["total"] / 1e6
+        print(f"  estimate     statistics {stats_mb:.0f} MB (exact, tests/test_decoder.py); transport {predicted:.2f} s "
+              f"estimated against {measured:.2f} s measured")
+        summary.update({"estimate_statistics_mb": round(stats_mb, 1), "estimate_transport_s": round(predicted, 3),
+                        "transport_s": round(measured, 3)})
     uncached = sweep_seconds(args.case, args.samples, settings, cached=False, device=device)
     cached = sweep_seconds(args.case, args.samples, settings, cached=True, device=device)
     fuse_s = summary["fuse_s"]
