@@ -76,6 +76,21 @@ def _vit(seed: int, **config):
     return model, hf_vit.graph, batches
 
 
+def ragged_tokens(low: int, high: int) -> Callable[[int, int], Iterator[Batch]]:
+    """Random token sequences of 128 (ids in [low, high)) with ragged padding: 64 to 128 real tokens."""
+
+    def batches(samples: int, batch_size: int) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(1234)
+        for start in range(0, samples, batch_size):
+            n = min(batch_size, samples - start)
+            ids = torch.randint(low, high, (n, 128), generator=gen)
+            lengths = torch.randint(64, 129, (n,), generator=gen)
+            mask = (torch.arange(128)[None, :] < lengths[:, None]).long()
+            yield {"input_ids": ids * mask, "attention_mask": mask}
+
+    return batches
+
+
 def bert_case(seed: int):
     """Two MiniLM-L6-sized BERT encoders (6 layers, width 384, 12 heads, MLP 1536, vocab 30,522)
     on random token sequences of 128 with ragged padding (padding never counts as a sample)."""
@@ -90,16 +105,7 @@ def bert_case(seed: int):
     torch.manual_seed(seed)
     model = BertForMaskedLM(config).eval()
 
-    def batches(samples: int, batch_size: int) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(1234)
-        for start in range(0, samples, batch_size):
-            n = min(batch_size, samples - start)
-            ids = torch.randint(1000, 30522, (n, 128), generator=gen)
-            lengths = torch.randint(64, 129, (n,), generator=gen)
-            mask = (torch.arange(128)[None, :] < lengths[:, None]).long()
-            yield {"input_ids": ids * mask, "attention_mask": mask}
-
-    return model, hf_bert.graph, batches
+    return model, hf_bert.graph, ragged_tokens(1000, 30522)
 
 
 def llama_case(seed: int):
@@ -114,16 +120,7 @@ def llama_case(seed: int):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
 
-    def batches(samples: int, batch_size: int) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(1234)
-        for start in range(0, samples, batch_size):
-            n = min(batch_size, samples - start)
-            ids = torch.randint(2, 8192, (n, 128), generator=gen)
-            lengths = torch.randint(64, 129, (n,), generator=gen)
-            mask = (torch.arange(128)[None, :] < lengths[:, None]).long()
-            yield {"input_ids": ids * mask, "attention_mask": mask}
-
-    return model, hf_llama.graph, batches
+    return model, hf_llama.graph, ragged_tokens(2, 8192)
 
 
 CASES: dict[str, Callable] = {"vit": vit_case, "vitb": vitb_case, "bert": bert_case, "llama": llama_case}

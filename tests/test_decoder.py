@@ -97,7 +97,6 @@ def test_every_claimed_symmetry_keeps_the_logits(name):
 def test_rope_forbids_moving_dimensions_inside_a_head_and_silu_forbids_flipping_a_gate():
     """The controls of the symmetries: what the graph refuses to claim does change the function."""
     model = llama()
-    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     moved = llama()
     with torch.no_grad():
         swap = torch.arange(8).roll(1)  # inside head 0 of Q and of K alike: a plain-attention symmetry
@@ -111,7 +110,6 @@ def test_rope_forbids_moving_dimensions_inside_a_head_and_silu_forbids_flipping_
             p[:4] *= -1
         flipped.model.layers[0].mlp.down_proj.weight[:, :4] *= -1
     assert relative(logits(model), logits(flipped)) > 1e-3
-    del attn, mlp
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -20,9 +20,9 @@ SPLITS = ("train", "val", "test")
 PROMPT = "To be, or not to be"
 
 
-def next_tokens(model: nn.Module, inputs: Batch, keep: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token at the ``keep`` positions (rows in ``keep`` order)."""
-    return F.log_softmax(model(**inputs).logits[:, :-1][keep].float(), dim=-1)
+def next_token_logits(model: nn.Module, inputs: Batch, keep: torch.Tensor) -> torch.Tensor:
+    """Logits of the next token at the ``keep`` positions (rows in ``keep`` order)."""
+    return model(**inputs).logits[:, :-1][keep].float()
 
 
 class CausalLMTask(TextTask):
@@ -44,7 +44,7 @@ class CausalLMTask(TextTask):
 
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         keep, labels = self._targets(batch, self.device)
-        return model(**self.model_inputs(batch)).logits[:, :-1][keep].float(), labels
+        return next_token_logits(model, self.model_inputs(batch), keep), labels
 
     def owners(self, batch: Batch) -> torch.Tensor:
         return (batch["attention_mask"][:, 1:] == 1).nonzero()[:, 0]
@@ -67,7 +67,7 @@ class CausalLMTask(TextTask):
             for batch in batches(seq, order, self.eval_batch_size):
                 inputs = self.model_inputs(batch)
                 keep, target = self._targets(batch, self.device)
-                log_probs = torch.stack([next_tokens(m, inputs, keep) for m in models])
+                log_probs = torch.stack([F.log_softmax(next_token_logits(m, inputs, keep), dim=-1) for m in models])
                 mixed = log_probs[0] if len(models) == 1 else mixed_log_probs(log_probs, weights)
                 nll += float(F.nll_loss(mixed, target, reduction="sum"))
                 correct += int((mixed.argmax(-1) == target).sum())
