@@ -12,7 +12,7 @@ from torch import nn
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align
 from tfuse.fusion.graph import FlowGraph, Out
-from tfuse.fusion.plan import Plan
+from tfuse.fusion.rules import Plan
 
 
 def space_sizes(graph: FlowGraph, state: State) -> dict[str, int]:

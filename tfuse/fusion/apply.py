@@ -17,7 +17,7 @@ import torch
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, In, Out
-from tfuse.fusion.plan import Plan
+from tfuse.fusion.rules import Plan
 
 State = dict[str, torch.Tensor]
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.plan import Plan
+from tfuse.fusion.rules import Plan
 from tfuse.fusion.statistics import Moments, PairStats, Statistics
 from tfuse.io import locked
 

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, writer_rows
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.plan import Plan
 from tfuse.fusion.registry import Registry
+from tfuse.fusion.rules import Plan
 from tfuse.fusion.statistics import Moments, PairStats
 
-if TYPE_CHECKING:
-    from tfuse.fusion.methods.ot import OTSettings
+
+class CostSettings(Protocol):
+    """The knobs the costs read; ``OTSettings`` satisfies it."""
+
+    metric: str
+    center: bool
+    standardize: bool
+    unit_norm: bool
 
 
 @dataclass
@@ -28,7 +34,7 @@ class CostInputs:
     """What a cost may read for one parent: its streamed statistics (when the cost needs them),
     its parameters and the reference's, and the maps of the spaces solved before."""
 
-    settings: "OTSettings"
+    settings: CostSettings
     stats: dict[str, PairStats] | None
     state: State
     reference: State
@@ -84,7 +90,7 @@ class _Weights(Cost):
         return weight_cost(rows_a, rows_b, inputs.settings, signed)
 
 
-def _affine(m: Moments, settings: "OTSettings") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _affine(m: Moments, settings: CostSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shift c and scale s of each neuron, and the squared norm of (a - c) / s."""
     n = m.count
     if not (settings.center or settings.standardize):  # the plain sums were not even kept
@@ -99,7 +105,7 @@ def _affine(m: Moments, settings: "OTSettings") -> tuple[torch.Tensor, torch.Ten
     return shift, scale, centred_sq / scale**2
 
 
-def activation_cost(stats: PairStats, settings: "OTSettings", signed: bool = False):
+def activation_cost(stats: PairStats, settings: CostSettings, signed: bool = False):
     """Cost matrix (n_a, n_b) of the configured metric over the transformed activations (with
     ``signed``: and the signs, ``_metric``)."""
     ca, sa, norm_a = _affine(stats.a, settings)
@@ -113,7 +119,7 @@ def activation_cost(stats: PairStats, settings: "OTSettings", signed: bool = Fal
     return _metric(dot, norm_a, norm_b, settings, signed)
 
 
-def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: "OTSettings", signed: bool = False):
+def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: CostSettings, signed: bool = False):
     """Cost between weight rows (already aligned on their input side)."""
     a, b = rows_a.double(), rows_b.double()
     if settings.center:
@@ -124,7 +130,7 @@ def weight_cost(rows_a: torch.Tensor, rows_b: torch.Tensor, settings: "OTSetting
     return _metric(a @ b.T, (a * a).sum(1), (b * b).sum(1), settings, signed)
 
 
-def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: "OTSettings", signed: bool = False):
+def _metric(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor, settings: CostSettings, signed: bool = False):
     """Distances from dot products and squared norms (``dot`` is a fresh tensor: used in place).
     ``signed``: the distance of the nearer of ``a`` and ``-a`` (``|dot|`` for the dot), returned
     with the sign that chose it, ``(cost, sign)``."""

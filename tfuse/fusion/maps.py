@@ -1,26 +1,31 @@
 """Compute the transport maps of one parent against the reference, rule by rule."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from tfuse.fusion.apply import State
-from tfuse.fusion.cost import COSTS, CostInputs, normalize
+from tfuse.fusion.cost import COSTS, CostInputs, CostSettings, normalize
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.plan import GroupedHeadRule, HeadRule, OTRule, Plan
 from tfuse.fusion.residual import RESIDUALS
+from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan
 from tfuse.fusion.statistics import PairStats
-from tfuse.fusion.transport import grouped_head_aware, head_aware, solve
+from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, solve
 
-if TYPE_CHECKING:
-    from tfuse.fusion.methods.ot import OTSettings
+
+class MapSettings(CostSettings, SolverSettings, Protocol):
+    """The knobs the maps read (with those of the costs and solvers); ``OTSettings`` satisfies it."""
+
+    cost: str
+    normalize_cost: str
+    signs: bool
 
 
 def compute_maps(
     plan: Plan,
     graph: FlowGraph,
-    settings: "OTSettings",
+    settings: MapSettings,
     stats: dict[str, PairStats] | None,
     magnitude: dict[str, torch.Tensor] | None,
     state: State,

@@ -1,17 +1,15 @@
 """Q/K modes (``fusion.qk``): how the query, key and value spaces of an attention block are
-mapped. Each mode adds the block's rules to a plan under construction (``plan.PlanBuilder``)."""
+mapped. Each mode adds the block's rules to a plan under construction (``rules.PlanBuilder``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import Attention
 from tfuse.fusion.registry import Registry
+from tfuse.fusion.rules import PlanBuilder
 
-if TYPE_CHECKING:
-    from tfuse.fusion.plan import PlanBuilder
-
-QKMode = Callable[["PlanBuilder", Attention], None]
+QKMode = Callable[[PlanBuilder, Attention], None]
 QK_MODES: Registry[QKMode] = Registry("qk")
 
 
@@ -24,7 +22,7 @@ def _whole_heads(att: Attention, mode: str) -> None:
 
 
 @QK_MODES.register("separate")
-def _separate(plan: "PlanBuilder", att: Attention) -> None:
+def _separate(plan: PlanBuilder, att: Attention) -> None:
     """Q, K and V each their own map (the paper's released default)."""
     _whole_heads(att, "separate")
     for space in (att.q, att.k, att.v):
@@ -32,7 +30,7 @@ def _separate(plan: "PlanBuilder", att: Attention) -> None:
 
 
 @QK_MODES.register("eq_t_map")
-def _eq_t_map(plan: "PlanBuilder", att: Attention) -> None:
+def _eq_t_map(plan: PlanBuilder, att: Attention) -> None:
     """One map for Q and K from their activations side by side (Q K^T is preserved)."""
     _whole_heads(att, "eq_t_map")
     plan.ot(f"{att.name}.qk", ((att.q, att.k),), att.q, att.k)
@@ -40,7 +38,7 @@ def _eq_t_map(plan: "PlanBuilder", att: Attention) -> None:
 
 
 @QK_MODES.register("joint")
-def _joint(plan: "PlanBuilder", att: Attention) -> None:
+def _joint(plan: PlanBuilder, att: Attention) -> None:
     """One map for Q and K from their samples stacked (Q and K as two views of one space)."""
     _whole_heads(att, "joint")
     plan.ot(f"{att.name}.qk", ((att.q,), (att.k,)), att.q, att.k)
@@ -48,7 +46,7 @@ def _joint(plan: "PlanBuilder", att: Attention) -> None:
 
 
 @QK_MODES.register("head_aware")
-def _head_aware(plan: "PlanBuilder", att: Attention) -> None:
+def _head_aware(plan: PlanBuilder, att: Attention) -> None:
     """Heads matched as wholes (Q/K and V share the head map), then dimensions inside heads
     (grouped heads: groups, then query heads inside groups; Q/K dimensions fixed under RoPE)."""
     if att.grouped:

@@ -3,15 +3,12 @@ follows from the maps of its two inputs, or whether the stream gets one map of i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 import torch
 
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.registry import Registry
-
-if TYPE_CHECKING:
-    from tfuse.fusion.plan import CombineRule, PlanBuilder
+from tfuse.fusion.rules import CombineRule, PlanBuilder
 
 
 class ResidualPolicy(ABC):
@@ -21,7 +18,7 @@ class ResidualPolicy(ABC):
     needs_magnitudes = False  # whether the policy weighs the stream's inputs by mean |activation|
 
     @abstractmethod
-    def plan(self, plan: "PlanBuilder", graph: FlowGraph) -> None:
+    def plan(self, plan: PlanBuilder, graph: FlowGraph) -> None:
         """Add the stream's rules to ``plan``."""
 
 
@@ -36,10 +33,10 @@ class Combining(ResidualPolicy):
             if res is None:
                 plan.ot(space, ((space,),), space)
             else:
-                plan.combine(space, res, self.name)
+                plan.combine(space, res, self.name, self.needs_magnitudes)
 
     @abstractmethod
-    def combine(self, rule: "CombineRule", skip: torch.Tensor, branch: torch.Tensor,
+    def combine(self, rule: CombineRule, skip: torch.Tensor, branch: torch.Tensor,
                 magnitude: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """The sum's map from the skip's and the branch's."""
 
@@ -71,7 +68,7 @@ class _WeightedScalar(Combining):
 
     needs_magnitudes = True
 
-    def weights(self, magnitude: dict[str, torch.Tensor], rule: "CombineRule") -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, magnitude: dict[str, torch.Tensor], rule: CombineRule) -> tuple[torch.Tensor, torch.Tensor]:
         return magnitude[rule.skip_probe].double().mean(), magnitude[rule.branch_probe].double().mean()
 
     def combine(self, rule, skip, branch, magnitude):

@@ -16,21 +16,26 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, Linear, Probe
-from tfuse.fusion.tokens import token_mask
+from tfuse.fusion.rules import Plan, Segments
+from tfuse.fusion.tokens import TokenSettings, token_mask
 from tfuse.progress import track
 
-if TYPE_CHECKING:
-    from tfuse.fusion.methods.ot import OTSettings
-    from tfuse.fusion.plan import Plan, Segments
-
 Batch = dict[str, torch.Tensor]
+
+
+class StatisticsSettings(TokenSettings, Protocol):
+    """The knobs the statistics read (with the token filter's); ``OTSettings`` satisfies it."""
+
+    seed: int
+    center: bool
+    standardize: bool
 
 
 @dataclass
@@ -183,7 +188,7 @@ def collect_statistics(
     plan: Plan,
     batches: Iterable[Batch],
     model_inputs: Callable[[Batch], Batch],
-    settings: "OTSettings",
+    settings: StatisticsSettings,
     total: int | None = None,
 ) -> Statistics:
     """Stream the calibration batches once through the reference and every model.

@@ -3,7 +3,7 @@ count as samples of the activation statistics and of the repair. A filter marks 
 keeps in ``keep`` (examples x tokens); padding is dropped afterwards, whatever the filter."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -11,11 +11,17 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.graph import TokenLayout
 from tfuse.fusion.registry import Registry
 
-if TYPE_CHECKING:
-    from tfuse.fusion.settings import FusionSettings
+
+class TokenSettings(Protocol):
+    """The knobs the token filters read; ``FusionSettings`` satisfies it."""
+
+    tokens: str
+    window: int
+    token_count: int
+
 
 Batch = dict[str, torch.Tensor]
-TokenFilter = Callable[[torch.Tensor, torch.Tensor, TokenLayout, "FusionSettings", torch.Generator], None]
+TokenFilter = Callable[[torch.Tensor, torch.Tensor, TokenLayout, TokenSettings, torch.Generator], None]
 TOKEN_FILTERS: Registry[TokenFilter] = Registry("tokens")
 
 
@@ -52,7 +58,7 @@ def _random(keep, valid, layout, settings, generator) -> None:
 
 
 def token_mask(
-    batch: Batch, tokens: int, layout: TokenLayout, settings: "FusionSettings", generator: torch.Generator
+    batch: Batch, tokens: int, layout: TokenLayout, settings: TokenSettings, generator: torch.Generator
 ) -> torch.Tensor:
     """Which tokens of each example count as samples (real tokens only; padding never counts)."""
     size = next(iter(batch.values())).shape[0]

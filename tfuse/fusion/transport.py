@@ -5,7 +5,7 @@ Maps are couplings T (n_a x n_b) with uniform marginals 1/n_a and 1/n_b (total m
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import ot
@@ -16,10 +16,17 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.cost import all_finite
 from tfuse.fusion.registry import Registry
 
-if TYPE_CHECKING:
-    from tfuse.fusion.methods.ot import OTSettings
 
-Solver = Callable[[torch.Tensor, "OTSettings", str], torch.Tensor]
+class SolverSettings(Protocol):
+    """The knobs the solvers read; ``OTSettings`` satisfies it."""
+
+    solver: str
+    reg: float
+    sinkhorn_iters: int
+    sinkhorn_tol: float
+
+
+Solver = Callable[[torch.Tensor, SolverSettings, str], torch.Tensor]
 SOLVERS: Registry[Solver] = Registry("solver")
 
 # Plain Sinkhorn iterates K = exp(-C / reg). While exp(-range / reg) stays far inside float32 it
@@ -30,7 +37,7 @@ _PLAIN_SINKHORN_RANGE = 200.0
 _STOP = 1e-7  # the plain iterations stop when the column marginal is this close (L2), as POT's stopThr
 
 
-def solve(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+def solve(cost: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:
     """Coupling for a (normalised) cost by the settings' solver (``fusion.solver``)."""
     plan = SOLVERS[settings.solver](cost, settings, space)
     if not all_finite(plan):
@@ -39,7 +46,7 @@ def solve(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tenso
 
 
 @SOLVERS.register("emd")
-def _emd(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+def _emd(cost: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:
     """Exact OT."""
     return _exact(cost.double())
 
@@ -57,7 +64,7 @@ def _exact(cost: torch.Tensor) -> torch.Tensor:
 
 
 @SOLVERS.register("sinkhorn")
-def _sinkhorn(cost: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+def _sinkhorn(cost: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:
     """Entropic OT with regulariser ``reg``; a marginal error above ``sinkhorn_tol`` is refused."""
     n_a, n_b = cost.shape
     low, high = torch.aminmax(cost)
@@ -105,7 +112,7 @@ def _sinkhorn_knopp(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: f
 
 
 def head_aware(
-    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: "OTSettings", space: str
+    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: SolverSettings, space: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for the query/key and value spaces that never split a head.
 
@@ -135,7 +142,7 @@ def head_aware(
     return full[0], full[1]
 
 
-def _unit(block: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tensor:
+def _unit(block: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:
     """The coupling of one block of a cost, scaled to a maximum of 1 first."""
     block = block.double()
     return solve(block / max(float(block.max()), 1e-30), settings, space)
@@ -143,7 +150,7 @@ def _unit(block: torch.Tensor, settings: "OTSettings", space: str) -> torch.Tens
 
 def grouped_head_aware(
     cost_q: torch.Tensor, cost_k: torch.Tensor, cost_v: torch.Tensor, sign_v: torch.Tensor | None,
-    heads: int, kv_heads: int, rope: bool, settings: "OTSettings", space: str,
+    heads: int, kv_heads: int, rope: bool, settings: SolverSettings, space: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Maps of the query, key, value and output-projection spaces of grouped attention.
 

@@ -16,9 +16,10 @@ from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.methods import METHODS, Method
-from tfuse.fusion.plan import Plan, check_probes, make_plan
+from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
 from tfuse.fusion.residual import RESIDUALS
+from tfuse.fusion.rules import Plan
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.statistics import Statistics, collect_statistics
 from tfuse.fusion.transport import SOLVERS

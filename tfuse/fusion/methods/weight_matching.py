@@ -21,7 +21,8 @@ from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.methods.ot import OTSettings
-from tfuse.fusion.plan import GroupedHeadRule, HeadRule, OTRule, Plan, make_plan
+from tfuse.fusion.plan import make_plan
+from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.transport import grouped_head_aware
 
