@@ -1,4 +1,4 @@
-"""Writing outputs atomically, never over an earlier result."""
+"""Writing outputs atomically: models and results never over an earlier one; reports replace theirs."""
 from __future__ import annotations
 
 import fcntl
@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tfuse.errors import TfuseError
 
@@ -21,6 +21,21 @@ def write_json(path: Path, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write via a temporary file in the same directory, then rename it over ``path``."""
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise TfuseError(f"{path}: cannot write the report ({exc}); make {path.parent} writable.") from exc
+    os.close(fd)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

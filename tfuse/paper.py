@@ -17,9 +17,9 @@ from scipy import stats
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods import label_of
+from tfuse.io import write_atomic
 from tfuse.report import (
     build_report, find_runs, format_value, mcnemar, runs_table, select_by_validation, shard_scores, to_markdown,
-    write_atomic,
 )
 
 PAIR = "parent_seeds"  # the seed axis a step sweeps; claims pair runs on it
