@@ -240,3 +240,61 @@ def test_distilled_finetune_from_the_shell(first_run: Path, workdir: Path):
     assert distilled["finetuned"]["ot"] != plain["finetuned"]["ot"] and distilled["finetuned"]["parent_0"] != plain["finetuned"]["parent_0"]
     err = _bad(workdir, "finetune.steps=2", "finetune.teacher=oracle", f"hydra.run.dir={workdir / 'bad7'}")
     assert "finetune.teacher='oracle'" in err and "ensemble" in err
+
+
+@pytest.mark.parametrize("given", [["fusion.regg=0.1"], ["+fusion.regg=0.1"], ["-m", "fusion.regg=0.1,0.2"]])
+def test_an_unknown_key_is_one_line_naming_the_closest(workdir: Path, given: list[str]):
+    """Caught before anything runs (given, appended or swept), in one line and exit status 2."""
+    proc = tfuse("fuse", *given, "+experiment=vit_digits_tiny", f"hydra.run.dir={workdir / 'unknown'}", cwd=workdir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "unknown key 'fusion.regg'; did you mean fusion.reg?" in proc.stderr
+    assert not (workdir / "unknown").exists()
+
+
+def test_an_unknown_group_option_names_the_closest(workdir: Path):
+    proc = tfuse("fuse", "+experiment=vit_digits_tiy", cwd=workdir)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "unknown experiment 'vit_digits_tiy'; did you mean vit_digits_tiny?" in proc.stderr
+
+
+def test_an_unknown_fusion_setting_reaching_the_pipeline_names_the_closest():
+    from tfuse.config_keys import check_fusion_keys, fusion_file_keys, known_fusion_settings
+    from tfuse.errors import TfuseError
+
+    assert fusion_file_keys() == known_fusion_settings()  # what the command line checks, without torch
+    with pytest.raises(TfuseError, match=r"unknown key 'fusion.regg'; did you mean fusion.reg\?"):
+        check_fusion_keys({"method": "ot", "regg": 0.1})
+
+
+def test_parents_without_an_experiment_say_whose_settings_apply(workdir: Path):
+    parents = f"parents=[{workdir / 'a'},{workdir / 'b'}]"
+    for given, name in (([], "vit_mnist"), (["model=hf_bert"], "bert_mlm")):
+        proc = tfuse("fuse", *given, parents, "fusion.solver=sinkhorn", "--cfg", "job", cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        line = f"parents=[...] without +experiment: fusing with {name}'s settings ("
+        assert line in proc.stderr and "pass +experiment=NAME to choose" in proc.stderr
+        assert "fusion.solver" not in proc.stderr  # the command line's own settings are not the experiment's
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", parents, "--cfg", "job", cwd=workdir)
+    assert proc.returncode == 0 and "without +experiment" not in proc.stderr
+
+
+def test_the_summary_names_each_fusion_settings_source(first_run: Path, workdir: Path):
+    """After the table (on one line, printed to a pipe): the settings by source, the command line's
+    marked as such; results.json ``fusion_settings`` the same."""
+    parents = sorted(str(p) for p in (workdir / "parents").iterdir())
+    out = workdir / "sources"
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
+                 "fusion.reg=0.05", f"hydra.run.dir={out}", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "tfuse: one-shot and finetuned (VF: vanilla fusion, OT: OT fusion)" in lines
+    assert any("one-shot accuracy" in line and "one-shot loss" in line for line in lines)  # one-line headers
+    summary = lines[lines.index("fusion settings in force, by source:"):]
+    assert summary[1] == "  command line: reg=0.05"
+    assert summary[2].startswith("  experiment vit_digits_tiny: samples=100 ") and "solver=emd" in summary[2]
+    assert summary[3].startswith("  package defaults: method=ot ")
+    found = json.loads((out / "results.json").read_text())["fusion_settings"]
+    assert found["reg"] == {"value": 0.05, "source": "command line"}
+    assert found["qk"] == {"value": "head_aware", "source": "experiment vit_digits_tiny"}
+    assert found["cost"] == {"value": "activations", "source": "package defaults"}

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from tfuse.config_keys import check_overrides, describe_preset, override_key
 from tfuse.errors import TfuseError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -31,16 +32,25 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from tfuse.pipeline import run_fuse, run_train
-
-    run = {"fuse": run_fuse, "train": run_train}[command]
+    default = None
     if not any(a.lstrip("+").startswith("experiment=") for a in overrides):
         default = "bert_mlm" if "model=hf_bert" in overrides else DEFAULT_EXPERIMENT  # text data for BERTs
         at = _first_override(overrides)
         overrides = [*overrides[:at], f"+experiment={default}", *overrides[at:]]
+    given = _overrides(overrides)
+    if not any(a in CHECK_SKIPS or a.split("=", 1)[0] in CHECK_SKIPS for a in overrides):
+        check_overrides(given, fusion=command == "fuse")  # an unknown key: one line, before anything runs
+    if default and command == "fuse" and any(override_key(o) == "parents" and not o.endswith("=null") for o in given):
+        settings = describe_preset("experiment", default, {override_key(o) for o in given})
+        Console(stderr=True, soft_wrap=True).print(
+            f"tfuse fuse: parents=[...] without +experiment: fusing with {default}'s settings ({settings}); "
+            "pass +experiment=NAME to choose", markup=False, highlight=False)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
+        from tfuse.pipeline import run_fuse, run_train  # (torch: not for --cfg, --help)
+
+        run = {"fuse": run_fuse, "train": run_train}[command]
         console = wide_console()
         threads = job_threads(HydraConfig.get().launcher, os.cpu_count() or 1)
         if threads is not None:
@@ -80,6 +90,18 @@ def job_threads(launcher, cores: int) -> int | None:
 VALUE_OPTIONS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                  "--config-dir", "-cd", "--experimental-rerun"}
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+# options under which the overrides are not checked first: help, or another config than configs/config.yaml
+CHECK_SKIPS = {"-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--config-path", "-cp",
+               "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The overrides among Hydra's arguments (together, from the first one on)."""
+    at = _first_override(args)
+    end = next((i for i in range(at, len(args)) if args[i].startswith("-")), len(args))
+    return args[at:end]
 
 
 def _first_override(args: list[str]) -> int:

@@ -22,9 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tfuse.arch import check_heads, check_same_architecture, family_for
 from tfuse.card import model_card, weights_sha256
+from tfuse.config_keys import check_fusion_keys, fusion_sources, sources_summary
 from tfuse.downstream import run_downstream
 from tfuse.errors import TfuseError
 from tfuse.fusion.cache import StatisticsCache
@@ -192,6 +194,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     fused = fuse_parents(setup, baseline, clock)
     tuned = finetune_all(setup, fused, clock, baseline.anchor)
     results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
+    results["fusion_settings"] = settings_in_force(setup.settings)
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
             results["downstream"] = run_downstream(cfg, setup.models, fused.models, tuned.models, setup.device, console)
@@ -200,7 +203,19 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     console.print(results_table(results))
     if "continuations" in results:
         console.print(continuation_table(results["continuations"]))
+    console.print(sources_summary(results["fusion_settings"]), markup=False, highlight=False, soft_wrap=True)
     return results
+
+
+def settings_in_force(settings: FusionSettings) -> dict[str, dict]:
+    """results.json ``fusion_settings``: each setting's value and where it came from (the
+    command line, the experiment, the package defaults), from the Hydra run's overrides and choices."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return fusion_sources(settings.as_dict(), None, {})
+    hydra = HydraConfig.get()
+    return fusion_sources(settings.as_dict(), list(hydra.overrides.task), dict(hydra.runtime.choices))
 
 
 def save_models(setup: Setup, fused: Fused, tuned: Tuned, results: dict, out_dir: Path) -> None:
@@ -221,7 +236,9 @@ def save_models(setup: Setup, fused: Fused, tuned: Tuned, results: dict, out_dir
 
 def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     """Settings, device, task and parents (trained from the recipe or loaded)."""
-    settings = settings_from_config(OmegaConf.to_container(cfg.fusion, resolve=True))
+    fusion = OmegaConf.to_container(cfg.fusion, resolve=True)
+    check_fusion_keys(fusion)  # a key no method knows: the closest known ones
+    settings = settings_from_config(fusion)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     with clock.stage("data"):
@@ -489,7 +506,8 @@ def results_table(results: dict) -> Table:
     """Models as rows; one-shot and finetuned metrics as columns."""
     one_shot, tuned = results["one_shot"], results["finetuned"]
     metrics = list(next(iter(one_shot.values())))
-    table = Table(title="tfuse: one-shot and finetuned (VF: vanilla fusion, OT: OT fusion)", title_justify="left")
+    title = Text("tfuse: one-shot and finetuned (VF: vanilla fusion, OT: OT fusion)", no_wrap=True, overflow="ignore")
+    table = Table(title=title, title_justify="left")  # the title on one line, however narrow the table
     table.add_column("model")
     for m in metrics:
         table.add_column(f"one-shot {m}", justify="right")
