@@ -8,7 +8,7 @@ import torch
 from transformers import BertForMaskedLM
 
 from tfuse.arch import hf_bert
-from tfuse.data.text import shared_tokenizer, train_tokenizer
+from tfuse.data.tokenizer import shared_tokenizer, train_tokenizer
 from conftest import tfuse
 from tfuse.errors import TfuseError
 
@@ -89,7 +89,8 @@ def minilm_dir() -> str:
 def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
     from transformers import BertModel
 
-    from tfuse.data.text import pydoc_documents, token_stream, chunk, pad
+    from tfuse.data.corpora import pydoc_documents
+    from tfuse.data.text import token_stream, chunk, pad
     from tfuse.fusion.engine import parameters
     from tfuse.fusion.methods.ot import OTSettings, ot_fuse
     from symmetry import permuted_copy
@@ -122,7 +123,7 @@ def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
     from transformers import BertConfig, BertModel
 
     from tfuse.cli import CONFIG_DIR
-    from tfuse.data.text import load_corpus
+    from tfuse.data.corpora import load_corpus
     from symmetry import permuted_copy
     from tfuse.pipeline import run_fuse
 
@@ -151,7 +152,8 @@ def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
 def test_trained_tokenizer_ids_are_canonical():
     """Ids do not depend on the trainer's tie-breaking: specials first, then sorted pieces, so
     parents trained in separate processes share one tokenizer."""
-    from tfuse.data.text import SPECIAL, pydoc_documents
+    from tfuse.data.corpora import pydoc_documents
+    from tfuse.data.tokenizer import SPECIAL
 
     tok = train_tokenizer([d.text for d in pydoc_documents()[:20]], 300)
     order = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]

@@ -170,7 +170,7 @@ def test_a_validation_curve_does_not_change_the_finetune(digits):
 
 
 def test_steps_to_beat_reads_the_curve():
-    from tfuse.pipeline import steps_to_beat
+    from tfuse.pipeline.finetune import steps_to_beat
 
     curve = [[0, 0.5], [25, 0.89], [50, 0.91], [75, 0.95]]
     assert steps_to_beat(curve, 0.9, True) == 50 and steps_to_beat(curve, 0.96, True) is None
@@ -178,7 +178,7 @@ def test_steps_to_beat_reads_the_curve():
 
 
 def test_device_names_are_checked(monkeypatch):
-    from tfuse.pipeline import resolve_device
+    from tfuse.pipeline.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"

@@ -15,7 +15,7 @@ from transformers import (
 from conftest import tfuse
 from symmetry import symmetric_copy, widened_copy
 from tfuse.arch import check_heads, hf_gpt2, hf_llama
-from tfuse.data.text import train_bpe
+from tfuse.data.tokenizer import train_bpe
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods import METHODS, Calibration
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse

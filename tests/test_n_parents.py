@@ -8,7 +8,7 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import average
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-from tfuse.pipeline import choose_anchor
+from tfuse.pipeline.stages import choose_anchor
 from conftest import batches_of, logits, tiny_vit
 from symmetry import permuted_copy
 

@@ -95,7 +95,7 @@ def test_the_finetune_budget_is_the_repair_calibration_set():
     from omegaconf import OmegaConf
 
     from tfuse.data.images import load_images
-    from tfuse.pipeline import finetune_task
+    from tfuse.pipeline.finetune import finetune_task
     from tfuse.tasks.image_classification import ImageClassificationTask
 
     task = ImageClassificationTask(load_images("digits"))
@@ -113,7 +113,7 @@ def test_the_finetune_budget_is_the_repair_calibration_set():
 def test_alpha_shard_weighs_parents_by_their_shards_and_needs_recipe_parents():
     from types import SimpleNamespace
 
-    from tfuse.pipeline import resolve_alpha
+    from tfuse.pipeline.stages import resolve_alpha
 
     setup = SimpleNamespace(settings=OTSettings(alpha="shard"), models=[None, None], task=None,
                             partition={"shards": [{"size": 300}, {"size": 900}]})

@@ -1,0 +1,174 @@
+"""The stages around the finetune: prepare (settings, task, parents), score_parents (the anchor
+and the weights), fuse_parents (the method and its vanilla control), collect_results."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tfuse.arch import check_heads, check_same_architecture, family_for
+from tfuse.config_keys import check_fusion_keys
+from tfuse.errors import TfuseError
+from tfuse.fusion.cache import StatisticsCache
+from tfuse.fusion.methods import METHODS, Calibration, settings_from_config
+from tfuse.parents import obtain_parents, parent_shards
+from tfuse.pipeline.finetune import plot_curves, steps_to_beat
+from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
+from tfuse.pipeline.scores import class_scores
+from tfuse.pipeline.state import Baseline, Fused, Setup, Tuned
+from tfuse.tasks import build_task
+from tfuse.tasks.base import Task
+from tfuse.tasks.mlm import for_models
+
+
+def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
+    """Settings, device, task and parents (trained from the recipe or loaded)."""
+    fusion = OmegaConf.to_container(cfg.fusion, resolve=True)
+    check_fusion_keys(fusion)  # a key no method knows: the closest known ones
+    settings = settings_from_config(fusion)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    with clock.stage("data"):
+        task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents, cfg.model.family)
+    parts, partition = parent_shards(cfg, task) if not cfg.parents else (None, None)
+    with clock.stage("parents"):
+        parents = obtain_parents(cfg, task, device, parts)
+    models = [p.model for p in parents]
+    task = for_models(task, models)  # bare encoders: embedding agreement with the parents
+    widths_differ = any(
+        a.shape != b.shape for m in models[1:] for a, b in zip(models[0].parameters(), m.parameters())
+    )
+    check_same_architecture(models, allow_widths=METHODS[settings.method].allows_widths)
+    check_heads(models)
+    return Setup(cfg, settings, device, task, parents, models, widths_differ, partition)
+
+
+def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
+    """Every parent and the ensemble on the test and validation splits (and the weighted ensemble
+    when the weights are not uniform); the anchor and the weights."""
+    task, models = setup.task, setup.models
+    with clock.stage("evaluate_parents"):
+        one_shot = {f"parent_{i}": task.evaluate(m) for i, m in enumerate(models)}
+        one_shot["ensemble"] = task.evaluate_ensemble(models)
+        one_shot_val = {f"parent_{i}": task.evaluate(m, "val") for i, m in enumerate(models)}
+        one_shot_val["ensemble"] = task.evaluate_ensemble(models, "val")
+        anchor, val_scores = choose_anchor(setup.settings.anchor, models, task)
+        weights = resolve_alpha(setup, one_shot_val)
+        if len(set(weights)) > 1:
+            one_shot["ensemble_weighted"] = task.evaluate_ensemble(models, weights=weights)
+            one_shot_val["ensemble_weighted"] = task.evaluate_ensemble(models, "val", weights=weights)
+    return Baseline(one_shot, one_shot_val, anchor, val_scores, weights)
+
+
+def choose_anchor(anchor: int | str, models: list, task: Task) -> tuple[int, list[float] | None]:
+    """The anchor's index: as configured, or the best parent on the validation split."""
+    if anchor != "best":
+        if not 0 <= int(anchor) < len(models):
+            raise TfuseError(f"fusion.anchor={anchor} but there are {len(models)} parents (0..{len(models) - 1})")
+        return int(anchor), None
+    scores = [task.evaluate(m, "val")[task.primary_metric] for m in models]
+    pick = max if task.higher_is_better else min
+    return scores.index(pick(scores)), scores
+
+
+def resolve_alpha(setup: Setup, val: dict[str, dict]) -> list[float]:
+    """The parents' weights: ``fusion.alpha`` as given, ``shard`` (in proportion to their shards'
+    sizes) or ``val`` (to their validation score; for a loss, to exp(-loss))."""
+    alpha, n, task = setup.settings.alpha, len(setup.models), setup.task
+    if alpha == "shard":
+        if setup.partition is None:
+            raise TfuseError("fusion.alpha=shard weighs recipe parents by their shards; parents=[...] have none "
+                             "(use fusion.alpha=val or a list)")
+        sizes = [s["size"] for s in setup.partition["shards"]]
+        return [z / sum(sizes) for z in sizes]
+    if alpha == "val":
+        scores = [val[f"parent_{i}"][task.primary_metric] for i in range(n)]
+        scores = scores if task.higher_is_better else [math.exp(-v) for v in scores]
+        if not sum(scores) > 0:
+            raise TfuseError(f"fusion.alpha=val: every parent scores 0 on validation {task.primary_metric}; give the weights")
+        return [v / sum(scores) for v in scores]
+    return setup.settings.weights(n)
+
+
+def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
+    """The configured method's fused model, and vanilla fusion as the control where the widths
+    agree (repaired alike: alignment's share of a repaired model)."""
+    settings, task = dataclasses.replace(setup.settings, alpha=baseline.weights), setup.task
+    graph = family_for(setup.models[baseline.anchor]).graph(setup.models[baseline.anchor])
+    calibration = Calibration(
+        lambda: task.calibration_batches(settings.samples, settings.batch_size, settings.seed),
+        task.model_inputs,
+        math.ceil(settings.samples / settings.batch_size),
+        lambda: task.calibration_batches(settings.repair_samples, settings.batch_size, settings.seed),
+        StatisticsCache(Path(setup.cfg.statistics_dir), {  # what the calibration batches are made of
+            "task": task.name, "data": OmegaConf.to_container(setup.cfg.data, resolve=True),
+            "parents": [p.source for p in setup.parents],  # a text family's tokenizer comes with them
+        }),
+        getattr(task, "competence", None),
+    )
+    names = ([] if setup.widths_differ else ["vanilla"]) + ([settings.method] if settings.method != "vanilla" else [])
+    models, outcomes, one_shot = {}, {}, {}
+    for name in names:
+        stage = "vanilla" if name == "vanilla" and settings.method != "vanilla" else "fuse"
+        with clock.stage(stage):
+            outcome = METHODS[name].fuse(setup.models, graph, baseline.anchor, calibration, settings)
+        if stage == "fuse":
+            clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
+        models[name], outcomes[name] = outcome.model, outcome
+        one_shot[name] = task.evaluate(outcome.model)
+    with clock.stage("evaluate_val"):  # what settings are selected on
+        one_shot_val = {name: task.evaluate(m, "val") for name, m in models.items()}
+    return Fused(models, outcomes, one_shot, one_shot_val)
+
+
+def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned, clock: Stopwatch, out_dir: Path) -> dict:
+    """results.json's content (and finetune.png when the finetune was a curve)."""
+    task, settings = setup.task, setup.settings
+    results = {
+        "one_shot": {**baseline.one_shot, **fused.one_shot},
+        "one_shot_val": {**baseline.one_shot_val, **fused.one_shot_val},
+        "finetuned": tuned.finetuned,
+        "finetuned_val": tuned.finetuned_val,
+        "timings": clock.seconds,
+        "settings": settings.as_dict(),
+        "anchor": baseline.anchor,
+        "anchor_val_scores": baseline.anchor_val_scores,
+        "alpha": baseline.weights,
+        "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds} for p in setup.parents],
+        "primary_metric": task.primary_metric,
+        "not_applicable": {"vanilla": "widths differ"} if setup.widths_differ else {},
+        "repair": {name: _fit_summary(o.repair) for name, o in fused.outcomes.items() if o.repair},
+    }
+    if setup.partition is not None:
+        results["partition"] = setup.partition
+    if hasattr(task, "predictions"):
+        results.update(class_scores(setup, baseline, fused, tuned))
+    if hasattr(task, "continuation"):
+        one_shot = {f"parent_{i}": m for i, m in enumerate(setup.models)} | fused.models
+        results["continuations"] = {
+            "prompt": task.prompt, "one_shot": {name: task.continuation(m) for name, m in one_shot.items()},
+            "finetuned": tuned.continuations,
+        }
+    info = {name: o.info for name, o in fused.outcomes.items() if o.info}
+    if info:
+        results["methods"] = info
+    if tuned.curves:
+        pick = max if task.higher_is_better else min
+        level = pick(baseline.one_shot_val[f"parent_{i}"][task.primary_metric] for i in range(len(setup.models)))
+        results["curves"] = tuned.curves
+        results["steps_to_beat_best_parent"] = {
+            name: steps_to_beat(curve, level, task.higher_is_better) for name, curve in tuned.curves.items()
+        }
+        plot_curves(tuned.curves, level, task.primary_metric, out_dir / "finetune.png")
+    return results
+
+
+def _fit_summary(fits: list) -> dict:
+    """Mean relative calibration error of the refit layers before and after, and per layer."""
+    return {
+        "mean_error_before": sum(f.before for f in fits) / len(fits),
+        "mean_error_after": sum(f.after for f in fits) / len(fits),
+        "layers": {f.layer: [f.before, f.after] for f in fits},
+    }
