@@ -1,22 +1,28 @@
 """Benchmark OT fusion against the bare forward passes of its parents, and its peak memory.
 
     python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000] [--repair lstsq] [--device cpu]
+                                 [--only fuse,repair,memory] [--repeats 3]
     python scripts/bench_fuse.py --estimate llama-1b,llama-7b[,path/config.json]
 
 Two paper-sized parents with random weights (ViT: 7 layers, width 384, 12 heads, MLP 1536, patch 4
 on 32x32, 65 tokens; ``vitb``: ViT-B/16, 12 layers, width 768, 12 heads, MLP 3072, patch 16 on
 224x224, 197 tokens, 1,000 calibration samples by default; ``llama``: a LLaMA-shaped decoder, 6
 layers, width 384, 6 query heads over 2 key/value heads, SwiGLU 1,024, 128 tokens, with the
-``llama_plays`` fusion settings) and random inputs. Prints the time of
-each fusion stage, the time of the bare forward passes of both parents over the same inputs (the
-baseline, measured in the same process), their ratio (each fuse against the mean of the forward
-passes timed just before and after it, the median over ``--repeats`` fuses), and the peak resident
-memory of a fresh process fusing with ``--samples`` and with ``--large`` samples. The same again
-for fusion followed by ``--repair`` on ``--samples`` repair samples (``repair_ratio``,
-``repair_s``), and its peak memory with ``--samples`` and ``--large`` repair samples. Then an
-8-value reg sweep, as 8 independent fuses (``sweep8_uncached_s``) and through the statistics cache
-(``sweep8_cached_s``: the first fuse streams, the others reuse its statistics). Ends with one JSON
-line. ``--case llama`` also prints the shape-only estimate (``tfuse/estimate.py``) of its
+``llama_plays`` fusion settings) and random inputs. ``--only`` picks the sections (default
+``fuse,repair,memory``, about 6 minutes for ``vit`` on 2 cores; README.md gives each one's time):
+
+``fuse``: the time of each fusion stage, the time of the bare forward passes of both parents over
+the same inputs (the baseline, measured in the same process), their ratio (each fuse against the
+mean of the forward passes timed just before and after it, the median over ``--repeats`` fuses).
+``repair``: the same for fusion followed by ``--repair`` on ``--samples`` repair samples
+(``repair_ratio``, ``repair_s``), its fuses interleaved with ``fuse``'s. ``memory``: the peak
+resident memory of a fresh process fusing with ``--samples`` and with ``--large`` samples.
+``repair_memory``: the same with ``--samples`` and ``--large`` repair samples (the longest
+section: the repair's time grows with its samples). ``sweep``: an 8-value reg sweep, as 8
+independent fuses (``sweep8_uncached_s``) and through the statistics cache (``sweep8_cached_s``:
+the first fuse streams, the others reuse its statistics). Ends with one JSON line, every key
+present whatever ``--only`` says (null for a section not run, or a repair one under ``--repair
+none``). ``--case llama`` also prints the shape-only estimate (``tfuse/estimate.py``) of its
 statistics and transport time beside the measured ones. ``--estimate`` prints, for LLaMA-shaped
 checkpoints (presets or ``config.json`` files), the statistics memory per space and in all, the
 weights held, the repair's memory and the exact-OT solve time at this machine's measured speed.
@@ -201,36 +207,92 @@ def peak_gpu_mb() -> float:
 
 
 def peak_rss_mb(case: str, samples: int, repair: str = "none", repair_samples: int = 0,
-                device: str = "cpu") -> tuple[float, float | None]:
-    """Peak RSS of a fresh process that builds both parents and fuses them (then repairs), and
-    its peak GPU memory on ``cuda`` (None on ``cpu``)."""
+                device: str = "cpu") -> tuple[float, float | None, float]:
+    """Peak RSS of a fresh process that builds both parents and fuses them (then repairs), its
+    peak GPU memory on ``cuda`` (None on ``cpu``), and the process's wall time in seconds."""
     cmd = [sys.executable, __file__, "--case", case, "--child", str(samples), "--device", device]
     if repair != "none":
         cmd += ["--repair", repair, "--child-repair", str(repair_samples)]
+    start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - start
     values = [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
-    return values[0], values[1] if len(values) > 1 else None
+    return values[0], values[1] if len(values) > 1 else None, seconds
 
 
-def main() -> None:
+SECTIONS: dict[str, str] = {  # --only: each section, what it measures (the JSON keys it fills)
+    "fuse": "the fuse against the bare forward passes of both parents (fuse_s, ratio, ratio_best, forward_s)",
+    "repair": "the fuse followed by --repair, the same way (repair_fuse_s, repair_s, repair_ratio, repair_ratio_best)",
+    "memory": "peak RSS of a fresh process fusing --samples, and of one fusing --large samples (peak_rss_mb_N)",
+    "repair_memory": "the same for fuse + --repair on --samples and on --large repair samples (peak_rss_mb_repair_N)",
+    "sweep": "an 8-value reg sweep as independent fuses and through the statistics cache (sweep8_*)",
+}
+DEFAULT_ONLY = "fuse,repair,memory"
+DEFAULT_REPEATS = 3
+
+
+def sections_of(text: str) -> list[str]:
+    """The sections named in ``--only`` (comma-separated, ``all`` for every one), in the script's
+    order; ValueError names an unknown one."""
+    names = [name.strip() for name in text.split(",")]
+    if names == ["all"]:
+        return list(SECTIONS)
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section {', '.join(repr(n) for n in unknown)} (choose from {', '.join(SECTIONS)})")
+    return [name for name in SECTIONS if name in names]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), default="vit")
     parser.add_argument("--samples", type=int, help=f"calibration samples (default: {DEFAULT_SAMPLES}; vitb {CASE_SAMPLES['vitb']})")
     parser.add_argument("--large", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5, help="fuses, each between two forward timings")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help=f"fuses (and fuses + repair), each between two forward timings (default: {DEFAULT_REPEATS})")
     parser.add_argument("--repair", choices=("none", "rescale", "lstsq"), default="lstsq",
                         help="also time fusion followed by this repair (none: skip)")
+    parser.add_argument("--only", default=DEFAULT_ONLY, metavar="SECTIONS",
+                        help=f"comma-separated sections to run, or all (default: {DEFAULT_ONLY}): "
+                             + "; ".join(f"{name}: {what}" for name, what in SECTIONS.items())
+                             + "; a section not run leaves its keys null")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models and inputs live")
     parser.add_argument("--estimate", metavar="SHAPES",
                         help="comma-separated presets (llama-1b, llama-7b) or config.json paths: print what fusing two such "
                              "checkpoints needs, from the shapes and this machine's measured solver speed, and exit")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
     parser.add_argument("--child-repair", type=int, help=argparse.SUPPRESS)  # ... with this many repair samples
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        args.only = sections_of(args.only)
+    except ValueError as error:  # one line, argparse's exit status
+        print(f"{Path(sys.argv[0]).name}: error: --only: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.repeats < 1:
+        print(f"{Path(sys.argv[0]).name}: error: --repeats: at least 1, not {args.repeats}", file=sys.stderr)
+        raise SystemExit(2)
     if args.samples is None:
         args.samples = CASE_SAMPLES.get(args.case, DEFAULT_SAMPLES)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
+    return args
+
+
+def summary_keys(case: str, device: str, samples: int, large: int) -> list[str]:
+    """Every key of the JSON line, in its order: the same for every --only (a section not run leaves its keys null)."""
+    sizes = (samples, large)
+    keys = ["case", "device", *(["peak_gpu_mb"] if device == "cuda" else []),
+            "fuse_s", "ratio", "ratio_best", "repair_fuse_s", "repair_s", "repair_ratio", "repair_ratio_best", "forward_s",
+            *(f"peak_rss_mb_{n}" for n in sizes), *(f"peak_rss_mb_repair_{n}" for n in sizes)]
+    if device == "cuda":
+        keys += [*(f"peak_gpu_mb_{n}" for n in sizes), *(f"peak_gpu_mb_repair_{n}" for n in sizes)]
+    if case == "llama":
+        keys += ["estimate_statistics_mb", "estimate_transport_s", "transport_s"]
+    return keys + ["sweep8_uncached_s", "sweep8_cached_s", "sweep8_cached_per_fuse"]
+
+
+def main() -> None:
+    args = parse_args()
     device = args.device
     if args.estimate:
         estimate(args.estimate.split(","), args.samples, args.large)
@@ -244,79 +306,91 @@ def main() -> None:
         fuse_once(args.case, args.child, child, device=device)
         print(peak_of_this_process_mb(), *([peak_gpu_mb()] if device == "cuda" else []))
         return
-    forward_once(args.case, 8, settings.batch_size, device)  # warm-up
-    # Every fuse is bracketed by forward passes (F U F U ... F): its ratio is to the mean of its
-    # two neighbours, so a machine that speeds up or slows down over the run cancels out.
-    forwards = [forward_once(args.case, args.samples, settings.batch_size, device)]
-    # kinds alternate (F U F R F U F R ... F): each fuse's ratio is to the mean of its two neighbours
+    only = args.only
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"case {args.case}, {args.samples} calibration samples, {device} ({where}); sections: {', '.join(only)}"
+          + (" (repair ones skipped: --repair none)" if args.repair == "none" and {"repair", "repair_memory"} & set(only) else ""))
+    summary: dict[str, object] = dict.fromkeys(summary_keys(args.case, device, args.samples, args.large))
+    summary.update({"case": args.case, "device": device})
+    # kinds alternate (F U F R F U F R ... F): each fuse is bracketed by forward passes and its
+    # ratio is to the mean of its two neighbours, so a machine that speeds up or slows down cancels out
+    kinds = ([("fuse", settings)] if "fuse" in only else []) + (
+        [("repair", repaired)] if "repair" in only and args.repair != "none" else [])
     runs: dict[str, list[tuple[float, dict[str, float]]]] = {"fuse": [], "repair": []}
     ratios: dict[str, list[float]] = {"fuse": [], "repair": []}
-    kinds = [("fuse", settings)] + ([("repair", repaired)] if args.repair != "none" else [])
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.repeats):
-        for kind, chosen in kinds:
-            runs[kind].append(fuse_once(args.case, args.samples, chosen, device=device))
-            forwards.append(forward_once(args.case, args.samples, settings.batch_size, device))
-            ratios[kind].append(runs[kind][-1][0] / ((forwards[-2] + forwards[-1]) / 2))
-    forward_s = min(forwards)
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"case {args.case}, {args.samples} calibration samples, {device} ({where})")
-    summary = {"case": args.case, "device": device}
-    if device == "cuda":
-        summary["peak_gpu_mb"] = round(peak_gpu_mb(), 1)
-    for kind, label in (("fuse", "fuse"), ("repair", f"fuse + repair={args.repair}")):
-        if not runs[kind]:
+    if kinds:
+        began = time.perf_counter()
+        forward_once(args.case, 8, settings.batch_size, device)  # warm-up
+        forwards = [forward_once(args.case, args.samples, settings.batch_size, device)]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.repeats):
+            for kind, chosen in kinds:
+                runs[kind].append(fuse_once(args.case, args.samples, chosen, device=device))
+                forwards.append(forward_once(args.case, args.samples, settings.batch_size, device))
+                ratios[kind].append(runs[kind][-1][0] / ((forwards[-2] + forwards[-1]) / 2))
+        forward_s = min(forwards)
+        if device == "cuda":
+            summary["peak_gpu_mb"] = round(peak_gpu_mb(), 1)
+        for kind, label in (("fuse", "fuse"), ("repair", f"fuse + repair={args.repair}")):
+            if not runs[kind]:
+                continue
+            total, stages = min(runs[kind], key=lambda f: f[0])
+            ratio = statistics.median(ratios[kind])
+            print(f"{label}:")
+            for stage, seconds in stages.items():
+                print(f"  {stage:<12} {seconds:8.2f} s")
+            print(f"  total        {total:8.2f} s  (best of {args.repeats})")
+            print(f"  ratio        {ratio:8.2f}  (median over the fuses of fuse / mean of the forwards around it; "
+                  f"each: {', '.join(f'{r:.2f}' for r in ratios[kind])}; best / best: {total / forward_s:.2f})")
+            if kind == "fuse":
+                summary.update({"fuse_s": round(total, 3), "ratio": round(ratio, 3), "ratio_best": round(total / forward_s, 3)})
+            else:
+                summary.update({"repair_fuse_s": round(total, 3), "repair_s": round(stages["repair"], 3),
+                                "repair_ratio": round(ratio, 3), "repair_ratio_best": round(total / forward_s, 3)})
+        print(f"  forward      {forward_s:8.2f} s  (best of {len(forwards)}; bare forward passes of both parents, same inputs)")
+        summary["forward_s"] = round(forward_s, 3)
+        print(f"  [{' + '.join(kind for kind, _ in kinds)}: {time.perf_counter() - began:.0f} s]")
+    gpu: dict[str, float | None] = {}
+    for section, key, of in (("memory", "peak_rss_mb_", "at {} samples, {} MB at {}"),
+                             ("repair_memory", "peak_rss_mb_repair_", "with {} repair samples, {} MB with {}")):
+        if section not in only or (section == "repair_memory" and args.repair == "none"):
             continue
-        total, stages = min(runs[kind], key=lambda f: f[0])
-        ratio = statistics.median(ratios[kind])
-        print(f"{label}:")
-        for stage, seconds in stages.items():
-            print(f"  {stage:<12} {seconds:8.2f} s")
-        print(f"  total        {total:8.2f} s  (best of {args.repeats})")
-        print(f"  ratio        {ratio:8.2f}  (median over the fuses of fuse / mean of the forwards around it; "
-              f"each: {', '.join(f'{r:.2f}' for r in ratios[kind])}; best / best: {total / forward_s:.2f})")
-        if kind == "fuse":
-            summary.update({"fuse_s": round(total, 3), "ratio": round(ratio, 3), "ratio_best": round(total / forward_s, 3)})
-        else:
-            summary.update({"repair_fuse_s": round(total, 3), "repair_s": round(stages["repair"], 3),
-                            "repair_ratio": round(ratio, 3), "repair_ratio_best": round(total / forward_s, 3)})
-    print(f"  forward      {forward_s:8.2f} s  (best of {len(forwards)}; bare forward passes of both parents, same inputs)")
-    summary["forward_s"] = round(forward_s, 3)
-    (small, small_gpu), (large, large_gpu) = (peak_rss_mb(args.case, n, device=device) for n in (args.samples, args.large))
-    print(f"  peak RSS     {small:8.0f} MB at {args.samples} samples, {large:.0f} MB at {args.large}")
-    summary.update({f"peak_rss_mb_{args.samples}": round(small, 1), f"peak_rss_mb_{args.large}": round(large, 1)})
-    gpu = {f"peak_gpu_mb_{args.samples}": small_gpu, f"peak_gpu_mb_{args.large}": large_gpu}
-    if args.repair != "none":
-        (small_r, small_r_gpu), (large_r, large_r_gpu) = (
-            peak_rss_mb(args.case, args.samples, args.repair, n, device) for n in (args.samples, args.large)
-        )
-        print(f"  peak RSS     {small_r:8.0f} MB with {args.samples} repair samples, {large_r:.0f} MB with {args.large}")
-        summary.update({f"peak_rss_mb_repair_{args.samples}": round(small_r, 1),
-                        f"peak_rss_mb_repair_{args.large}": round(large_r, 1)})
-        gpu.update({f"peak_gpu_mb_repair_{args.samples}": small_r_gpu, f"peak_gpu_mb_repair_{args.large}": large_r_gpu})
-    if device == "cuda":
-        print(f"  peak GPU     {summary['peak_gpu_mb']:8.0f} MB in the timed fuses; fresh processes: "
-              + ", ".join(f"{key.removeprefix('peak_gpu_mb_')} {mb:.0f} MB" for key, mb in gpu.items()))
+        seconds = []
+        for n in (args.samples, args.large):  # the repair's children calibrate on --samples and repair on n
+            rss, gpu_mb, took = (peak_rss_mb(args.case, n, device=device) if section == "memory"
+                                 else peak_rss_mb(args.case, args.samples, args.repair, n, device))
+            summary[f"{key}{n}"] = round(rss, 1)
+            gpu[f"{key.replace('rss', 'gpu')}{n}"] = gpu_mb
+            seconds.append(took)
+        small, large = summary[f"{key}{args.samples}"], summary[f"{key}{args.large}"]
+        print(f"  peak RSS     {small:8.0f} MB {of.format(args.samples, f'{large:.0f}', args.large)}"
+              f"  [{section}: fresh processes of {seconds[0]:.0f} s and {seconds[1]:.0f} s]")
+    if device == "cuda" and gpu:
+        print("  peak GPU     " + (f"{summary['peak_gpu_mb']:8.0f} MB in the timed fuses; " if kinds else "")
+              + "fresh processes: " + ", ".join(f"{key.removeprefix('peak_gpu_mb_')} {mb:.0f} MB" for key, mb in gpu.items()))
         summary.update({key: round(mb, 1) for key, mb in gpu.items()})
     if args.case == "llama":  # the shape-only estimate against what this run measured
         from tfuse.estimate import DecoderShape, solve_seconds, statistics_bytes
 
-        shape = DecoderShape.from_config(pair(args.case, "cpu")[0].config.to_dict())
+        shape = DecoderShape.from_config(CASES[args.case](0)[0].config.to_dict())
         predicted = solve_seconds(shape, lap_seconds())["total"]
-        measured = min(runs["fuse"], key=lambda f: f[0])[1]["transport"]
+        measured = min(runs["fuse"], key=lambda f: f[0])[1]["transport"] if runs["fuse"] else None
         stats_mb = statistics_bytes(shape)["total"] / 1e6
         print(f"  estimate     statistics {stats_mb:.0f} MB (exact, tests/test_decoder.py); transport {predicted:.2f} s "
-              f"estimated against {measured:.2f} s measured")
+              + (f"estimated against {measured:.2f} s measured" if measured is not None else "estimated (no fuse run)"))
         summary.update({"estimate_statistics_mb": round(stats_mb, 1), "estimate_transport_s": round(predicted, 3),
-                        "transport_s": round(measured, 3)})
-    uncached = sweep_seconds(args.case, args.samples, settings, cached=False, device=device)
-    cached = sweep_seconds(args.case, args.samples, settings, cached=True, device=device)
-    fuse_s = summary["fuse_s"]
-    print(f"  reg sweep    {uncached:8.2f} s as {len(SWEEP_REGS)} fuses, {cached:.2f} s through the statistics cache "
-          f"({cached / fuse_s:.2f} x one fuse)")
-    summary.update({"sweep8_uncached_s": round(uncached, 3), "sweep8_cached_s": round(cached, 3),
-                    "sweep8_cached_per_fuse": round(cached / fuse_s, 3)})
+                        "transport_s": None if measured is None else round(measured, 3)})
+    if "sweep" in only:
+        began = time.perf_counter()
+        uncached = sweep_seconds(args.case, args.samples, settings, cached=False, device=device)
+        cached = sweep_seconds(args.case, args.samples, settings, cached=True, device=device)
+        fuse_s = summary["fuse_s"]
+        print(f"  reg sweep    {uncached:8.2f} s as {len(SWEEP_REGS)} fuses, {cached:.2f} s through the statistics cache "
+              + (f"({cached / fuse_s:.2f} x one fuse)" if fuse_s else "(x one fuse: with --only fuse,sweep)"))
+        summary.update({"sweep8_uncached_s": round(uncached, 3), "sweep8_cached_s": round(cached, 3),
+                        "sweep8_cached_per_fuse": round(cached / fuse_s, 3) if fuse_s else None})
+        print(f"  [sweep: {time.perf_counter() - began:.0f} s]")
     print(json.dumps(summary))
 
 
