@@ -18,8 +18,10 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(workdir: Path) -> Path:
     out = workdir / "run"
-    proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"hydra.run.dir={out}", f"cache_dir={workdir / 'parents'}", cwd=workdir)
+    proc = tfuse("fuse", "+experiment=vit_digits_tiny", "fusion.reg=0.08", f"hydra.run.dir={out}",
+                 f"cache_dir={workdir / 'parents'}", cwd=workdir)  # reg: the default, given to show its source
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (workdir / "first_run.stdout").write_text(proc.stdout)
     return out
 
 
@@ -282,19 +284,14 @@ def test_parents_without_an_experiment_say_whose_settings_apply(workdir: Path):
 def test_the_summary_names_each_fusion_settings_source(first_run: Path, workdir: Path):
     """After the table (on one line, printed to a pipe): the settings by source, the command line's
     marked as such; results.json ``fusion_settings`` the same."""
-    parents = sorted(str(p) for p in (workdir / "parents").iterdir())
-    out = workdir / "sources"
-    proc = tfuse("fuse", "+experiment=vit_digits_tiny", f"parents=[{parents[0]},{parents[1]}]", "finetune.steps=0",
-                 "fusion.reg=0.05", f"hydra.run.dir={out}", cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    lines = (workdir / "first_run.stdout").read_text().splitlines()
     assert "tfuse: one-shot and finetuned (VF: vanilla fusion, OT: OT fusion)" in lines
     assert any("one-shot accuracy" in line and "one-shot loss" in line for line in lines)  # one-line headers
     summary = lines[lines.index("fusion settings in force, by source:"):]
-    assert summary[1] == "  command line: reg=0.05"
+    assert summary[1] == "  command line: reg=0.08"
     assert summary[2].startswith("  experiment vit_digits_tiny: samples=100 ") and "solver=emd" in summary[2]
     assert summary[3].startswith("  package defaults: method=ot ")
-    found = json.loads((out / "results.json").read_text())["fusion_settings"]
-    assert found["reg"] == {"value": 0.05, "source": "command line"}
+    found = json.loads((first_run / "results.json").read_text())["fusion_settings"]
+    assert found["reg"] == {"value": 0.08, "source": "command line"}
     assert found["qk"] == {"value": "head_aware", "source": "experiment vit_digits_tiny"}
     assert found["cost"] == {"value": "activations", "source": "package defaults"}

@@ -127,7 +127,7 @@ def _report(args: list[str]) -> None:
                         help="also pick the setting with the best mean validation score and show its test score "
                              "beside the test-best setting's (select.md)")
     ns = parser.parse_args(args)
-    run_report(ns.dir, metric=ns.metric, select=ns.select)
+    run_report(ns.dir, metric=ns.metric, console=wide_console(), select=ns.select)
 
 
 def _paper(args: list[str]) -> None:
