@@ -47,3 +47,15 @@ def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tfuse.cli", *args], cwd=cwd, env=CLI_ENV, capture_output=True, text=True, timeout=600
     )
+
+
+def fuse_in_process(out: Path, *overrides: str) -> dict:
+    """``tfuse fuse OVERRIDES`` without the shell: the config composed as Hydra composes it, then
+    run_fuse, which the CLI calls (its TfuseError is the CLI's one line; test_cli_errors.py checks
+    that conversion from the shell). Give cache_dir and statistics_dir: the defaults are relative."""
+    from rich.console import Console
+
+    from tfuse.config_keys import _compose
+    from tfuse.pipeline import run_fuse
+
+    return run_fuse(_compose(list(overrides)), out, Console(quiet=True))

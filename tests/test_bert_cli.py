@@ -9,7 +9,7 @@ from transformers import BertForMaskedLM
 
 from tfuse.arch import hf_bert
 from tfuse.data.tokenizer import shared_tokenizer, train_tokenizer
-from conftest import tfuse
+from conftest import fuse_in_process, tfuse
 from tfuse.errors import TfuseError
 
 
@@ -60,8 +60,9 @@ def test_parents_from_directories_share_their_tokenizer_and_bad_parents_are_clea
     from conftest import tiny_vit
 
     tiny_vit().save_pretrained(tmp_path / "vit")
-    proc = tfuse("fuse", "model=hf_bert", f"parents=[{a},{tmp_path / 'vit'}]", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
-    assert proc.returncode == 2 and "model.family=hf_bert does not own" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(TfuseError, match="model.family=hf_bert does not own"):  # in-process: the CLI's one line is test_cli_errors.py's
+        fuse_in_process(tmp_path / "bad", "+experiment=bert_mlm", "model=hf_bert", f"parents=[{a},{tmp_path / 'vit'}]",
+                        f"cache_dir={tmp_path / 'parents'}", f"statistics_dir={tmp_path / 'stats'}")
 
 
 def test_parents_with_different_tokenizers_are_refused(tmp_path: Path):

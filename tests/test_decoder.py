@@ -4,6 +4,7 @@ bad parents get one line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import (
     GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from conftest import tfuse
+from conftest import fuse_in_process, tfuse
 from symmetry import symmetric_copy, widened_copy
 from tfuse.arch import check_heads, hf_gpt2, hf_llama
 from tfuse.data.tokenizer import train_bpe
@@ -254,14 +255,20 @@ def test_parents_from_directories_and_bad_parents(llama_run: Path, workdir: Path
     other = hf_llama.load(str(b))
     hf_llama.attach_tokenizer(other, train_bpe(["a different corpus, a different vocabulary " * 50], 300))
     hf_llama.save(other, str(workdir / "other_tokenizer"))
+    # one through the shell (exit status 2, one line, no traceback); the others in-process, where they are raised
+    proc = tfuse("fuse", "+experiment=llama_pydoc_tiny", f"parents=[{a},{workdir / 'gpt2'}]", f"hydra.run.dir={workdir / 'bad'}",
+                 cwd=workdir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "holds a GPT2LMHeadModel ('gpt2') checkpoint, which model.family=hf_llama does not own" in proc.stderr
     for bad, says in (
-        (f"parents=[{a},{workdir / 'gpt2'}]", "holds a GPT2LMHeadModel ('gpt2') checkpoint, which model.family=hf_llama does not own"),
         (f"parents=[{a},{workdir / 'bert'}]", "holds a BertForMaskedLM ('bert') checkpoint, which model.family=hf_llama does not own"),
         (f"parents=[{a},{workdir / 'phi'}]", "holds a PhiForCausalLM ('phi') checkpoint"),
         (f"parents=[{a},{workdir / 'other_tokenizer'}]", "have different tokenizers"),
     ):
-        proc = tfuse("fuse", "+experiment=llama_pydoc_tiny", bad, f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
-        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        with pytest.raises(TfuseError, match=re.escape(says)):
+            fuse_in_process(workdir / "bad", "+experiment=llama_pydoc_tiny", bad, f"cache_dir={workdir / 'parents'}",
+                            f"statistics_dir={workdir / 'stats'}")
 
 
 def test_the_statistics_estimate_counts_what_fusion_holds():

@@ -11,7 +11,7 @@ from tfuse.arch import hf_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.fusion.repair import _Rows, sample_weights
-from conftest import logits, tfuse, tiny_vit
+from conftest import fuse_in_process, logits, tfuse, tiny_vit
 from symmetry import permuted_copy
 from test_repair import trained_like
 
@@ -181,12 +181,13 @@ def test_the_partition_seed_and_shards_key_the_parent_cache(skew_run: Path, work
     assert all(r["partition"]["kind"] == "skew" for r in recipes)
 
 
-@pytest.mark.parametrize(("command", "message"), [
-    (("fuse", "partition=classes", "n_parents=11"), "deals 10 classes to 11 parents"),
-    (("train", "partition=skew"), "tfuse train trains one parent on the whole training split"),
-])
-def test_a_bad_partition_from_the_shell_ends_with_one_line_and_exit_2(command, message, workdir: Path):
-    """Every partition error takes this path (test_partition.py checks each message)."""
-    proc = tfuse(command[0], "+experiment=vit_digits_tiny", *command[1:], f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_a_bad_partition_from_the_shell_ends_with_one_line_and_exit_2(workdir: Path):
+    """Every partition error takes this path (test_partition.py checks each message): tfuse
+    train's from the shell, tfuse fuse's in-process (its conversion: test_cli_errors.py)."""
+    proc = tfuse("train", "+experiment=vit_digits_tiny", "partition=skew", f"hydra.run.dir={workdir / 'bad'}", cwd=workdir)
+    assert proc.returncode == 2 and "tfuse train trains one parent on the whole training split" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    with pytest.raises(TfuseError, match="deals 10 classes to 11 parents"):
+        fuse_in_process(workdir / "bad_fuse", "+experiment=vit_digits_tiny", "partition=classes", "n_parents=11",
+                        f"cache_dir={workdir / 'bad_parents'}", f"statistics_dir={workdir / 'stats'}")
+    assert not (workdir / "bad_parents").exists()  # refused before any parent is trained
