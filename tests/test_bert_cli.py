@@ -53,9 +53,8 @@ def test_tiny_mlm_experiment_end_to_end(mlm_run: Path, workdir: Path):
 def test_parents_from_directories_share_their_tokenizer_and_bad_parents_are_clear_errors(mlm_run: Path, workdir: Path, tmp_path: Path):
     a, b = sorted(str(p) for p in (workdir / "parents").iterdir())
     out = tmp_path / "given"
-    proc = tfuse("fuse", "model=hf_bert", "data=pydoc", f"parents=[{a},{b}]", "finetune.steps=0", "fusion.samples=16",
-                 "data.max_length=32", "data.max_eval=16", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fuse_in_process(out, "+experiment=bert_mlm", "model=hf_bert", "data=pydoc", f"parents=[{a},{b}]", "finetune.steps=0",
+                    "fusion.samples=16", "data.max_length=32", "data.max_eval=16", f"statistics_dir={tmp_path / 'stats'}")
     assert "ot" in json.loads((out / "results.json").read_text())["one_shot"]
     from conftest import tiny_vit
 
