@@ -9,7 +9,8 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.fusion.methods.vanilla import vanilla_fuse
-from tfuse.fusion.repair import _Replay, find_stages, linear_layers, repair
+from tfuse.fusion.repair import repair
+from tfuse.fusion.replay import Replay, find_stages, linear_layers
 from conftest import batches_of, logits, tiny_vit
 from symmetry import permuted_copy
 from test_bert_fusion import batches_of as text_batches_of, inputs_only, outputs, text_batches, tiny_bert
@@ -131,14 +132,14 @@ def test_a_replay_from_a_cached_block_input_equals_the_whole_forward(family, ima
     else:
         model, x = tiny_vit(), {"pixel_values": images[:8]}
         graph, run = hf_vit.graph(model), lambda m: m(**x).logits
-    replay = _Replay(model, graph.blocks)
+    replay = Replay(model, graph.blocks)
     with torch.no_grad():
         expected = run(model)
-        outs = []
+        outs, state = [], None
         for k in range(len(graph.blocks)):
-            replay.advance_batch(0, replay.run(0, x, block_output=True)["block"])
-            outs.append(replay.cache[0].clone())
-            replay.advance()
+            state = replay.run(x, state, block_output=True)["block"]
+            outs.append(state)
+            replay.start += 1
         seen = {}
         hooks = [dict(model.named_modules())[b].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
                  for k, b in enumerate(graph.blocks)]
@@ -149,7 +150,7 @@ def test_a_replay_from_a_cached_block_input_equals_the_whole_forward(family, ima
             torch.testing.assert_close(out, seen[k], atol=0, rtol=0)
         last = linear_layers(model, graph)
         head = list(last)[-1]
-        got = replay.run(0, x, outputs_of=[head])[("out", head)]  # the tail alone, every block bypassed
+        got = replay.run(x, state, outputs_of=[head])[("out", head)]  # the tail alone, every block bypassed
         assert replay.start == len(graph.blocks) and all("forward" not in vars(b) for b in replay.blocks)
     captured = {}
     handle = dict(model.named_modules())[head].register_forward_hook(lambda m, i, o: captured.setdefault("o", o))
@@ -161,13 +162,13 @@ def test_a_replay_from_a_cached_block_input_equals_the_whole_forward(family, ima
 
 def test_stages_group_the_layers_that_read_one_tensor(images):
     model = tiny_vit()
-    stages = find_stages(model, hf_vit.graph(model), {"pixel_values": images[:2]})
+    stages, _ = find_stages(model, hf_vit.graph(model), {"pixel_values": images[:2]})
     names = [s.modules for s in stages]
     assert names[0] == tuple(f"vit.layers.0.attention.{p}_proj" for p in "qkv")
     assert names[1:4] == [("vit.layers.0.attention.o_proj",), ("vit.layers.0.mlp.fc1",), ("vit.layers.0.mlp.fc2",)]
     assert names[-1] == ("classifier",) and stages[-1].segment == 3 and stages[0].segment == 1
     timm_model = tiny_timm(qkv_bias=False)
-    timm_stages = find_stages(timm_model, timm_vit.graph(timm_model), {"x": images[:2]})
+    timm_stages, _ = find_stages(timm_model, timm_vit.graph(timm_model), {"x": images[:2]})
     assert timm_stages[0].modules == ("blocks.0.attn.qkv",) and timm_stages[-1].modules == ("head",)
 
 

@@ -4,7 +4,7 @@
 *Targets*: every aligned parent (a parent moved into the anchor's basis by its maps; for hard
 maps, the parent's own function) runs on the same calibration inputs, and a layer's target is the
 alpha-weighted mean of their outputs of it. *Inputs*: the fused model's own inputs to the layer,
-after the repair of every earlier layer.
+after the repair of every earlier layer. The solvers (``solvers.py``):
 
 * ``lstsq``: ridge regression with bias, pulled toward the current fused weights,
   ``W = argmin ||[X 1] W - Y||^2 + lambda ||W - W_fused||^2`` with ``lambda = repair_ridge x mean
@@ -17,14 +17,22 @@ after the repair of every earlier layer.
 
 The layers are every ``nn.Linear`` whose weight the flow graph describes, in the order one
 forward pass calls them; consecutive layers reading one tensor (Q, K, V) form a *stage* and share
-``X^T X``. A layer reading the model's inputs directly is already exact (the average of the
-aligned layers applied to the same input is the mean of their outputs) and is refit as a no-op.
-Each stage streams the calibration batches once. To stay linear in depth, every model is replayed
-from the block holding the stage (``FlowGraph.blocks``): the block's input is cached per batch once
-the blocks before it are final, the blocks before are bypassed, and the pass stops as soon as the
-stage has been observed. With ``fusion.cache_targets``, the targets are kept (``cache.py``,
-``TargetStore``): a sweep that leaves the aligned parents as they are (over ``repair_ridge``, or
-the finetune's knobs) replays only the fused model.
+``X^T X`` (``replay.py``). A layer reading the model's inputs directly is already exact (the
+average of the aligned layers applied to the same input is the mean of their outputs) and is
+refit as a no-op. To stay linear in depth, every model runs from the block holding the stage
+(``FlowGraph.blocks``): the block's input is cached per batch once the blocks before it are
+final, and the blocks before are bypassed. The aligned parents never change, so each runs once
+per block and batch, from its cached block input to the block's output (which becomes its next
+cached input), and the targets of all the block's stages are taken from that one pass. The fused
+model runs once per stage and batch, up to the stage's input (its inputs change with every
+refit); its modules already final (those whose call ended before an earlier stage's first layer
+was called) stand in by the outputs that earlier run of the block gave them (``held.py``). The
+fused model's block inputs, the targets, the parents' block inputs and those outputs share
+``HELD_BYTES`` of memory (CUDA: half the free device memory, if more); beyond it targets and
+parents' block inputs go to a temporary folder, read back once, and modules run again. With
+``fusion.cache_targets``, the targets are kept (``cache.py``, ``TargetStore``): a sweep that
+leaves the aligned parents as they are (over ``repair_ridge``, or the finetune's knobs) runs only
+the fused model.
 
 *Per-sample targets* (``repair_targets``, lstsq): on each calibration sample, aligned parent k
 weighs ``alpha_k x s_k`` normalised over the parents, where ``s_k`` is its probability of the
@@ -35,7 +43,8 @@ ensemble's vote. ``mean`` (``s_k = 1``) is the plain alpha-weighted mean.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import itertools
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
@@ -43,8 +52,11 @@ from torch import nn
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.held import Held, Kept, held_bytes, nbytes
+from tfuse.fusion.replay import Replay, Stage, find_stages, linear_layers
 from tfuse.fusion.settings import FusionSettings
-from tfuse.fusion.statistics import call, kept_rows
+from tfuse.fusion.solvers import LayerFit, LeastSquares, Rescale
+from tfuse.fusion.statistics import kept_rows
 from tfuse.fusion.tokens import token_mask
 from tfuse.progress import track
 
@@ -52,169 +64,6 @@ if TYPE_CHECKING:
     from tfuse.fusion.cache import TargetStore
 
 Batch = dict[str, torch.Tensor]
-PINV_CUTOFF = 1e-6  # ridge 0: directions of X^T X below this share of its largest eigenvalue are rounding noise
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Linear layers that read one tensor, in call order. ``segment``: 0 before the first block,
-    ``k + 1`` inside block ``k``, ``len(blocks) + 1`` after the last one."""
-
-    modules: tuple[str, ...]
-    segment: int
-
-
-@dataclass
-class LayerFit:
-    """A refit layer's squared calibration error to its target, relative to the target's energy."""
-
-    layer: str
-    before: float
-    after: float
-
-
-class _Stop(Exception):
-    """Raised by a hook once a replay has seen everything it was asked for."""
-
-
-def _first(args: tuple, kwargs: dict):
-    return args[0] if args else next(iter(kwargs.values()))
-
-
-class _Transposed:
-    """A linear module storing its weight as (in, out) (``FlowGraph.transposed``: GPT-2's
-    ``Conv1D``) seen as an ``nn.Linear``: ``weight`` is a view of the stored one, so writes reach it."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    in_features = property(lambda self: self.module.weight.shape[0])
-    out_features = property(lambda self: self.module.weight.shape[1])
-    weight = property(lambda self: self.module.weight.T)
-
-    def __getattr__(self, name: str):
-        return getattr(self.module, name)
-
-
-def linear_layers(model: nn.Module, graph: FlowGraph) -> dict[str, nn.Linear]:
-    """The model's linear modules whose weight the flow graph describes (``nn.Linear``, and the
-    graph's ``transposed`` ones)."""
-    described = graph.real_names()
-    return {
-        name: m if isinstance(m, nn.Linear) else _Transposed(m) for name, m in model.named_modules()
-        if (isinstance(m, nn.Linear) or name in graph.transposed) and f"{name}.weight" in described
-    }
-
-
-def find_stages(model: nn.Module, graph: FlowGraph, inputs: Batch) -> list[Stage]:
-    """The repairable layers in call order, grouped into stages, read off one forward pass."""
-    layers = linear_layers(model, graph)
-    modules = dict(model.named_modules())
-    segment = [0]
-    calls: list[tuple[str, torch.Tensor, int]] = []
-
-    def enter(index: int) -> None:
-        segment[0] = index + 1
-
-    def record(name: str, x: torch.Tensor) -> None:
-        if any(n == name for n, _, _ in calls):
-            raise TfuseError(f"repair: layer '{name}' runs more than once per forward pass (shared weights): not supported")
-        calls.append((name, x, segment[0]))
-
-    handles = [modules[b].register_forward_pre_hook(lambda m, a, k=k: enter(k)) for k, b in enumerate(graph.blocks)]
-    if graph.blocks:
-        handles.append(modules[graph.blocks[-1]].register_forward_hook(lambda m, i, o: enter(len(graph.blocks))))
-    handles += [
-        m.register_forward_pre_hook(lambda m, a, k, n=name: record(n, _first(a, k)), with_kwargs=True)
-        for name, m in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    stages: list[list] = []
-    for name, x, seg in calls:
-        if stages and stages[-1][2] is x and stages[-1][1] == seg:
-            stages[-1][0].append(name)
-        else:
-            stages.append([[name], seg, x])
-    return [Stage(tuple(names), seg) for names, seg, _ in stages]
-
-
-class _Replay:
-    """One model run batch by batch from a block whose input is cached (``start``), the blocks
-    before it bypassed: the first returns the cached input, the others pass it on."""
-
-    def __init__(self, model: nn.Module, blocks: Sequence[str]):
-        self.model = model
-        self.modules = dict(model.named_modules())
-        self.blocks = [self.modules[b] for b in blocks]
-        self.block_names = list(blocks)
-        self.start = 0
-        self.cache: list[torch.Tensor] = []
-
-    def run(
-        self, b: int, inputs: Batch, inputs_of: Sequence[str] = (), outputs_of: Sequence[str] = (),
-        block_output: bool = False,
-    ) -> dict:
-        """Forward batch ``b`` until the inputs of ``inputs_of``, the outputs of ``outputs_of`` and
-        (``block_output``) the output of block ``start`` have been seen; returns them by
-        ``("in", name)``, ``("out", name)`` and ``"block"``."""
-        seen: dict = {}
-        want = len(inputs_of) + len(outputs_of) + int(block_output)
-
-        def done(key, value) -> None:
-            seen[key] = value
-            if len(seen) == want:
-                raise _Stop
-
-        handles = [
-            self.modules[n].register_forward_pre_hook(lambda m, a, k, n=n: done(("in", n), _first(a, k)), with_kwargs=True)
-            for n in inputs_of
-        ]
-        handles += [self.modules[n].register_forward_hook(lambda m, i, o, n=n: done(("out", n), o)) for n in outputs_of]
-        if block_output:
-            handles.append(self.blocks[self.start].register_forward_hook(lambda m, i, o: done("block", self._tensor(o))))
-        bypassed = self.blocks[: self.start]
-        if bypassed:
-            state = self.cache[b]
-            bypassed[0].forward = lambda *a, **k: state
-            for block in bypassed[1:]:
-                block.forward = lambda *a, **k: _first(a, k)
-        try:
-            call(self.model, inputs)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-            for block in bypassed:
-                vars(block).pop("forward", None)
-        return seen
-
-    def _tensor(self, out) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor):
-            raise TfuseError(
-                f"repair: block '{self.block_names[self.start]}' returns a {type(out).__name__}, not a tensor: "
-                "the flow graph's blocks must each map a tensor to a tensor"
-            )
-        return out
-
-    def advance_batch(self, b: int, block_output: torch.Tensor) -> None:
-        """Batch ``b``'s cached input becomes the next block's, copied into the buffer it had: the
-        cache is allocated once and two blocks' inputs are never held whole."""
-        if b >= len(self.cache):
-            self.cache.append(block_output.clone())
-        elif self.cache[b].shape == block_output.shape:
-            self.cache[b].copy_(block_output)
-        else:
-            self.cache[b] = block_output.clone()
-
-    def advance(self) -> None:
-        """Every batch holds the next block's input: replays start there."""
-        self.start += 1
 
 
 class _Rows:
@@ -249,147 +98,6 @@ class _Rows:
             mask = token_mask(self.batches[b], x.shape[1], self.graph.tokens, self.settings, self.generator)
             self.cache[key] = kept_rows(mask, x.device)
         return self.cache[key]
-
-
-class _LeastSquares:
-    """Streamed normal equations of one stage; the layers share ``X^T X``."""
-
-    needs_inputs = True
-
-    def __init__(self, layers: dict[str, nn.Linear], ridge: float):
-        self.layers, self.ridge = layers, ridge
-        d = next(iter(layers.values())).in_features
-        dev = next(iter(layers.values())).weight.device
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)  # noqa: E731
-        self.n, self.xtx, self.xsum = 0, z(d, d), z(d)
-        self.xty = {n: z(d, m.out_features) for n, m in layers.items()}
-        self.ysum = {n: z(m.out_features) for n, m in layers.items()}
-        self.ysq = dict.fromkeys(layers, 0.0)
-
-    def target(self, parents: list[dict[str, torch.Tensor]], weights: Sequence) -> dict[str, torch.Tensor]:
-        """Each layer's target: the weighted mean of the aligned parents' outputs (a weight per
-        parent, or a column of per-row weights)."""
-        return {n: sum(a * p[n] for a, p in zip(weights, parents)) for n in self.layers}
-
-    def add(self, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
-        self.n += x.shape[0]
-        self.xtx += x.T @ x  # float32 product of one batch, float64 across batches
-        self.xsum += x.sum(0)
-        for name, y in targets.items():
-            self.xty[name] += x.T @ y
-            self.ysum[name] += y.sum(0)
-            self.ysq[name] += float((y * y).sum(dtype=torch.float64))
-
-    def solve(self) -> list[LayerFit]:
-        fits = []
-        for name, layer in self.layers.items():
-            gram, rhs, current = self._system(layer, name, layer.bias is not None)
-            if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
-                raise TfuseError(
-                    f"repair: the inputs or targets of layer '{name}' are not finite; check the parents' weights"
-                )
-            new = self._solve(gram, rhs, current, name)
-            if not torch.isfinite(new).all():
-                raise TfuseError(f"repair: the refit of layer '{name}' is not finite; raise fusion.repair_ridge")
-            energy = max(self.ysq[name], 1e-30)
-            fits.append(LayerFit(name, self._error(gram, rhs, current, name) / energy, self._error(gram, rhs, new, name) / energy))
-            with torch.no_grad():
-                layer.weight.copy_(new[: layer.in_features].T.to(layer.weight.dtype))
-                if layer.bias is not None:
-                    layer.bias.copy_(new[-1].to(layer.bias.dtype))
-        return fits
-
-    def _solve(self, gram: torch.Tensor, rhs: torch.Tensor, current: torch.Tensor, name: str) -> torch.Tensor:
-        """(G + lambda I)^-1 (R + lambda W) by Cholesky; with ridge 0 its limit, the least-squares
-        solution nearest the current weights (pseudo-inverse: [X 1] is rank-deficient whenever X
-        is a LayerNorm's output, whose features sum to a constant)."""
-        if self.ridge == 0:
-            values, vectors = torch.linalg.eigh(gram)
-            keep = values > PINV_CUTOFF * values.max().clamp_min(1e-300)
-            v = vectors[:, keep]
-            return current + v @ ((v.T @ (rhs - gram @ current)) / values[keep, None])
-        lam = self.ridge * float(gram.diagonal().mean())
-        factor, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
-        if int(info) != 0:
-            raise TfuseError(
-                f"repair: the least-squares system of layer '{name}' is not positive definite; raise "
-                f"fusion.repair_ridge above {self.ridge}"
-            )
-        return torch.cholesky_solve(rhs + lam * current, factor)
-
-    def _system(self, layer: nn.Linear, name: str, bias: bool) -> tuple[torch.Tensor, ...]:
-        """[X 1]^T [X 1], [X 1]^T Y and the current weights [W^T; b^T] (without the ones column
-        when the layer has no bias)."""
-        current = layer.weight.detach().double().T
-        if not bias:
-            return self.xtx, self.xty[name], current
-        d = len(self.xtx)
-        gram = self.xtx.new_empty(d + 1, d + 1)
-        gram[:d, :d], gram[:d, d], gram[d, :d], gram[d, d] = self.xtx, self.xsum, self.xsum, self.n
-        rhs = torch.cat([self.xty[name], self.ysum[name][None]])
-        return gram, rhs, torch.cat([current, layer.bias.detach().double()[None]])
-
-    def _error(self, gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor, name: str) -> float:
-        """||[X 1] W - Y||^2 from the sums: tr(W^T G W) - 2 tr(W^T R) + ||Y||^2."""
-        return max(float((w * (gram @ w)).sum() - 2 * (w * rhs).sum()) + self.ysq[name], 0.0)
-
-
-class _Rescale:
-    """REPAIR: per output neuron, the fused model's mean and spread against the parents'."""
-
-    needs_inputs = False
-
-    def __init__(self, layers: dict[str, nn.Linear], weights: Sequence[float]):
-        self.layers, self.weights = layers, list(weights)
-        dev = next(iter(layers.values())).weight.device
-        moments = lambda m: [0, torch.zeros(m.out_features, dtype=torch.float64, device=dev),  # noqa: E731
-                             torch.zeros(m.out_features, dtype=torch.float64, device=dev)]
-        self.fused = {n: moments(m) for n, m in layers.items()}
-        self.parents = [{n: moments(m) for n, m in layers.items()} for _ in self.weights]
-
-    @staticmethod
-    def _add(moments: list, x: torch.Tensor) -> None:
-        """Count, mean and centred sum of squares, merged batch by batch (Chan et al.): a neuron
-        that barely varies (the class token before the first block) keeps a true spread near
-        zero, where sums of squares would leave rounding noise."""
-        n, m = moments[0], x.shape[0]
-        batch_mean = x.sum(0, dtype=torch.float64) / m
-        centred = ((x - batch_mean.to(x.dtype)) ** 2).sum(0, dtype=torch.float64)
-        delta = batch_mean - moments[1]
-        moments[0] = n + m
-        moments[1] += delta * (m / (n + m))
-        moments[2] += centred + delta * delta * (n * m / (n + m))
-
-    @staticmethod
-    def target(parents: list[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Every aligned parent's outputs of every layer, as ``"k|layer"``."""
-        return {f"{k}|{n}": y for k, p in enumerate(parents) for n, y in p.items()}
-
-    def add(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
-        for name, z in outputs.items():
-            self._add(self.fused[name], z)
-            for k, store in enumerate(self.parents):
-                self._add(store[name], targets[f"{k}|{name}"])
-
-    def solve(self) -> list[LayerFit]:
-        for name, layer in self.layers.items():
-            mean, std = _mean_std(self.fused[name])
-            goal_mean = sum(a * _mean_std(p[name])[0] for a, p in zip(self.weights, self.parents))
-            goal_std = sum(a * _mean_std(p[name])[1] for a, p in zip(self.weights, self.parents))
-            # a neuron constant over the samples has no spread to rescale: only its mean moves
-            scale = torch.where(std > 1e-6 * (1e-6 + mean.abs()), goal_std / std.clamp_min(1e-30), torch.ones_like(std))
-            if not (torch.isfinite(scale).all() and torch.isfinite(goal_mean).all()):
-                raise TfuseError(f"repair: the rescaling of layer '{name}' is not finite; check the parents' activations")
-            with torch.no_grad():
-                layer.weight.mul_(scale[:, None].to(layer.weight.dtype))
-                if layer.bias is not None:
-                    layer.bias.copy_((scale * (layer.bias.double() - mean) + goal_mean).to(layer.bias.dtype))
-        return []
-
-
-def _mean_std(moments: list) -> tuple[torch.Tensor, torch.Tensor]:
-    n, mean, centred = moments
-    return mean, (centred / max(n, 1)).sqrt()
 
 
 def sample_weights(
@@ -453,55 +161,114 @@ def repair(
 
 
 def _repair(fused, targets, weights, graph, settings, inputs, rows, store, per_sample) -> list[LayerFit]:
-    stages = find_stages(fused, graph, inputs[0])
+    stages, repeated = find_stages(fused, graph, _first_example(inputs[0]))
     if not stages:
         raise TfuseError("repair: no linear layer that the flow graph describes ran in the forward pass")
-    layers = linear_layers(fused, graph)
     stored = store is not None and store.begin([s.modules for s in stages], len(inputs), fused)
-    replays = [_Replay(m, graph.blocks) for m in (fused, *([] if stored else targets))]
+    held = Held(held_bytes(next(fused.parameters()).device))
+    run = _Run(fused, [] if stored else targets, weights, graph, settings, inputs, rows, per_sample, held, repeated,
+               store, stored)
+    groups = [list(g) for _, g in itertools.groupby(enumerate(stages), key=lambda s: s[1].segment)]
     fits: list[LayerFit] = []
-    last_block = len(graph.blocks)
-    for index, stage in enumerate(track(stages, f"repair ({settings.repair})", total=len(stages))):
-        start = max(stage.segment - 1, 0)
-        for replay in replays:
-            while replay.start < start:
-                for b, x in enumerate(inputs):
-                    replay.advance_batch(b, replay.run(b, x, block_output=True)["block"])
-                replay.advance()
-        ends_block = 1 <= stage.segment <= last_block and (
-            index + 1 == len(stages) or stages[index + 1].segment != stage.segment
-        )
-        own = {n: layers[n] for n in stage.modules}
-        method = _LeastSquares(own, settings.repair_ridge) if settings.repair == "lstsq" else _Rescale(own, weights)
-        for b, x in enumerate(inputs):
-            if method.needs_inputs:
-                seen = replays[0].run(b, x, inputs_of=stage.modules[:1])
-                fused_seen = rows(b, seen["in", stage.modules[0]])
-            else:
-                seen = replays[0].run(b, x, outputs_of=stage.modules)
-                fused_seen = {n: rows(b, seen["out", n]) for n in stage.modules}
-            if stored:
-                target = store.read(index, b)
-            else:
-                parents, shape = [], None
-                for replay in replays[1:]:
-                    got = replay.run(b, x, outputs_of=stage.modules, block_output=ends_block)
-                    if ends_block:  # the block's last use of this batch's input
-                        replay.advance_batch(b, got["block"])
-                    parents.append({n: rows(b, got["out", n]) for n in stage.modules})
-                    shape = got["out", stage.modules[0]]
-                factors = weights
-                if per_sample is not None:  # one column of row weights per parent
-                    w = rows.per_row(b, shape, per_sample[b].to(shape.device))
-                    factors = [w[:, k:k + 1] for k in range(w.shape[1])]
-                target = method.target(parents, factors)
-                if store is not None:
-                    store.write(index, b, target)
-            method.add(fused_seen, target)
-        if store is not None and not stored:
-            store.end_stage(index)
-        if ends_block:
-            for replay in replays[1:]:
-                replay.advance()
-        fits += method.solve()
+    try:
+        for group in track(groups, f"repair ({settings.repair})", total=len(groups)):
+            segment = group[0][1].segment
+            start = max(segment - 1, 0)
+            run.advance(start)
+            if not stored:
+                run.capture(group, ends_block=1 <= segment <= len(graph.blocks))
+            for index, stage in group:
+                fits += run.refit(index, stage)
+    finally:
+        held.close()
     return fits
+
+
+def _first_example(batch: Batch) -> Batch:
+    """The batch's first example: the tensors whose first axis runs over the batch, cut to one."""
+    size = len(next(iter(batch.values())))
+    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and len(v) == size else v for k, v in batch.items()}
+
+
+class _Run:
+    """The state of one repair: the models' replays, the fused model's cached block inputs, the
+    parents' block inputs and the targets (in ``held``), the fused model's kept outputs."""
+
+    def __init__(self, fused, parents, weights, graph, settings, inputs, rows, per_sample, held, repeated, store, stored):
+        self.fused, self.parents = Replay(fused, graph.blocks), [Replay(p, graph.blocks) for p in parents]
+        self.layers = linear_layers(fused, graph)
+        self.weights, self.inputs, self.rows, self.per_sample = weights, inputs, rows, per_sample
+        self.held, self.kept = held, Kept(held, fused, graph.blocks, repeated)
+        self.states: list[torch.Tensor] = []  # per batch, the fused model's input of block ``fused.start``
+        self.store, self.stored = store, stored
+        self.solver, self.knob = (LeastSquares, settings.repair_ridge) if settings.repair == "lstsq" else (Rescale, weights)
+
+    def advance(self, start: int) -> None:
+        """Every model's cached block inputs moved on to block ``start``."""
+        while self.fused.start < start:
+            for b, x in enumerate(self.inputs):
+                state = self.states[b] if self.fused.start else None
+                out = self.fused.run(x, state, block_output=True, reuse=self.kept.reuse(b))["block"]
+                if b < len(self.states) and self.states[b].shape == out.shape:
+                    self.states[b].copy_(out)  # allocated once: two blocks' inputs are never held whole
+                else:
+                    self.held.left += nbytes(self.states[b:b + 1]) - nbytes([out])
+                    self.states[b:b + 1] = [out.clone()]
+            self.fused.start += 1
+            self.kept.clear()
+        for k, replay in enumerate(self.parents):
+            while replay.start < start:
+                for b, x in enumerate(self.inputs):
+                    self._parent(k, b, x, (), block_output=True)
+                replay.start += 1
+
+    def _parent(self, k: int, b: int, x: Batch, outputs_of: Sequence[str], block_output: bool) -> dict:
+        """Parent ``k`` on batch ``b``; with ``block_output``, its block output becomes its cached input."""
+        replay = self.parents[k]
+        state = self.held.take(("input", k, b))["x"] if replay.start else None
+        got = replay.run(x, state, outputs_of=outputs_of, block_output=block_output)
+        if block_output:
+            self.held.put(("input", k, b), {"x": got["block"]})
+        return got
+
+    def capture(self, group: list[tuple[int, Stage]], ends_block: bool) -> None:
+        """One pass of every parent over the segment of ``group``: each stage's targets, held per
+        batch; a block's output advances the parents' cached inputs."""
+        names = [n for _, stage in group for n in stage.modules]
+        for b, x in enumerate(self.inputs):
+            outs = [self._parent(k, b, x, names, ends_block) for k in range(len(self.parents))]
+            for index, stage in group:
+                factors = self.weights
+                if self.per_sample is not None:  # one column of row weights per parent
+                    shape = outs[0]["out", stage.modules[0]]
+                    w = self.rows.per_row(b, shape, self.per_sample[b].to(shape.device))
+                    factors = [w[:, k:k + 1] for k in range(w.shape[1])]
+                parents = [{n: self.rows(b, got["out", n]) for n in stage.modules} for got in outs]
+                self.held.put(("target", index, b), self.solver.target(parents, factors))
+        if ends_block:
+            for replay in self.parents:
+                replay.start += 1
+
+    def refit(self, index: int, stage: Stage) -> list[LayerFit]:
+        """Stream the fused model's samples of ``stage`` against their targets (read from
+        ``store`` when it holds them, else taken from ``held`` and, with a store, written to it),
+        then solve."""
+        method = self.solver({n: self.layers[n] for n in stage.modules}, self.knob)
+        in_block = 1 <= stage.segment <= len(self.kept.inside)
+        for b, x in enumerate(self.inputs):
+            state = self.states[b] if self.fused.start else None
+            reuse = self.kept.reuse(b)
+            with self.kept.watch(b, self.fused.start, stage.modules[0]) if in_block else nullcontext():
+                if method.needs_inputs:
+                    seen = self.fused.run(x, state, inputs_of=stage.modules[:1], reuse=reuse)
+                    sample = self.rows(b, seen["in", stage.modules[0]])
+                else:
+                    seen = self.fused.run(x, state, outputs_of=stage.modules, reuse=reuse)
+                    sample = {n: self.rows(b, seen["out", n]) for n in stage.modules}
+            target = self.store.read(index, b) if self.stored else self.held.take(("target", index, b))
+            if self.store is not None and not self.stored:
+                self.store.write(index, b, target)
+            method.add(sample, target)
+        if self.store is not None and not self.stored:
+            self.store.end_stage(index)
+        return method.solve()
