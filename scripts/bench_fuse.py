@@ -431,8 +431,9 @@ def estimate(names: list[str], samples: int, large: int) -> None:
         print(f"{name}: {shape.parameters() / 1e9:.2f} B parameters")
         print("  statistics   " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in stats.items()))
         print(f"  weights      {weights['fuse'] / 1e9:.1f} GB while fusing, {weights['repair'] / 1e9:.1f} GB with the repair (float32)")
-        print(f"  repair       normal equations {repair['normal_equations'] / 1e9:.2f} GB, block inputs of {samples} "
-              f"sequences x 2,048 tokens {repair['block_inputs'] / 1e9:.1f} GB")
+        print(f"  repair       normal equations {repair['normal_equations'] / 1e9:.2f} GB, the fused model's block inputs of "
+              f"{samples} sequences x 2,048 tokens {repair['block_inputs'] / 1e9:.1f} GB, held {repair['held'] / 1e9:.2f} GB "
+              f"in memory; {repair['spill'] / 1e9:.1f} GB spilled to disk")
         print("  solve        " + ", ".join(f"{k} {v:.0f} s" for k, v in solve.items()) + " (exact OT, this machine)")
         out[name] = {"parameters": shape.parameters(), "statistics_gb": round(stats["total"] / 1e9, 2),
                      "weights_fuse_gb": round(weights["fuse"] / 1e9, 1), "weights_repair_gb": round(weights["repair"] / 1e9, 1),

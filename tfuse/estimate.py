@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from tfuse.errors import TfuseError
+from tfuse.fusion.held import HELD_BYTES
 
 GB = 1e9
 
@@ -98,8 +99,10 @@ def weights_bytes(shape: DecoderShape, parents: int = 2, bytes_per: int = 4) -> 
 
 
 def repair_bytes(shape: DecoderShape, parents: int, samples: int, tokens: int) -> dict[str, float]:
-    """The lstsq repair's largest normal equations (float64) and the replays' cached block inputs
-    (float32, the fused model and every aligned parent)."""
+    """The lstsq repair's memory: its largest normal equations (float64), the fused model's cached
+    block inputs (float32, always in memory) and the budget its other held state may fill
+    (``fusion/held.py``); beyond the budget, the aligned parents' block inputs and one block's
+    targets spill to disk (``spill``)."""
     d, q, kv, mlp = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.mlp
     stages = {  # (inputs, total outputs) per stage
         "qkv": (d, q + 2 * kv), "o_proj": (q, d), "gate_up": (d, 2 * mlp), "down_proj": (mlp, d),
@@ -107,8 +110,12 @@ def repair_bytes(shape: DecoderShape, parents: int, samples: int, tokens: int) -
     if not shape.tied:
         stages["lm_head"] = (d, shape.vocab)
     largest = max(8 * ((n + 1) ** 2 + (n + 1) * m) for n, m in stages.values())
-    cache = (1 + parents) * samples * tokens * d * 4
-    return {"normal_equations": largest, "block_inputs": cache, "total": largest + cache}
+    rows = samples * tokens * 4
+    fused = rows * d
+    block_targets = rows * sum(m for name, (_, m) in stages.items() if name != "lm_head")
+    spill = max(parents * rows * d + block_targets - HELD_BYTES, 0)
+    return {"normal_equations": largest, "block_inputs": fused, "held": HELD_BYTES,
+            "total": largest + fused + HELD_BYTES, "spill": spill}
 
 
 def solve_seconds(shape: DecoderShape, seconds: Callable[[int], float], parents: int = 2) -> dict[str, float]:
