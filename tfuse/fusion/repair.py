@@ -56,7 +56,7 @@ from tfuse.fusion.held import Held, Kept, held_bytes, nbytes
 from tfuse.fusion.replay import Replay, Stage, find_stages, linear_layers
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.solvers import LayerFit, LeastSquares, Rescale
-from tfuse.fusion.statistics import kept_rows
+from tfuse.fusion.recorder import kept_rows
 from tfuse.fusion.tokens import token_mask
 from tfuse.progress import track
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.statistics import call
+from tfuse.fusion.recorder import call
 
 Batch = dict[str, torch.Tensor]
 

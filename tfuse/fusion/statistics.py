@@ -11,18 +11,18 @@ is, once, and each probe's follows from it and the weights after the pass.
 from __future__ import annotations
 
 import ctypes
-import inspect
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from functools import lru_cache
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, Linear, Probe
+from tfuse.fusion.recorder import Recorder, kept_rows
 from tfuse.fusion.rules import Plan, Segments
 from tfuse.fusion.tokens import TokenSettings, token_mask
 from tfuse.progress import track
@@ -72,79 +72,6 @@ class PairStats:
 class Statistics:
     pairs: list[dict[str, PairStats]]  # per model: resolved space -> stats against the reference
     magnitude: list[dict[str, torch.Tensor]]  # per model: probe -> mean |activation| per neuron
-
-
-class Recorder:
-    """Forward hooks that keep the selected tokens of every probe for the current batch, or hand
-    them to a ``sink`` as each probe fires."""
-
-    def __init__(self, model: nn.Module, probes: dict[str, Probe], names: Sequence[str]):
-        self.model = model
-        self.targets = {name: probes[name] for name in names}
-        self.mask: Callable[[int, torch.device], torch.Tensor | None] | None = None
-        self.sink: Callable[[str, torch.Tensor], None] | None = None
-        self.acts: dict[str, torch.Tensor] = {}
-
-    def _store(self, name: str, value: torch.Tensor | tuple) -> None:
-        if self.mask is None:  # the same module object may be hooked by another recorder
-            return
-        x = value[0] if isinstance(value, (tuple, list)) else value
-        x = self.targets[name].select(x)
-        if x.dim() == 2:  # one vector per example (a pooled output): each example is one sample
-            x = x.detach().float()
-        else:
-            rows = self.mask(x.shape[1], x.device)
-            flat = x.detach().reshape(-1, x.shape[-1])
-            x = (flat if rows is None else flat.index_select(0, rows)).float()
-        if self.sink is None:
-            self.acts[name] = x
-        else:
-            self.sink(name, x)
-
-    @contextmanager
-    def attached(self) -> Iterator["Recorder"]:
-        modules = dict(self.model.named_modules())
-        handles = []
-        for name, probe in self.targets.items():
-            module = modules[probe.module]
-            if probe.where == "input":
-                hook = lambda m, args, kwargs, n=name: self._store(n, args[0] if args else next(iter(kwargs.values())))
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(lambda m, i, o, n=name: self._store(n, o)))
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def run(
-        self,
-        inputs: Batch,
-        mask: Callable[[int, torch.device], torch.Tensor | None],
-        sink: Callable[[str, torch.Tensor], None] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Forward ``inputs``; ``mask(tokens, device)`` gives the flat rows kept as samples (None:
-        all). Returns the probes' samples, or passes each to ``sink`` as it fires (and keeps none)."""
-        self.mask, self.sink, self.acts = mask, sink, {}
-        try:
-            call(self.model, inputs)
-        finally:
-            self.mask, self.sink = None, None
-        return self.acts
-
-
-def call(model: nn.Module, inputs: Batch):
-    """``model(**inputs)``, or positionally for models whose ``forward`` does not take those
-    keywords (timm's ``forward(x)`` given ``pixel_values``)."""
-    params = inspect.signature(model.forward).parameters
-    takes = all(k in params for k in inputs) or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return model(**inputs) if takes else model(*inputs.values())
-
-
-def kept_rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """Flat indices of the kept (example, token) pairs; None when every token is kept."""
-    return None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1).to(device)
 
 
 def block_probes(segments: Segments) -> list[tuple[str, ...]]:
