@@ -85,11 +85,15 @@ def test_an_unknown_group_option_names_the_closest(workdir: Path):
 
 
 def test_an_unknown_fusion_setting_reaching_the_pipeline_names_the_closest():
-    from tfuse.config_keys import check_fusion_keys, fusion_file_keys, known_fusion_settings
+    from tfuse.config_keys import fusion_file_keys, known_fusion_settings
+    from tfuse.errors import check_fusion_keys
+    from tfuse.fusion.methods import settings_from_config
 
     assert fusion_file_keys() == known_fusion_settings()  # what the command line checks, without torch
     with pytest.raises(TfuseError, match=r"unknown key 'fusion.regg'; did you mean fusion.reg\?"):
-        check_fusion_keys({"method": "ot", "regg": 0.1})
+        check_fusion_keys({"method": "ot", "regg": 0.1}, known_fusion_settings())
+    with pytest.raises(TfuseError, match=r"unknown key 'fusion.regg'; did you mean fusion.reg\?"):
+        settings_from_config({"method": "ot", "regg": 0.1})  # the settings' own check, the same line
 
 
 def test_train_one_parent(workdir: Path):

@@ -113,7 +113,7 @@ def test_vanilla_self_fusion_and_ot_differs_from_vanilla(images):
 def test_unknown_option_lists_allowed_values():
     with pytest.raises(TfuseError, match="fusion.solver='lp'.*allowed: emd, sinkhorn"):
         OTSettings(solver="lp")
-    with pytest.raises(TfuseError, match="unknown fusion setting.*regg"):
+    with pytest.raises(TfuseError, match="unknown key .fusion.regg.; did you mean fusion.reg"):
         settings_from_config({"regg": 0.1})
 
 

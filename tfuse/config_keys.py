@@ -3,18 +3,16 @@ runs and answered with the closest known ones, what a preset sets, and where eac
 force came from (the printed summary and results.json ``fusion_settings``)."""
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from omegaconf import OmegaConf
 
-from tfuse.errors import TfuseError
+from tfuse.errors import TfuseError, check_fusion_keys, unknown_key
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESET_GROUPS = ("experiment", "ablation")  # appended with +GROUP=NAME; their files set keys anywhere
-SEE = "(see the README's config groups)"
 COMMAND_LINE, DEFAULT = "command line", "package defaults"
 
 
@@ -33,36 +31,11 @@ def dotted_keys(data: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
-def unknown_key(key: str, known: Iterable[str], what: str = "key") -> TfuseError:
-    """``unknown key 'fusion.regg'; did you mean fusion.reg?``: the closest known ones, else the
-    known ones beside it."""
-    known = sorted(set(known))
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
-    if close:
-        hint = f"did you mean {close[0]}?" + (f" (or {', '.join(close[1:])})" if close[1:] else "")
-    else:
-        parent = key.rpartition(".")[0]
-        beside = [k for k in known if k.rpartition(".")[0] == parent]
-        hint = f"known{f' under {parent}' if parent else ''}: {', '.join(beside)}"
-    return TfuseError(f"unknown {what} {key!r}; {hint} {SEE}")
-
-
 def known_fusion_settings() -> set[str]:
     """Every method's settings (the ``fusion`` group is shared; each method ignores the others')."""
     from tfuse.fusion.methods import METHODS
 
     return set().union(*(METHODS[name].settings_class.known() for name in METHODS))
-
-
-def check_fusion_keys(fusion: Mapping, known: set[str] | None = None) -> None:
-    """A ``fusion`` key no method knows (``+fusion.regg=0.1`` appends one) as one line naming the
-    closest known settings (``known``: the settings classes' by default)."""
-    known = known_fusion_settings() if known is None else known
-    unknown = sorted(set(fusion) - known)
-    if unknown:
-        err = unknown_key(f"fusion.{unknown[0]}", [f"fusion.{k}" for k in known])
-        more = f" (also unknown: {', '.join(f'fusion.{k}' for k in unknown[1:])})" if unknown[1:] else ""
-        raise TfuseError(f"{err}{more}")
 
 
 def _compose(overrides: list[str]):

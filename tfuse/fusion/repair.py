@@ -53,10 +53,10 @@ from torch import nn
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.held import Held, Kept, held_bytes, nbytes
+from tfuse.fusion.recorder import kept_rows
 from tfuse.fusion.replay import Replay, Stage, find_stages, linear_layers
 from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.solvers import LayerFit, LeastSquares, Rescale
-from tfuse.fusion.recorder import kept_rows
 from tfuse.fusion.tokens import token_mask
 from tfuse.progress import track
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Collection, Sequence
 
-from tfuse.errors import TfuseError
+from tfuse.errors import TfuseError, check_fusion_keys
 from tfuse.fusion.tokens import TOKEN_FILTERS
 
 REPAIRS = ("none", "rescale", "lstsq")
@@ -68,11 +68,7 @@ class FusionSettings:
         """Build from a mapping, rejecting unknown keys by name; keys in ``ignore`` (other
         methods' knobs, present in a shared config group) are dropped."""
         data = {k: v for k, v in dict(data).items() if k not in ignore or k in cls.known()}
-        unknown = sorted(set(data) - cls.known())
-        if unknown:
-            raise TfuseError(
-                f"unknown fusion setting(s) {', '.join(unknown)}; known: {', '.join(sorted(cls.known() | set(ignore)))}"
-            )
+        check_fusion_keys(data, cls.known())  # one line naming the closest known settings
         if data.get("alpha") is not None and not isinstance(data["alpha"], str):
             data["alpha"] = [float(a) for a in data["alpha"]]
         return cls(**data)

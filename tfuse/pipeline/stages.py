@@ -9,7 +9,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tfuse.arch import check_heads, check_same_architecture, family_for
-from tfuse.config_keys import check_fusion_keys
 from tfuse.errors import TfuseError
 from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.methods import METHODS, Calibration, settings_from_config
@@ -26,7 +25,6 @@ from tfuse.tasks.mlm import for_models
 def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     """Settings, device, task and parents (trained from the recipe or loaded)."""
     fusion = OmegaConf.to_container(cfg.fusion, resolve=True)
-    check_fusion_keys(fusion)  # a key no method knows: the closest known ones
     settings = settings_from_config(fusion)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
