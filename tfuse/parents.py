@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from tfuse.arch import family, load_parent
+from tfuse.arch import family, load_parent, model_dtype
 from tfuse.errors import TfuseError
 from tfuse.io import locked, new_directory, write_json
 from tfuse.partition import Partition, describe, shards
@@ -29,9 +29,12 @@ class Parent:
 
 def recipe(cfg: DictConfig, seed: int, shard: tuple[int, int] | None = None) -> dict:
     """What determines a recipe parent: architecture, data, schedule and seed, and under a non-IID
-    partition its settings and the parent's ``shard`` (index, count)."""
+    partition its settings and the parent's ``shard`` (index, count). Not ``model.dtype``: parents
+    train in float32 and are cast when used, so one cached parent serves every dtype."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("dtype", None)
     out = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": model,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "seed": seed,
@@ -75,6 +78,12 @@ def train_parent(cfg: DictConfig, task: Task, seed: int, device: str) -> tuple[n
     )
     metrics = {"seed": seed, "train": stats, "val": task.evaluate(model, "val"), "test": task.evaluate(model, "test")}
     return model, metrics
+
+
+def as_dtype(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """A recipe model (trained in float32) cast to ``model.dtype``; as it is under auto."""
+    dtype = model_dtype(cfg.model)
+    return model if dtype == "auto" else model.to(dtype)
 
 
 def save_parent(model: nn.Module, cfg: DictConfig, metrics: dict, seed: int, path: Path,
@@ -122,12 +131,12 @@ def obtain_parents(cfg: DictConfig, task: Task, device: str, parts: list[torch.T
     """``parents=[...]`` when given, else the experiment's recipe (trained once, then cached): one
     parent per seed of ``parent_seeds`` (default 0 .. n_parents-1), each with its ``parent_models``
     override, parent i on the training examples ``parts[i]`` under a non-IID partition."""
-    fam = cfg.model.family
+    fam, dtype = cfg.model.family, model_dtype(cfg.model)
     if cfg.parents:
         if not partition_of(cfg).iid:
             raise TfuseError(f"partition={partition_of(cfg).kind} deals the data to recipe parents, but parents=[...] "
                              "are checkpoints already trained; drop the partition override")
-        return [Parent(load_parent(str(s), fam, f"parents[{i}]").to(device), str(s)) for i, s in enumerate(cfg.parents)]
+        return [Parent(load_parent(str(s), fam, f"parents[{i}]", dtype).to(device), str(s)) for i, s in enumerate(cfg.parents)]
     iid = partition_of(cfg).iid
     seeds = parent_seeds(cfg)
     out = []
@@ -136,10 +145,11 @@ def obtain_parents(cfg: DictConfig, task: Task, device: str, parts: list[torch.T
         path = recipe_dir(one, seed, shard)
         with locked(path):  # parallel jobs of a sweep train a shared parent once
             if path.is_dir():
-                out.append(Parent(load_parent(str(path), fam, f"cached parent {path}").to(device), str(path), seed=seed))
+                cached = load_parent(str(path), fam, f"cached parent {path}", model_dtype(one.model))
+                out.append(Parent(cached.to(device), str(path), seed=seed))
                 continue
             own = task if iid or parts is None else task.restricted(parts[i])
             model, metrics = train_parent(one, own, seed, device)
-            save_parent(model, one, metrics, seed, path, shard)
-            out.append(Parent(model, str(path), metrics["train"]["seconds"], seed))
+            save_parent(model, one, metrics, seed, path, shard)  # the cache keeps float32
+            out.append(Parent(as_dtype(model, one), str(path), metrics["train"]["seconds"], seed))
     return out

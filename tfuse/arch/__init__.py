@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
@@ -16,12 +17,24 @@ from tfuse.errors import TfuseError
 
 FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
 TEXT_FAMILY = "hf_bert"  # the family whose checkpoints text data reads its tokenizer from
+# ``model.dtype``: "auto" keeps what a checkpoint stores (from_pretrained's own "auto")
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+}
 
 
 def family(name: str) -> Family:
     if name not in FAMILIES:
         raise TfuseError(f"model.family={name!r} is not known; allowed: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def model_dtype(model_cfg) -> torch.dtype | str:
+    """``model.dtype`` as the families' ``load`` takes it: "auto" or a torch dtype."""
+    name = model_cfg.get("dtype", "auto")
+    if not isinstance(name, str) or name not in DTYPES:
+        raise TfuseError(f"model.dtype={name!r} is not known; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def family_for(model: nn.Module) -> Family:
@@ -69,9 +82,9 @@ def hub_revision(source: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def load_parent(source: str, family_name: str, label: str) -> nn.Module:
+def load_parent(source: str, family_name: str, label: str, dtype: torch.dtype | str = "auto") -> nn.Module:
     """A parent from a local directory, or a hub id (``org/name`` or ``org/name@revision``; from
-    the local cache when offline), with a clear error if missing."""
+    the local cache when offline), in ``dtype`` (``model_dtype``), with a clear error if missing."""
     source, revision = hub_revision(source)
     path = Path(source).expanduser()
     looks_local = is_local(source)
@@ -83,8 +96,8 @@ def load_parent(source: str, family_name: str, label: str) -> nn.Module:
     try:
         fam = family(family_name)
         if revision is not None:
-            return fam.load(source, revision=revision)
-        return fam.load(str(path) if looks_local else source)
+            return fam.load(source, revision=revision, dtype=dtype)
+        return fam.load(str(path) if looks_local else source, dtype=dtype)
     except OSError as err:
         raise TfuseError(f"{label}: could not load a {family_name} checkpoint from '{source}': {err}") from err
     except SafetensorError as err:

@@ -51,9 +51,9 @@ class Family(Protocol):
     def graph(self, model: nn.Module) -> FlowGraph:
         """The flow graph that describes ``model`` to the fusion engine."""
 
-    def load(self, path: str) -> nn.Module:
-        """A model from a checkpoint directory (``OSError`` when it holds none); a hub family also
-        takes a hub id and ``revision=``."""
+    def load(self, path: str, dtype: torch.dtype | str = "auto") -> nn.Module:
+        """A model from a checkpoint directory (``OSError`` when it holds none) in ``dtype`` ("auto":
+        as stored); a hub family also takes a hub id and ``revision=``."""
 
     def save(self, model: nn.Module, path: str) -> None:
         """Write ``model`` (and what travels with it) to the directory ``path``."""

@@ -145,9 +145,10 @@ def check_directory(path: str, label: str) -> dict:
     return checkpoint_config(path, label, ("bert",), "hf_bert", "all parents must be BERTs of one tokenizer")
 
 
-def load(path: str, revision: str | None = None) -> nn.Module:
+def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> nn.Module:
     config = check_directory(path, f"checkpoint '{path}'") if Path(path).is_dir() else {}
     arch = (config.get("architectures") or ["BertForMaskedLM"])[0]
     cls = CLASSES.get(arch, BertForMaskedLM if "MaskedLM" in arch or "PreTraining" in arch else BertModel)
-    model = cls.from_pretrained(path, revision=revision, use_safetensors=(Path(path) / "model.safetensors").exists() or None)
+    model = cls.from_pretrained(path, revision=revision, dtype=dtype,
+                                use_safetensors=(Path(path) / "model.safetensors").exists() or None)
     return attach_tokenizer(model, load_tokenizer(path, revision))

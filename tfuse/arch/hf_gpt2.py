@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -98,8 +99,8 @@ def check_directory(path: str, label: str) -> dict:
     return checkpoint_config(path, label, ("gpt2",), "hf_gpt2", "GPT-2 causal LMs")
 
 
-def load(path: str, revision: str | None = None) -> GPT2LMHeadModel:
+def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> GPT2LMHeadModel:
     if Path(path).is_dir():
         check_directory(path, f"checkpoint '{path}'")
-    model = GPT2LMHeadModel.from_pretrained(path, revision=revision)
+    model = GPT2LMHeadModel.from_pretrained(path, revision=revision, dtype=dtype)
     return attach_tokenizer(model, load_tokenizer(path, revision))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
@@ -113,8 +114,8 @@ def check_directory(path: str, label: str) -> dict:
     return checkpoint_config(path, label, MODEL_TYPES, "hf_llama", "LLaMA, Mistral and Qwen2 causal LMs")
 
 
-def load(path: str, revision: str | None = None) -> nn.Module:
+def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> nn.Module:
     if Path(path).is_dir():
         check_directory(path, f"checkpoint '{path}'")
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
     return attach_tokenizer(model, load_tokenizer(path, revision))

@@ -1,6 +1,7 @@
 """Hugging Face ``ViTForImageClassification`` (transformers 5.x module names): pre-LN blocks."""
 from __future__ import annotations
 
+import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from tfuse.arch.base import checkpoint_json
@@ -63,8 +64,8 @@ def owns(model) -> bool:
     return isinstance(model, ViTForImageClassification)
 
 
-def load(path: str, revision: str | None = None) -> ViTForImageClassification:
-    return ViTForImageClassification.from_pretrained(path, revision=revision, use_safetensors=True)
+def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> ViTForImageClassification:
+    return ViTForImageClassification.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
 
 
 def save(model: ViTForImageClassification, path: str) -> None:

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 import timm
+import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
@@ -166,23 +168,38 @@ def save(model: VisionTransformer, path: str) -> None:
     (folder / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def load(path: str, revision: str | None = None) -> VisionTransformer:
+def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> VisionTransformer:
     """A checkpoint written by tfuse, by timm (``save_for_hf``: ``model_args`` and
-    ``pretrained_cfg``), or a timm hub id (``timm/NAME``; from the hub cache when offline)."""
+    ``pretrained_cfg``), or a timm hub id (``timm/NAME``; from the hub cache when offline), in
+    ``dtype`` ("auto": as stored; a hub id's as timm builds it, float32)."""
     folder = Path(path)
     if not folder.is_dir():
         if revision is not None:
             raise TfuseError(f"'{path}@{revision}': timm hub ids load their main revision here; drop @{revision}")
-        return _checked(timm.create_model(f"hf-hub:{path}", pretrained=True), path)
+        model = _checked(timm.create_model(f"hf-hub:{path}", pretrained=True), path)
+        return model if dtype == "auto" else model.to(dtype)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise OSError(f"expected {CONFIG} and {WEIGHTS} (written by tfuse's timm_vit family or timm) in {folder}")
+    if dtype == "auto":
+        dtype = _stored_dtype(folder / WEIGHTS)
     config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     if "kwargs" not in config:  # timm's own format
-        return _checked(timm.create_model(f"local-dir:{folder}", pretrained=True), str(folder))
+        return _checked(timm.create_model(f"local-dir:{folder}", pretrained=True), str(folder)).to(dtype)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["kwargs"].items()}
-    model = create(config["architecture"], kwargs)
+    model = create(config["architecture"], kwargs).to(dtype)
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
     return model
+
+
+def _stored_dtype(file: Path) -> torch.dtype:
+    """The dtype of the first floating-point tensor in a safetensors file (timm builds its modules
+    in float32 and would cast the weights into them)."""
+    with safe_open(str(file), "pt") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.float32
 
 
 def _checked(model, source: str) -> VisionTransformer:

@@ -38,6 +38,12 @@ def _in(w: torch.Tensor, axis: int, keep: torch.Tensor) -> torch.Tensor:
     return (w.movedim(axis, -1) @ keep).movedim(-1, axis)
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a parameter is transported in: its own, at least float32 (a soft map's
+    barycentres in bfloat16 would lose the digits the weights keep)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class SideMatrices:
     """n_b T^T and n_a T of every map, converted to the weights' precision once."""
 
@@ -70,16 +76,19 @@ def align(
     maps: dict[str, torch.Tensor],
     names: Sequence[str] | None = None,
 ) -> State:
-    """The parent's parameters expressed in the reference's neuron basis.
+    """The parent's parameters expressed in the reference's neuron basis, each in its own dtype
+    (transported in ``working_dtype``).
 
     ``names`` restricts the work to some parameters; axes whose resolved space has no map in
     ``maps`` yet are left as they are.
     """
     out: State = {}
-    side = SideMatrices(maps, next(iter(state.values())).dtype)
+    sides: dict[torch.dtype, SideMatrices] = {}  # one per working precision
     stacked: dict[str, dict[int, list[tuple[str, int]]]] = defaultdict(lambda: defaultdict(list))
     for name in names or graph.params:
         w = state[name]
+        dtype = working_dtype(w.dtype)
+        side = sides.setdefault(dtype, SideMatrices(maps, dtype))
         for axis, spec in enumerate(graph.params[name]):
             if spec is None:
                 continue
@@ -94,25 +103,28 @@ def align(
                 continue
             _check(name, axis, w, t, spec.space)
             output = isinstance(spec, Out)
-            w = (_out if output else _in)(w, axis, side.get(space, output, output and spec.magnitude))
-        out[name] = w
+            w = (_out if output else _in)(w.to(dtype), axis, side.get(space, output, output and spec.magnitude))
+        out[name] = w.to(state[name].dtype)
     for space, by_segment in stacked.items():
-        _apply_stacked(out, side.get(space, True), [by_segment[s] for s in sorted(by_segment)], space)
+        segments = [by_segment[s] for s in sorted(by_segment)]
+        dtype = working_dtype(state[segments[0][0][0]].dtype)
+        _apply_stacked(out, sides.setdefault(dtype, SideMatrices(maps, dtype)).get(space, True), segments, space)
     return out
 
 
 def _apply_stacked(state: State, bary: torch.Tensor, segments: list[list[tuple[str, int]]], space: str) -> None:
     """Output side of a space stacked from segments (Q and K in ``qk=joint``): parameters at the
-    same position of every segment are concatenated, transported together and split again."""
+    same position of every segment are concatenated, transported together (in ``bary``'s dtype)
+    and split again, each into its own dtype."""
     if len({len(s) for s in segments}) != 1:
         raise TfuseError(f"the segments of the stacked space '{space}' hold different parameters")
     for group in zip(*segments):
         axis = group[0][1]
         parts = [state[name] for name, _ in group]
-        joined = _out(torch.cat(parts, dim=axis), axis, bary)
+        joined = _out(torch.cat([p.to(bary.dtype) for p in parts], dim=axis), axis, bary)
         sizes = [p.shape[axis] * bary.shape[0] // bary.shape[1] for p in parts]
-        for (name, _), piece in zip(group, joined.split(sizes, dim=axis)):
-            state[name] = piece
+        for (name, _), piece, part in zip(group, joined.split(sizes, dim=axis), parts):
+            state[name] = piece.to(part.dtype)
 
 
 def writer_rows(

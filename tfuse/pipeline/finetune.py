@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods import label_of
 from tfuse.io import new_file
-from tfuse.parents import parent_configs, train_parent
+from tfuse.parents import as_dtype, parent_configs, train_parent
 from tfuse.pipeline.runtime import Stopwatch
 from tfuse.pipeline.state import Fused, Setup, Tuned
 from tfuse.tasks.base import Task
@@ -45,9 +45,10 @@ def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch, anchor: int = 0) 
         if cfg.parents:
             raise TfuseError("finetune.controls=scratch trains the parents' recipe, but parents=[...] are checkpoints; "
                              "drop scratch from finetune.controls")
+        recipe = parent_configs(cfg)[anchor]
         with clock.stage("finetune_scratch"):
-            model, _ = train_parent(parent_configs(cfg)[anchor], task, cfg.seed, setup.device)
-        _score(tuned, "scratch", model, task)
+            model, _ = train_parent(recipe, task, cfg.seed, setup.device)
+        _score(tuned, "scratch", as_dtype(model, recipe), task)  # scored in the dtype the fused models have
     return tuned
 
 

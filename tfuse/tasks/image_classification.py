@@ -17,13 +17,15 @@ SPLITS = ("train", "val", "test")
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Class logits of ``model`` on images ``x``: HF models (``.logits``) and plain-tensor models (timm)."""
+    """Class logits of ``model`` on images ``x`` (given in the model's dtype), in float32 for the
+    softmax and losses: HF models (``.logits``) and plain-tensor models (timm)."""
+    x = x.to(next(model.parameters()).dtype)
     parameters = inspect.signature(model.forward).parameters.values()
     if any(p.name == "pixel_values" or p.kind is p.VAR_KEYWORD for p in parameters):
         out = model(pixel_values=x)
     else:
         out = model(x)
-    return out.logits if hasattr(out, "logits") else out
+    return (out.logits if hasattr(out, "logits") else out).float()
 
 
 class ImageClassificationTask:
@@ -108,7 +110,7 @@ class ImageClassificationTask:
     def competence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Per example of ``batch``: the model's probability of the true label (None for an
         unlabelled batch), and its top probability."""
-        probs = F.softmax(logits(model, self.model_inputs(batch)["pixel_values"]).float(), dim=-1)
+        probs = F.softmax(logits(model, self.model_inputs(batch)["pixel_values"]), dim=-1)
         if "labels" not in batch:
             return None, probs.max(-1).values
         labels = batch["labels"].to(probs.device)
@@ -124,7 +126,7 @@ class ImageClassificationTask:
         try:
             for batch in _batches(data, torch.arange(len(data[1])), self.eval_batch_size):
                 x, y = batch["pixel_values"].to(self.device), batch["labels"].to(self.device)
-                log_probs = torch.stack([F.log_softmax(logits(m, x).float(), dim=-1) for m in models])
+                log_probs = torch.stack([F.log_softmax(logits(m, x), dim=-1) for m in models])
                 mean_log_probs = mixed_log_probs(log_probs, weights)
                 predicted.append(mean_log_probs.argmax(dim=-1).cpu())
                 nll += float(F.nll_loss(mean_log_probs, y, reduction="sum"))
