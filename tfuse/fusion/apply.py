@@ -6,7 +6,8 @@ Input side (axis reading the space): ``W~ = W (T / mu)`` with mu_i = 1 / n_a, wh
 one, so the consumer keeps reading the same total signal. Both reduce to the same permutation
 when T is one, and differ exactly when widths differ (heterogeneous fusion). A signed map (a
 signed permutation: entries +-1/n) flips the neurons it negates on both sides; axes marked
-``Out(..., magnitude=True)`` (gains) move by |T| and keep their sign.
+``Out(..., magnitude=True)`` (gains) move by |T| and keep their sign. A map stored compactly as a
+``HardMap`` (``compact.py``) is applied by gathering, never by a dense product.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 
 from tfuse.errors import TfuseError
+from tfuse.fusion.compact import HardMap
 from tfuse.fusion.graph import FlowGraph, In, Out
 from tfuse.fusion.rules import Plan
 
@@ -47,13 +49,14 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 class SideMatrices:
     """n_b T^T and n_a T of every map, converted to the weights' precision once."""
 
-    def __init__(self, maps: dict[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, maps: dict[str, torch.Tensor | HardMap], dtype: torch.dtype):
         self.maps, self.dtype = maps, dtype
         self._cache: dict[tuple[str, bool], torch.Tensor] = {}
 
     def get(self, space: str, output: bool, magnitude: bool = False) -> torch.Tensor:
         """``magnitude``: of the map's absolute value (axes that keep their sign under a flip)."""
         t = self.maps[space]
+        t = t.dense() if isinstance(t, HardMap) else t
         magnitude = magnitude and bool((t < 0).any())  # unsigned maps share one matrix
         key = (space, output, magnitude)
         if key not in self._cache:
@@ -73,7 +76,7 @@ def align(
     state: State,
     graph: FlowGraph,
     plan: Plan,
-    maps: dict[str, torch.Tensor],
+    maps: dict[str, torch.Tensor | HardMap],
     names: Sequence[str] | None = None,
 ) -> State:
     """The parent's parameters expressed in the reference's neuron basis, each in its own dtype
@@ -103,6 +106,9 @@ def align(
                 continue
             _check(name, axis, w, t, spec.space)
             output = isinstance(spec, Out)
+            if isinstance(t, HardMap):
+                w = t.gather(w, axis, output and spec.magnitude)
+                continue
             w = (_out if output else _in)(w.to(dtype), axis, side.get(space, output, output and spec.magnitude))
         out[name] = w.to(state[name].dtype)
     for space, by_segment in stacked.items():

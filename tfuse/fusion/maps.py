@@ -1,7 +1,7 @@
 """Compute the transport maps of one parent against the reference, rule by rule."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import MutableMapping, Protocol, Sequence
 
 import torch
 
@@ -9,7 +9,7 @@ from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, CostSettings, normalize
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.residual import RESIDUALS
-from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan
+from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan, Rule
 from tfuse.fusion.statistics import PairStats
 from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, solve
 
@@ -30,11 +30,14 @@ def compute_maps(
     magnitude: dict[str, torch.Tensor] | None,
     state: State,
     reference: State,
-) -> dict[str, torch.Tensor]:
+    rules: Sequence[Rule] | None = None,
+    maps: MutableMapping[str, torch.Tensor] | None = None,
+) -> MutableMapping[str, torch.Tensor]:
     """Every resolved space's map (n_parent x n_reference), in forward order. With
     ``fusion.signs``, the maps of spaces the graph lets flip sign are signed: matched on the
-    magnitude of agreement, each pair carrying the sign it agrees with."""
-    maps: dict[str, torch.Tensor] = {}
+    magnitude of agreement, each pair carrying the sign it agrees with. ``rules`` (default: the
+    plan's) are solved into ``maps``, which holds the maps solved before them."""
+    maps = {} if maps is None else maps
     kind = COSTS[settings.cost]
     inputs = CostInputs(settings, stats, state, reference, graph, plan, maps)
 
@@ -47,7 +50,7 @@ def compute_maps(
         raw, sign = kind.matrix(rule.name, inputs, signed=True)
         return normalize(raw, settings.normalize_cost, rule.name), sign
 
-    for rule in plan.rules:
+    for rule in plan.rules if rules is None else rules:
         if isinstance(rule, OTRule):
             matrix, sign = signed_cost(rule)
             coupling = solve(matrix, settings, rule.name)

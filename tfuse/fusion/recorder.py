@@ -25,9 +25,10 @@ class Recorder:
         self.mask: Callable[[int, torch.device], torch.Tensor | None] | None = None
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self.acts: dict[str, torch.Tensor] = {}
+        self.only: set[str] | None = None
 
     def _store(self, name: str, value: torch.Tensor | tuple) -> None:
-        if self.mask is None:  # the same module object may be hooked by another recorder
+        if self.mask is None or (self.only is not None and name not in self.only):  # another recorder's module, or a stand-in
             return
         x = value[0] if isinstance(value, (tuple, list)) else value
         x = self.targets[name].select(x)
@@ -67,12 +68,22 @@ class Recorder:
     ) -> dict[str, torch.Tensor]:
         """Forward ``inputs``; ``mask(tokens, device)`` gives the flat rows kept as samples (None:
         all). Returns the probes' samples, or passes each to ``sink`` as it fires (and keeps none)."""
-        self.mask, self.sink, self.acts = mask, sink, {}
-        try:
+        with self.recording(mask, sink) as acts:
             call(self.model, inputs)
+        return acts
+
+    @contextmanager
+    def recording(
+        self, mask: Callable[[int, torch.device], torch.Tensor | None], sink: Callable[[str, torch.Tensor], None] | None = None,
+        only: set[str] | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Record what runs inside the block (any part of the model: a streamed block), as ``run``
+        does; ``only``: these probes alone (modules standing in for others fire hooks too)."""
+        self.mask, self.sink, self.acts, self.only = mask, sink, {}, only
+        try:
+            yield self.acts
         finally:
-            self.mask, self.sink = None, None
-        return self.acts
+            self.mask, self.sink, self.only = None, None, None
 
 
 def call(model: nn.Module, inputs: Batch):

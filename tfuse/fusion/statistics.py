@@ -256,10 +256,14 @@ class _ParentStatistics:
         state: dict[str, torch.Tensor],
         ref_state: dict[str, torch.Tensor],
         probes: dict[str, Probe],
+        sources: set[str] | None = None,
     ) -> None:
-        """Add the derived blocks' cross-products: with a = x W_a^T + c_a and b = y W_b^T + c_b,
-        sum a b^T = W_a (sum x y^T) W_b^T + (W_a sum x) c_b^T + c_a (W_b sum y)^T + n c_a c_b^T."""
+        """Add the derived blocks' cross-products (of ``sources`` only, when given): with a = x W_a^T
+        + c_a and b = y W_b^T + c_b, sum a b^T = W_a (sum x y^T) W_b^T + (W_a sum x) c_b^T + c_a
+        (W_b sum y)^T + n c_a c_b^T."""
         for (space, b), source in self.source_of.items():
+            if sources is not None and source not in sources:
+                continue
             links = [probes[p].linear for p in self.probes_of[space, b]]
             w_a, c_a = _affine_of(state, links)
             w_b, c_b = _affine_of(ref_state, links)

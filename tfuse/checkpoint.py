@@ -1,0 +1,168 @@
+"""Checkpoints read tensor by tensor: a model's skeleton on the meta device whose parameters are
+read from its safetensors files (one file, or shards with ``model.safetensors.index.json``) part
+by part, and released again, so that only the parts in use are resident.
+
+Loading checks what it loads: every parameter of the model is in the checkpoint (tied ones once)
+and every tensor of the checkpoint is a parameter or buffer of the model; otherwise one line
+names the tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from tfuse.errors import TfuseError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint directory, each read on demand."""
+
+    def __init__(self, folder: str | Path, label: str):
+        self.folder, self.label = Path(folder), label
+        index = self.folder / INDEX
+        try:
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {name: self.folder / file for name, file in weight_map.items()}
+            elif (self.folder / SINGLE).is_file():
+                with safe_open(self.folder / SINGLE, "pt") as f:
+                    self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
+            else:
+                raise TfuseError(
+                    f"{label}: '{folder}' has neither {SINGLE} nor {INDEX}; streamed fusion reads safetensors "
+                    "checkpoints (write them with save_pretrained)"
+                )
+        except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+            raise TfuseError(f"{label}: cannot read the checkpoint index of '{folder}' ({err}); save it again") from err
+        missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
+        if missing:
+            raise TfuseError(f"{label}: the index names the shard '{missing[0]}', which does not exist; copy it too")
+        self._open: dict[Path, object] = {}
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` (in ``dtype``; None: as stored)."""
+        file = self.files[name]
+        try:
+            handle = self._open.get(file)
+            if handle is None:
+                handle = self._open[file] = safe_open(file, "pt")
+            tensor = handle.get_tensor(name)
+        except SafetensorError as err:
+            raise TfuseError(f"{self.label}: '{file}' is truncated or corrupt ({err}); copy or save it again") from err
+        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first floating-point tensor."""
+        for name in sorted(self.files):
+            with safe_open(self.files[name], "pt") as f:
+                dtype = f.get_slice(name).get_dtype()
+            if dtype in _FLOATS:
+                return _FLOATS[dtype]
+        return torch.float32
+
+
+_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def empty(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with every parameter on the meta device (no memory) and real buffers (RoPE's
+    frequencies are computed, not stored)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+class LazyModel:
+    """A model skeleton whose parameters are read from ``checkpoint`` when ``load``-ed and put
+    back on the meta device when ``release``-d (tied parameters move together)."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None = None, device: str = "cpu"):
+        self.model, self.checkpoint, self.device = model, checkpoint, device
+        self.dtype = dtype or checkpoint.stored_dtype()
+        self.owners: dict[str, list[tuple[nn.Module, str]]] = {}  # a parameter's name -> every (module, attr) holding it
+        self.aliases: dict[str, list[str]] = {}
+        first: dict[int, str] = {}
+        for prefix, module in model.named_modules():
+            for attr, p in module._parameters.items():
+                if p is None:
+                    continue
+                name = f"{prefix}.{attr}" if prefix else attr
+                key = first.setdefault(id(p), name)
+                self.owners.setdefault(key, []).append((module, attr))
+                self.aliases.setdefault(key, []).append(name)
+        self._check()
+
+    def _check(self) -> None:
+        stored = self.checkpoint.names
+        for name, aliases in self.aliases.items():
+            if not any(a in stored for a in aliases):
+                raise TfuseError(
+                    f"{self.checkpoint.label}: tensor '{name}' of the model is missing from the checkpoint in "
+                    f"'{self.checkpoint.folder}'; is it the architecture its config.json says, saved whole?"
+                )
+        known = {a for aliases in self.aliases.values() for a in aliases} | {n for n, _ in self.model.named_buffers()}
+        unused = sorted(stored - known)
+        if unused:
+            raise TfuseError(
+                f"{self.checkpoint.label}: tensor '{unused[0]}' of the checkpoint in '{self.checkpoint.folder}' is not "
+                f"a parameter of the {type(self.model).__name__} its config.json describes (and {len(unused) - 1} more); "
+                "give a checkpoint of this family's architecture"
+            )
+
+    def names(self) -> list[str]:
+        """Every parameter (tied ones once), in the model's order."""
+        return list(self.owners)
+
+    def stored_name(self, name: str) -> str:
+        return next(a for a in self.aliases[name] if a in self.checkpoint.names)
+
+    def load(self, names: Iterable[str]) -> None:
+        """Read parameters ``names`` from the checkpoint (those already loaded stay)."""
+        for name in names:
+            module, attr = self.owners[name][0]
+            if not getattr(module, attr).is_meta:
+                continue
+            self.set(name, self.checkpoint.read(self.stored_name(name), self.dtype).to(self.device))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        module, attr = self.owners[name][0]
+        return getattr(module, attr).detach()
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Parameter ``name`` (and its ties) holds ``value``."""
+        param = nn.Parameter(value, requires_grad=False)
+        for module, attr in self.owners[name]:
+            module._parameters[attr] = param
+
+    def release(self, names: Iterable[str]) -> None:
+        """Parameters ``names`` back on the meta device (their memory freed)."""
+        for name in names:
+            module, attr = self.owners[name][0]
+            p = getattr(module, attr)
+            if not p.is_meta:
+                self.set(name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def load_buffers(self) -> None:
+        """Buffers the checkpoint stores, read into the skeleton's real ones."""
+        buffers = dict(self.model.named_buffers())
+        for name in sorted(self.checkpoint.names & set(buffers)):
+            buffers[name].copy_(self.checkpoint.read(name))
+
+    def loaded(self) -> bool:
+        return all(not getattr(*owners[0]).is_meta for owners in self.owners.values())

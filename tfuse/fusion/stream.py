@@ -1,0 +1,365 @@
+"""Streamed OT fusion: the parents walked part by part from their checkpoints, so that a model
+of any size fuses with the fused model and one part of each parent resident.
+
+A model's *parts* follow its flow graph: the repeated blocks (``FlowGraph.blocks``) and the
+parameters outside them (embeddings, final norm, head). Blocks are walked the way quantisers
+walk them (GPTQ): every model keeps its hidden states for the calibration batches at the current
+block boundary (``boundary.py``: device, host or disk by ``fusion.memory_gb``), runs one block
+on them and moves on.
+
+*Pass 1* runs the part before the first block (every block a stand-in that records the
+arguments the model gives it, so per-block masks stay right), each block in turn, and the part
+after the last block only as far as a probe reads (no logits). Each part's probes feed the
+streamed statistics (``statistics.py``), each rule whose probes have all run is solved at once
+and its statistics freed; rules over every block (``residual=global``) are solved after the
+last. Maps are kept compactly (``compact.py``). *Pass 2* aligns and averages each part of the
+parents into the anchor's skeleton, which becomes the fused model.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from functools import lru_cache
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from tfuse.checkpoint import LazyModel
+from tfuse.errors import TfuseError
+from tfuse.fusion.apply import align, average
+from tfuse.fusion.boundary import BoundaryCache, default_budget
+from tfuse.fusion.compact import CompactMaps, HardMap
+from tfuse.fusion.cost import COSTS
+from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, timed
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.maps import compute_maps
+from tfuse.fusion.plan import check_probes, make_plan
+from tfuse.fusion.recorder import Recorder, call, kept_rows
+from tfuse.fusion.replay import Replay
+from tfuse.fusion.rules import CombineRule, Plan, Rule
+from tfuse.fusion.statistics import (
+    Moments, _check_finite, _ParentStatistics, _steady_allocator, _virtual_state, block_probes, derived_blocks, join,
+)
+from tfuse.fusion.tokens import token_mask
+from tfuse.progress import track
+
+Batch = dict[str, torch.Tensor]
+OUTER = 0  # the parameters outside every block: read for the part before the blocks and the part after
+
+
+class _Stop(Exception):
+    """Raised once a run has reached what it was asked for."""
+
+
+def part_of(name: str, blocks: Sequence[str]) -> int:
+    """``k + 1`` for a parameter or module inside block ``k``, ``OUTER`` otherwise."""
+    for k, block in enumerate(blocks):
+        if name == block or name.startswith(block + "."):
+            return k + 1
+    return OUTER
+
+
+class _Walk:
+    """One model walked over the calibration batches: its hidden states at the current block
+    boundary (``cache``, keyed ``(index, batch)``) and the arguments each block gets per batch."""
+
+    def __init__(self, lazy: LazyModel, graph: FlowGraph, cache: BoundaryCache, index: int):
+        self.lazy, self.graph, self.cache, self.index = lazy, graph, cache, index
+        self.model = lazy.model
+        modules = dict(self.model.named_modules())
+        self.blocks = [modules[b] for b in graph.blocks]
+        self.arguments: list[list[tuple[tuple, dict]]] = []  # per batch, per block: (args after the first, kwargs)
+
+    def before(self, b: int, inputs: Batch) -> None:
+        """The part before the first block on batch ``b``: block 0's input cached, every block's
+        other arguments recorded (the blocks themselves stand in and are not run)."""
+        got: list[tuple[tuple, dict]] = []
+        first: list[torch.Tensor] = []
+
+        def stand_in(k: int):
+            def forward(*args, **kwargs):
+                hidden = args[0] if args else kwargs.pop(next(iter(kwargs)))
+                got.append((args[1:], kwargs))
+                if k == 0:
+                    first.append(hidden)
+                if k == len(self.blocks) - 1:
+                    raise _Stop
+                return hidden
+            return forward
+
+        for k, block in enumerate(self.blocks):
+            block.forward = stand_in(k)
+        try:
+            call(self.model, _no_cache(self.model, inputs))
+            raise TfuseError(f"streamed fusion: the forward pass never reached block '{self.graph.blocks[-1]}'")
+        except _Stop:
+            pass
+        finally:
+            for block in self.blocks:
+                vars(block).pop("forward", None)
+        self.cache.put((self.index, b), first[0])
+        self.arguments.append(got)
+
+    def block(self, k: int, b: int) -> None:
+        """Block ``k`` on batch ``b``'s cached input; its output becomes the cached state."""
+        args, kwargs = self.arguments[b][k]
+        out = self.blocks[k](self.cache.get((self.index, b)), *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TfuseError(f"streamed fusion: block '{self.graph.blocks[k]}' returns a {type(out).__name__}, not a "
+                             "tensor: the flow graph's blocks must each map a tensor to a tensor")
+        self.cache.put((self.index, b), out)
+
+    def after(self, b: int, inputs: Batch, modules: dict[str, str]) -> None:
+        """The part after the last block on batch ``b``, from the cached state, until the
+        ``modules`` (name -> ``input`` or ``output``) have run."""
+        replay = Replay(self.model, self.graph.blocks)
+        replay.start = len(self.blocks)
+        replay.run(_no_cache(self.model, inputs), self.cache.get((self.index, b)),
+                   inputs_of=[m for m, w in modules.items() if w == "input"],
+                   outputs_of=[m for m, w in modules.items() if w == "output"])
+
+
+def _no_cache(model, inputs: Batch) -> Batch:
+    """No KV cache is built: ``use_cache=False`` where the model takes it."""
+    import inspect
+
+    return {**inputs, "use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else inputs
+
+
+def _present(acts: dict[str, torch.Tensor], segments) -> list[torch.Tensor | None] | None:
+    """A space's sample blocks whose probes ran in this part (None where they did not); None when none did."""
+    blocks = [join([acts[p] for p in probes]) if all(p in acts for p in probes) else None
+              for probes in block_probes(segments)]
+    return None if all(x is None for x in blocks) else blocks
+
+
+def _rule_probes(rule: Rule, plan: Plan) -> set[str]:
+    if isinstance(rule, CombineRule):
+        return {rule.skip_probe, rule.branch_probe} if rule.magnitudes else set()
+    single = Plan([rule], {})
+    return set(single.probes())
+
+
+def _rule_needs(rule: Rule) -> set[str]:
+    return {rule.skip, rule.branch} if isinstance(rule, CombineRule) else set()
+
+
+def _rule_names(rule: Rule) -> list[str]:
+    return [r.name for r in Plan([rule], {}).ot_rules()]
+
+
+def stream_fuse(
+    parents: Sequence[LazyModel],
+    graph: FlowGraph,
+    settings,
+    anchor: int,
+    calibration: Callable[[], Iterable[Batch]],
+    model_inputs: Callable[[Batch], Batch],
+    total: int | None = None,
+    memory_bytes: int | None = None,
+) -> FusionOutcome:
+    """OT fusion of checkpoints read part by part (``settings``: ``OTSettings``); the anchor's
+    skeleton becomes the fused model."""
+    if settings.iterations != 1:
+        raise TfuseError(f"fusion.stream fuses in one pass: fusion.iterations={settings.iterations} must be 1")
+    if settings.repair != "none":
+        raise TfuseError(f"fusion.stream: fusion.repair={settings.repair} is not streamed yet; use fusion.repair=none")
+    if not COSTS[settings.cost].needs_statistics:
+        raise TfuseError(f"fusion.stream aligns on activations: fusion.cost={settings.cost} needs whole models; "
+                         "use fusion.cost=activations")
+    if not graph.blocks:
+        raise TfuseError("fusion.stream: the flow graph lists no blocks to walk")
+    models = [p.model for p in parents]
+    for i, m in enumerate(models):
+        check_graph(m, graph, f"parent {i}")
+    check_fixed_axes(models, graph, anchor)
+    plan = make_plan(graph, settings)
+    check_probes(plan, graph)
+    device = torch.device(parents[anchor].device)
+    budget = memory_bytes if memory_bytes is not None else default_budget(device)
+    timings = {"statistics": 0.0, "transport": 0.0, "align": 0.0}
+    cache = BoundaryCache(device, budget)
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            maps, info = _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache, timings)
+        with torch.no_grad(), timed(timings, "align", models[anchor]):
+            _pass_two(parents, graph, plan, maps, anchor, settings.weights(len(parents)))
+    finally:
+        cache.close()
+    info["boundary_cache"] = {"budget_bytes": budget}
+    return FusionOutcome(models[anchor], maps, timings, [], info)
+
+
+def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache, timings):
+    """Statistics part by part, each rule solved once its probes have all run; the maps, and what
+    the method reports (statistics source, sign flips)."""
+    _steady_allocator()
+    spaces = plan.segments
+    derived = derived_blocks(graph, spaces)
+    source_names = {src: f"source.{i}" for i, src in enumerate(dict.fromkeys(derived.values()))}
+    source_of = {key: source_names[src] for key, src in derived.items()}
+    sources = {name: src for src, name in source_names.items()}
+    names = plan.probes() + list(sources)
+    probes = {**graph.probes, **sources}
+    movers = [i for i in range(len(parents)) if i != anchor]
+    walks = {i: _Walk(parents[i], graph, cache, i) for i in range(len(parents))}
+    recorders = {i: Recorder(parents[i].model, probes, names) for i in walks}
+    sums = settings.center or settings.standardize
+    ref_moments: dict[str, Moments] = {}
+    stats = {i: _ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for i in movers}
+    maps = {i: CompactMaps() for i in range(len(parents))}
+    del maps[anchor]
+    generator = torch.Generator().manual_seed(settings.seed)
+    inputs: list[Batch] = []
+    masks = []
+    done: set[str] = set()
+    pending = list(plan.rules)
+    solved: set[str] = set()
+    blocks = graph.blocks
+    outer = [n for n in parents[anchor].names() if part_of(n, blocks) == OUTER]
+    in_part = {k + 1: [n for n in parents[anchor].names() if part_of(n, blocks) == k + 1] for k in range(len(blocks))}
+
+    probe_part = {n: part_of(probes[n].module, blocks) for n in names}
+
+    def accumulate(b: int, part: int, run: Callable[[int], None]) -> set[str]:
+        """One part of batch ``b``: the anchor's samples, then each mover's against them."""
+        only = {n for n, p in probe_part.items() if p == part}
+        with recorders[anchor].recording(masks[b], only=only) as ref_acts:
+            run(anchor)
+        fired = set(ref_acts)
+        feats = {}
+        for s, seg in spaces.items():
+            blocks_of = _present(ref_acts, seg)
+            if blocks_of is None:
+                continue
+            width = next(x for x in blocks_of if x is not None).shape[1]
+            mom = ref_moments.setdefault(s, Moments.zeros(width, next(x for x in blocks_of if x is not None).device, sums))
+            for j, x in enumerate(blocks_of):
+                if x is not None:
+                    mom.add(x)
+                    if (s, j) in derived:
+                        blocks_of[j] = None
+            feats[s] = blocks_of
+        ref_sources = {n: ref_acts[n] for n in sources if n in ref_acts}
+        for n, x in ref_sources.items():
+            ref_moments.setdefault(n, Moments.zeros(x.shape[1], x.device)).add(x)
+        del ref_acts
+        for i in movers:
+            stats[i].start_batch(feats, ref_sources)
+            with recorders[i].recording(masks[b], stats[i].add, only):
+                run(i)
+            stats[i].finish_batch()
+        return fired
+
+    def solve_ready() -> None:
+        nonlocal pending
+        progress = True
+        while progress:
+            progress = False
+            for rule in list(pending):
+                if not (_rule_probes(rule, plan) <= done and _rule_needs(rule) <= solved):
+                    continue
+                with timed(timings, "transport", parents[anchor].model):
+                    for i in movers:
+                        compute_maps(plan, graph, settings, stats[i].pairs, stats[i].magnitude(), {}, {},
+                                     rules=[rule], maps=maps[i])
+                for name in _rule_names(rule):
+                    for i in movers:
+                        stats[i].pairs.pop(name, None)
+                    ref_moments.pop(name, None)
+                solved.update(maps[movers[0]].raw)
+                pending.remove(rule)
+                progress = True
+
+    def finish_part(fired: set[str]) -> None:
+        ref_state = _virtual_state(parents[anchor].model, graph)
+        here = {n for n in sources if n in fired}
+        for i in movers:
+            stats[i].derive(_virtual_state(parents[i].model, graph), ref_state, graph.probes, here)
+            for n in here:
+                stats[i].source_pairs.pop(n, None)
+        for n in here:
+            ref_moments.pop(n, None)
+        _check_finite([stats[i].pairs for i in movers], ref_moments, graph)
+        done.update(fired)
+        solve_ready()
+
+    with ExitStack() as stack:
+        for rec in recorders.values():
+            stack.enter_context(rec.attached())
+        for p in parents:
+            p.load_buffers()
+            p.load(outer)
+        fired: set[str] = set()
+        with timed(timings, "statistics", parents[anchor].model):
+            for batch in track(calibration(), "statistics: before the blocks", total=total):
+                inputs.append(model_inputs(batch))
+                masks.append(lru_cache(maxsize=None)(
+                    lambda tokens, device, batch=batch: kept_rows(token_mask(batch, tokens, graph.tokens, settings, generator), device)
+                ))
+                b = len(inputs) - 1
+                fired |= accumulate(b, OUTER, lambda i: walks[i].before(b, inputs[b]))
+            if not inputs:
+                raise TfuseError("fusion.stream needs calibration data (fusion.samples >= 1)")
+        for p in parents:
+            p.release(outer)
+        finish_part(fired)
+        for k in track(range(len(blocks)), "streamed statistics, block by block", total=len(blocks)):
+            for p in parents:
+                p.load(in_part[k + 1])
+            fired = set()
+            with timed(timings, "statistics", parents[anchor].model):
+                for b in range(len(inputs)):
+                    fired |= accumulate(b, k + 1, lambda i: walks[i].block(k, b))
+            finish_part(fired)
+            for p in parents:
+                p.release(in_part[k + 1])
+        later = {graph.probes[n].module: graph.probes[n].where for n in names if n not in done}
+        if later:
+            for p in parents:
+                p.load(outer)
+            fired = set()
+            with timed(timings, "statistics", parents[anchor].model):
+                for b in range(len(inputs)):
+                    fired |= accumulate(b, OUTER, lambda i: walks[i].after(b, inputs[b], later))
+            for p in parents:
+                p.release(outer)
+            finish_part(fired)
+    if pending:
+        raise TfuseError(f"the forward pass did not reach every probe of space '{_rule_names(pending[0]) or pending[0]}'")
+    info: dict = {"statistics": ["computed"]}
+    if settings.signs and plan.signed:
+        info["sign_flips"] = [{s: [_flips(m.raw[s]), m.raw[s].shape[1]] for s in sorted(plan.signed) if s in m.raw}
+                              for m in maps.values()]
+    return [maps.get(i, {}) for i in range(len(parents))], info
+
+
+def _flips(m: HardMap | torch.Tensor) -> int:
+    """Reference neurons that receive a negated parent neuron."""
+    if isinstance(m, HardMap):
+        return 0 if m.sign is None else int((m.sign < 0).sum())
+    return int((m.sum(0) < 0).sum())
+
+
+def _pass_two(parents, graph, plan, maps, anchor, weights) -> None:
+    """Each part of every parent aligned and averaged into the anchor's skeleton."""
+    blocks = graph.blocks
+    names = parents[anchor].names()
+    parts: dict[int, list[str]] = {}
+    for n in names:
+        parts.setdefault(part_of(n, blocks), []).append(n)
+    for part in track(sorted(parts), "aligning and averaging, block by block", total=len(parts)):
+        real = parts[part]
+        virtual = [v for n in real for v in (graph.views[n].parts if n in graph.views else (n,)) if v in graph.params]
+        aligned = []
+        for i, p in enumerate(parents):
+            p.load(real)
+            state = graph.to_virtual({n: p.tensor(n) for n in real})
+            aligned.append(state if i == anchor else align(state, graph, plan, maps[i].raw, names=virtual))
+        fused = graph.to_real(average(aligned, weights))
+        for i, p in enumerate(parents):
+            if i != anchor:
+                p.release(real)
+        for n in real:
+            parents[anchor].set(n, fused[n])
