@@ -76,13 +76,18 @@ class Checkpoint:
 _FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def empty(build: Callable[[], nn.Module]) -> nn.Module:
+def empty(build: Callable[[], nn.Module], dtype: torch.dtype = torch.float32) -> nn.Module:
     """``build()`` with every parameter on the meta device (no memory) and real buffers (RoPE's
-    frequencies are computed, not stored)."""
+    frequencies are computed, not stored), built in ``dtype`` as ``from_pretrained`` would."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        model = build()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = build()
+    finally:
+        torch.set_default_dtype(default)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
@@ -90,11 +95,14 @@ def empty(build: Callable[[], nn.Module]) -> nn.Module:
 
 class LazyModel:
     """A model skeleton whose parameters are read from ``checkpoint`` when ``load``-ed and put
-    back on the meta device when ``release``-d (tied parameters move together)."""
+    back on the meta device when ``release``-d (tied parameters move together). ``renamed``: a
+    checkpoint key -> the model's name for it, where they differ."""
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None = None, device: str = "cpu"):
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None = None, device: str = "cpu",
+                 renamed: dict[str, str] | None = None):
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.dtype = dtype or checkpoint.stored_dtype()
+        self.key_of = {(renamed or {}).get(key, key): key for key in checkpoint.names}  # model name -> checkpoint key
         self.owners: dict[str, list[tuple[nn.Module, str]]] = {}  # a parameter's name -> every (module, attr) holding it
         self.aliases: dict[str, list[str]] = {}
         first: dict[int, str] = {}
@@ -109,7 +117,7 @@ class LazyModel:
         self._check()
 
     def _check(self) -> None:
-        stored = self.checkpoint.names
+        stored = set(self.key_of)
         for name, aliases in self.aliases.items():
             if not any(a in stored for a in aliases):
                 raise TfuseError(
@@ -117,7 +125,7 @@ class LazyModel:
                     f"'{self.checkpoint.folder}'; is it the architecture its config.json says, saved whole?"
                 )
         known = {a for aliases in self.aliases.values() for a in aliases} | {n for n, _ in self.model.named_buffers()}
-        unused = sorted(stored - known)
+        unused = sorted(self.key_of[n] for n in stored - known)
         if unused:
             raise TfuseError(
                 f"{self.checkpoint.label}: tensor '{unused[0]}' of the checkpoint in '{self.checkpoint.folder}' is not "
@@ -130,7 +138,7 @@ class LazyModel:
         return list(self.owners)
 
     def stored_name(self, name: str) -> str:
-        return next(a for a in self.aliases[name] if a in self.checkpoint.names)
+        return self.key_of[next(a for a in self.aliases[name] if a in self.key_of)]
 
     def load(self, names: Iterable[str]) -> None:
         """Read parameters ``names`` from the checkpoint (those already loaded stay)."""
@@ -161,8 +169,8 @@ class LazyModel:
     def load_buffers(self) -> None:
         """Buffers the checkpoint stores, read into the skeleton's real ones."""
         buffers = dict(self.model.named_buffers())
-        for name in sorted(self.checkpoint.names & set(buffers)):
-            buffers[name].copy_(self.checkpoint.read(name))
+        for name in sorted(set(self.key_of) & set(buffers)):
+            buffers[name].copy_(self.checkpoint.read(self.key_of[name]))
 
     def loaded(self) -> bool:
         return all(not getattr(*owners[0]).is_meta for owners in self.owners.values())

@@ -34,10 +34,35 @@ def lazy_parent(source: str, family_name: str, label: str, dtype: torch.dtype | 
     if cls is None:
         raise TfuseError(f"{label}: config.json names the architecture {arch or 'none'!r}, which transformers does "
                          "not know; give a checkpoint written by save_pretrained")
-    model = empty(lambda: cls(config)).eval()
+    checkpoint = Checkpoint(path, label)
+    dtype = dtype or checkpoint.stored_dtype()
+    model = empty(lambda: cls(config), dtype).eval()
     if not fam.owns(model):
         raise TfuseError(f"{label}: '{path}' holds a {arch}, which model.family={family_name} does not own; choose "
                          "the family of that architecture")
     if isinstance(fam, TokenizedFamily):
         fam.attach_tokenizer(model, fam.load_tokenizer(str(path)))
-    return LazyModel(model, Checkpoint(path, label), dtype, device)
+    return LazyModel(model, checkpoint, dtype, device, _renamed(model, checkpoint, label))
+
+
+def _renamed(model, checkpoint: Checkpoint, label: str) -> dict[str, str]:
+    """Checkpoint key -> the model's parameter name, by transformers' own renamings (a ViT saved as
+    ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj`` in the model);
+    a tensor that transformers converts (splits, merges) cannot be read part by part."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    names = dict.fromkeys(model.state_dict())
+    out = {}
+    for key in sorted(checkpoint.names):
+        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        if renamed not in names and key in names:
+            renamed, converted = key, None
+        if converted is not None:
+            raise TfuseError(f"{label}: tensor '{key}' is converted by transformers when loaded ({converted}); "
+                             "fusion.stream reads tensors as stored: save the parent again with save_pretrained")
+        out[key] = renamed
+    return out

@@ -88,11 +88,13 @@ class Recorder:
 
 def call(model: nn.Module, inputs: Batch):
     """``model(**inputs)``, or positionally for models whose ``forward`` does not take those
-    keywords (timm's ``forward(x)`` given ``pixel_values``); floating inputs (pixels) in the model's
+    keywords (timm's ``forward(x)`` given ``pixel_values``), without a KV cache; floating inputs (pixels) in the model's
     dtype, which its first layer does not cast to."""
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
     params = inspect.signature(model.forward).parameters
+    if "use_cache" in params:  # the engine's passes never decode: no KV cache
+        inputs = {**inputs, "use_cache": False}
     takes = all(k in params for k in inputs) or any(p.kind is p.VAR_KEYWORD for p in params.values())
     return model(**inputs) if takes else model(*inputs.values())
 

@@ -89,7 +89,7 @@ class _Walk:
         for k, block in enumerate(self.blocks):
             block.forward = stand_in(k)
         try:
-            call(self.model, _no_cache(self.model, inputs))
+            call(self.model, inputs)
             raise TfuseError(f"streamed fusion: the forward pass never reached block '{self.graph.blocks[-1]}'")
         except _Stop:
             pass
@@ -113,16 +113,9 @@ class _Walk:
         ``modules`` (name -> ``input`` or ``output``) have run."""
         replay = Replay(self.model, self.graph.blocks)
         replay.start = len(self.blocks)
-        replay.run(_no_cache(self.model, inputs), self.cache.get((self.index, b)),
+        replay.run(inputs, self.cache.get((self.index, b)),
                    inputs_of=[m for m, w in modules.items() if w == "input"],
                    outputs_of=[m for m, w in modules.items() if w == "output"])
-
-
-def _no_cache(model, inputs: Batch) -> Batch:
-    """No KV cache is built: ``use_cache=False`` where the model takes it."""
-    import inspect
-
-    return {**inputs, "use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else inputs
 
 
 def _present(acts: dict[str, torch.Tensor], segments) -> list[torch.Tensor | None] | None:
