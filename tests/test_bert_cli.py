@@ -93,7 +93,7 @@ def test_minilm_fuses_back_from_a_permuted_copy_and_from_itself():
     from tfuse.data.text import token_stream, chunk, pad
     from tfuse.fusion.engine import parameters
     from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-    from symmetry import permuted_copy
+    from tfuse.symmetry import permuted_copy
     from tfuse.tasks.text import model_inputs_of
 
     model = hf_bert.load(minilm_dir())
@@ -124,7 +124,7 @@ def test_bare_encoders_report_embedding_agreement(tmp_path: Path):
 
     from tfuse.cli import CONFIG_DIR
     from tfuse.data.corpora import load_corpus
-    from symmetry import permuted_copy
+    from tfuse.symmetry import permuted_copy
     from tfuse.pipeline import run_fuse
 
     overrides = ["+experiment=bert_pydoc_tiny", "+data.max_doc_chars=3000", "data.max_eval=16", "finetune.steps=0"]

@@ -12,7 +12,7 @@ from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.fusion.methods.vanilla import vanilla_fuse
 from tfuse.fusion.plan import make_plan
 from tfuse.fusion.statistics import collect_statistics
-from symmetry import permuted_copy
+from tfuse.symmetry import permuted_copy
 
 HEADS = {"mlm": BertForMaskedLM, "cls": BertForSequenceClassification, "bare": BertModel}
 inputs_only = lambda batch: {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}  # noqa: E731

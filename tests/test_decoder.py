@@ -14,12 +14,12 @@ from transformers import (
 )
 
 from conftest import fuse_in_process, tfuse
-from symmetry import symmetric_copy, widened_copy
 from tfuse.arch import check_heads, hf_gpt2, hf_llama
 from tfuse.data.tokenizer import train_bpe
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods import METHODS, Calibration
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from tfuse.symmetry import symmetric_copy, widened_copy
 
 VOCAB = 50
 

@@ -12,8 +12,8 @@ from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.fusion.methods.vanilla import vanilla_fuse
 from tfuse.fusion.plan import make_plan
 from tfuse.fusion.statistics import collect_statistics
+from tfuse.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
-from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 

@@ -11,8 +11,8 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import _in, _out, _side
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from tfuse.symmetry import widened_copy
 from conftest import batches_of, logits, tiny_vit
-from symmetry import widened_copy
 
 identity = lambda batch: batch  # noqa: E731
 

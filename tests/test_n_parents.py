@@ -9,8 +9,8 @@ from tfuse.fusion.apply import average
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.pipeline.stages import choose_anchor
+from tfuse.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
-from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 HARD = dict(solver="emd", residual="global", qk="head_aware", tokens="all")

@@ -11,8 +11,8 @@ from tfuse.arch import hf_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.fusion.repair import _Rows, sample_weights
+from tfuse.symmetry import permuted_copy
 from conftest import fuse_in_process, logits, tfuse, tiny_vit
-from symmetry import permuted_copy
 from test_repair import trained_like
 
 HARD = dict(solver="emd", residual="global", qk="head_aware", tokens="all")

@@ -11,8 +11,8 @@ from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 from tfuse.fusion.methods.vanilla import vanilla_fuse
 from tfuse.fusion.repair import repair
 from tfuse.fusion.replay import Replay, find_stages, linear_layers
+from tfuse.symmetry import permuted_copy
 from conftest import batches_of, logits, tiny_vit
-from symmetry import permuted_copy
 from test_bert_fusion import batches_of as text_batches_of, inputs_only, outputs, text_batches, tiny_bert
 from test_hetero import vit as hetero_vit
 from test_timm import out as timm_out, tiny_timm

@@ -11,8 +11,8 @@ from tfuse.arch import check_same_architecture, timm_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.engine import check_graph, parameters
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
+from tfuse.symmetry import permuted_copy
 from conftest import batches_of, tiny_vit
-from symmetry import permuted_copy
 
 identity = lambda batch: batch  # noqa: E731
 

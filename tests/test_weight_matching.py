@@ -10,8 +10,8 @@ from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods import METHODS, Calibration, settings_from_config
 from tfuse.fusion.methods.weight_matching import SYMMETRIES, WeightMatchingSettings, match_weights
 from tfuse.fusion.plan import make_plan
+from tfuse.symmetry import permuted_copy
 from conftest import logits, tiny_vit
-from symmetry import permuted_copy
 from test_bert_fusion import tiny_bert
 from test_timm import tiny_timm
 

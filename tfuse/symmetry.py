@@ -1,18 +1,30 @@
 """Function-preserving transformations of a model, read off its flow graph.
 
 ``permuted_copy`` relabels every hidden space at random (the stream with one permutation, heads
-as wholes plus dimensions inside them); ``widened_copy`` duplicates neurons and halves what
-reads them. Both compute the same function as the original: the test bed of fusion.
+as wholes plus dimensions inside them); ``symmetric_copy`` draws from every symmetry the graph
+claims (grouped heads, RoPE, sign flips); ``widened_copy`` duplicates neurons and halves what
+reads them. Each computes the same function as the original: the test bed of fusion, and the
+second parent of the benchmark's scale cases.
+
+The two relabelling copies gather every parameter by index, one at a time, into a copy of the
+model: exact in any dtype, and at most one extra model in memory whatever the widths (a dense
+map of a 5,632-wide MLP alone is 250 MB). ``widened_copy`` goes through the engine's dense
+transport maps, which only small models can afford.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align
+from tfuse.fusion.engine import parameters, with_state
 from tfuse.fusion.graph import FlowGraph, Out
 from tfuse.fusion.rules import Plan
+
+Relabel = tuple[torch.Tensor, torch.Tensor | None]  # neuron j of the copy is the original's index[j], times sign[j]
 
 
 def space_sizes(graph: FlowGraph, state: State) -> dict[str, int]:
@@ -35,24 +47,35 @@ def symmetry_groups(graph: FlowGraph) -> list[list[str]]:
     return groups
 
 
-def _as_map(perm: torch.Tensor) -> torch.Tensor:
-    n = perm.numel()
-    t = torch.zeros(n, n, dtype=torch.float64)
-    t[torch.arange(n), perm] = 1.0 / n
-    return t
+def relabelled(model: nn.Module, graph: FlowGraph, relabel: dict[str, Relabel]) -> nn.Module:
+    """A copy of ``model`` whose every space is relabelled: each axis gathers its space's
+    ``index`` and takes its ``sign``, except the axes that keep their sign (``magnitude``)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in parameters(twin, graph).items():  # views of the twin's storage, fused parts included
+            moved = w
+            for axis, spec in enumerate(graph.params[name]):
+                if spec is None:
+                    continue
+                index, sign = relabel[spec.space]
+                moved = moved.index_select(axis, index)  # a fresh tensor: the sign goes in in place
+                if sign is not None and not (isinstance(spec, Out) and spec.magnitude):
+                    shape = [1] * moved.dim()
+                    shape[axis] = -1
+                    moved.mul_(sign.to(moved.dtype).view(shape))
+            if moved is not w:
+                w.copy_(moved)
+    return twin
 
 
 def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Module:
     """A copy of ``model`` with every hidden space consistently permuted (same function)."""
-    from tfuse.fusion.engine import parameters, with_state
-
-    state = parameters(model, graph)
-    sizes = space_sizes(graph, state)
+    sizes = space_sizes(graph, parameters(model, graph))
     gen = torch.Generator().manual_seed(seed)
     heads = {}
     for att in graph.attention:
         heads[att.q] = heads[att.k] = heads[att.v] = (att.heads, torch.randperm(att.heads, generator=gen))
-    maps = {}
+    relabel = {}
     for group in symmetry_groups(graph):
         n = sizes[group[0]]
         if group[0] in heads:
@@ -61,8 +84,8 @@ def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Modul
             perm = torch.cat([h * dim + torch.randperm(dim, generator=gen) for h in head_perm.tolist()])
         else:
             perm = torch.randperm(n, generator=gen)
-        maps.update({space: _as_map(perm) for space in group})
-    return with_state(model, align(state, graph, _identity_plan(graph), maps), graph)
+        relabel.update({space: (perm, None) for space in group})
+    return relabelled(model, graph, relabel)
 
 
 def _identity_plan(graph: FlowGraph) -> Plan:
@@ -87,8 +110,6 @@ def widened_copy(model: nn.Module, graph: FlowGraph, wide: nn.Module, spaces: li
     residual stream keeps its function because a LayerNorm over duplicated neurons sees the same
     mean and variance. Attention spaces are refused: widening queries and keys changes the
     attention logits' scale."""
-    from tfuse.fusion.engine import parameters, with_state
-
     state = parameters(model, graph)
     sizes = space_sizes(graph, state)
     attention = {s for att in graph.attention for s in (att.q, att.k, att.v)}
@@ -106,25 +127,16 @@ def widened_copy(model: nn.Module, graph: FlowGraph, wide: nn.Module, spaces: li
     return with_state(wide, align(state, graph, _identity_plan(graph), maps), graph)
 
 
-def _signed_map(perm: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
-    t = _as_map(perm)
-    return t if sign is None else t * sign.double()[:, None]
-
-
 def symmetric_copy(model: nn.Module, graph: FlowGraph, seed: int = 0, signs: bool = False) -> nn.Module:
     """A copy of ``model`` under a random element of every symmetry its graph claims: the stream
     and the other spaces permuted, heads as wholes; grouped attention (GQA, RoPE) by a group
     permutation, query heads permuted inside their group and value dimensions inside their head,
     the Q/K dimensions in place under RoPE; with ``signs``, every space of ``graph.signed`` also
     flipped at random (the value dimensions with the output projection's columns)."""
-    from tfuse.fusion.engine import parameters, with_state
-
-    state = parameters(model, graph)
-    sizes = space_sizes(graph, state)
+    sizes = space_sizes(graph, parameters(model, graph))
     gen = torch.Generator().manual_seed(seed)
     flip = lambda n: (torch.randint(0, 2, (n,), generator=gen) * 2 - 1) if signs else None  # noqa: E731
-    maps: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
+    relabel: dict[str, Relabel] = {}
     for att in graph.attention:
         heads, kv = att.heads, att.kv_heads or att.heads
         r = heads // kv
@@ -145,17 +157,16 @@ def symmetric_copy(model: nn.Module, graph: FlowGraph, seed: int = 0, signs: boo
                 perm["o"] += [head * dv + int(inner_v[g][e]) for e in range(dv)]
                 if sign_v is not None:
                     sign_o.append(sign_v[g * dv:(g + 1) * dv])
-        maps[att.q] = _as_map(torch.tensor(perm["q"]))
-        maps[att.k] = _as_map(torch.tensor(perm["k"]))
-        maps[att.v] = _signed_map(torch.tensor(perm["v"]), sign_v)
+        relabel[att.q] = (torch.tensor(perm["q"]), None)
+        relabel[att.k] = (torch.tensor(perm["k"]), None)
+        relabel[att.v] = (torch.tensor(perm["v"]), sign_v)
         if att.o is not None:
-            maps[att.o] = _signed_map(torch.tensor(perm["o"]), torch.cat(sign_o) if sign_o else None)
-        done |= {att.q, att.k, att.v, att.o}
+            relabel[att.o] = (torch.tensor(perm["o"]), torch.cat(sign_o) if sign_o else None)
     for group in symmetry_groups(graph):
-        group = [s for s in group if s not in done]
+        group = [s for s in group if s not in relabel]
         if not group:
             continue
         perm = torch.randperm(sizes[group[0]], generator=gen)
         sign = flip(len(perm)) if all(s in graph.signed for s in group) else None
-        maps.update({space: _signed_map(perm, sign) for space in group})
-    return with_state(model, align(state, graph, _identity_plan(graph), maps), graph)
+        relabel.update({space: (perm, sign) for space in group})
+    return relabelled(model, graph, relabel)
