@@ -1,6 +1,8 @@
 """fusion.stream: parents read part by part from their checkpoints give the whole-model fuse's
 maps and weights, from one file or shards; the budget decides where block-boundary states live;
 bad checkpoints and full disks end in one line."""
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,6 +76,11 @@ def saved(tmp_path_factory):
     return out
 
 
+def outputs(model, batch) -> torch.Tensor:
+    out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
 def lazies(dirs, fam, **kw):
     return [lazy_parent(d, fam, f"parents[{i}]", **kw) for i, d in enumerate(dirs)]
 
@@ -142,8 +149,7 @@ def test_sharded_and_single_file_parents_fuse_alike_and_the_fused_model_reloads_
 def test_bf16_parents_stream_into_a_bf16_model(saved, tmp_path):
     models, _ = saved["hf_llama"]
     for i in range(2):
-        models[i].to(torch.bfloat16).save_pretrained(tmp_path / f"p{i}")
-        models[i].float()
+        copy.deepcopy(models[i]).to(torch.bfloat16).save_pretrained(tmp_path / f"p{i}")
     parents = lazies([tmp_path / "p0", tmp_path / "p1"], "hf_llama")
     out = stream_fuse(parents, family("hf_llama").graph(parents[0].model), settings("hf_llama", "global"), 0,
                       batches("hf_llama"), lambda x: x)
@@ -216,3 +222,41 @@ def test_compact_keeps_only_signed_permutations_hard():
     assert torch.allclose(hard.gather(w.T, 1), w.T @ (3 * t.float()))
     soft = compact(torch.full((3, 3), 1 / 9, dtype=torch.float64))
     assert not isinstance(soft, HardMap) and soft.dtype == torch.float32
+
+
+@pytest.mark.parametrize("fam", list(BUILDERS))
+def test_the_cross_gram_repair_equals_the_stored_target_repair(saved, fam):
+    """Three parents, an untied head for LLaMA, more samples than any layer's inputs: the same
+    fits, weights and outputs as the whole-model repair, which stores its targets."""
+    models, dirs = saved[fam]
+    st = dataclasses.replace(settings(fam, "global"), repair="lstsq", repair_samples=32)
+    graph = family(fam).graph
+    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x)
+    parents = lazies(dirs, fam)
+    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0)
+    fits = {f.layer: [f.before, f.after] for f in whole.repair}
+    got = {f.layer: [f.before, f.after] for f in streamed.repair}
+    assert set(got) == set(fits) and ("lm_head" in fits) == (fam == "hf_llama")
+    for layer, pair in fits.items():
+        assert got[layer] == pytest.approx(pair, abs=1e-6), layer
+    fused = dict(streamed.model.named_parameters())
+    for name, w in whole.model.named_parameters():  # float32 sums in another order: ill-determined directions move
+        torch.testing.assert_close(fused[name], w, atol=1e-2 * float(w.abs().max()), rtol=1e-2)
+    with torch.no_grad():
+        for batch in batches(fam)():
+            want = outputs(whole.model, batch)
+            torch.testing.assert_close(outputs(streamed.model, batch), want, atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
+def test_a_head_is_solved_in_row_chunks(monkeypatch, saved):
+    from tfuse.fusion import crossgram
+
+    models, dirs = saved["hf_llama"]
+    st = dataclasses.replace(settings("hf_llama", "global"), repair="lstsq", repair_samples=32)
+    graph = family("hf_llama").graph
+    whole = stream_fuse(lazies(dirs, "hf_llama"), graph(models[0]), st, 0, batches("hf_llama", n=8), lambda x: x)
+    monkeypatch.setattr(crossgram, "CHUNK_ROWS", 40)  # the head's 97 rows in three chunks
+    chunked = stream_fuse(lazies(dirs, "hf_llama"), graph(models[0]), st, 0, batches("hf_llama", n=8), lambda x: x)
+    assert [f.layer for f in chunked.repair if f.layer.startswith("lm_head")] == [
+        "lm_head[0:40]", "lm_head[40:80]", "lm_head[80:97]"]
+    torch.testing.assert_close(chunked.model.lm_head.weight, whole.model.lm_head.weight, atol=1e-6, rtol=1e-6)

@@ -25,7 +25,7 @@ import torch
 
 from tfuse.checkpoint import LazyModel
 from tfuse.errors import TfuseError
-from tfuse.fusion.apply import align, average
+from tfuse.fusion.blockwise import align_and_repair
 from tfuse.fusion.boundary import BoundaryCache, default_budget
 from tfuse.fusion.compact import CompactMaps, HardMap
 from tfuse.fusion.cost import COSTS
@@ -33,89 +33,16 @@ from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, ti
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.plan import check_probes, make_plan
-from tfuse.fusion.recorder import Recorder, call, kept_rows
-from tfuse.fusion.replay import Replay
+from tfuse.fusion.recorder import Recorder, kept_rows
 from tfuse.fusion.rules import CombineRule, Plan, Rule
 from tfuse.fusion.statistics import (
     Moments, _check_finite, _ParentStatistics, _steady_allocator, _virtual_state, block_probes, derived_blocks, join,
 )
 from tfuse.fusion.tokens import token_mask
+from tfuse.fusion.walk import OUTER, Walk, part_of
 from tfuse.progress import track
 
 Batch = dict[str, torch.Tensor]
-OUTER = 0  # the parameters outside every block: read for the part before the blocks and the part after
-
-
-class _Stop(Exception):
-    """Raised once a run has reached what it was asked for."""
-
-
-def part_of(name: str, blocks: Sequence[str]) -> int:
-    """``k + 1`` for a parameter or module inside block ``k``, ``OUTER`` otherwise."""
-    for k, block in enumerate(blocks):
-        if name == block or name.startswith(block + "."):
-            return k + 1
-    return OUTER
-
-
-class _Walk:
-    """One model walked over the calibration batches: its hidden states at the current block
-    boundary (``cache``, keyed ``(index, batch)``) and the arguments each block gets per batch."""
-
-    def __init__(self, lazy: LazyModel, graph: FlowGraph, cache: BoundaryCache, index: int):
-        self.lazy, self.graph, self.cache, self.index = lazy, graph, cache, index
-        self.model = lazy.model
-        modules = dict(self.model.named_modules())
-        self.blocks = [modules[b] for b in graph.blocks]
-        self.arguments: list[list[tuple[tuple, dict]]] = []  # per batch, per block: (args after the first, kwargs)
-
-    def before(self, b: int, inputs: Batch) -> None:
-        """The part before the first block on batch ``b``: block 0's input cached, every block's
-        other arguments recorded (the blocks themselves stand in and are not run)."""
-        got: list[tuple[tuple, dict]] = []
-        first: list[torch.Tensor] = []
-
-        def stand_in(k: int):
-            def forward(*args, **kwargs):
-                hidden = args[0] if args else kwargs.pop(next(iter(kwargs)))
-                got.append((args[1:], kwargs))
-                if k == 0:
-                    first.append(hidden)
-                if k == len(self.blocks) - 1:
-                    raise _Stop
-                return hidden
-            return forward
-
-        for k, block in enumerate(self.blocks):
-            block.forward = stand_in(k)
-        try:
-            call(self.model, inputs)
-            raise TfuseError(f"streamed fusion: the forward pass never reached block '{self.graph.blocks[-1]}'")
-        except _Stop:
-            pass
-        finally:
-            for block in self.blocks:
-                vars(block).pop("forward", None)
-        self.cache.put((self.index, b), first[0])
-        self.arguments.append(got)
-
-    def block(self, k: int, b: int) -> None:
-        """Block ``k`` on batch ``b``'s cached input; its output becomes the cached state."""
-        args, kwargs = self.arguments[b][k]
-        out = self.blocks[k](self.cache.get((self.index, b)), *args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            raise TfuseError(f"streamed fusion: block '{self.graph.blocks[k]}' returns a {type(out).__name__}, not a "
-                             "tensor: the flow graph's blocks must each map a tensor to a tensor")
-        self.cache.put((self.index, b), out)
-
-    def after(self, b: int, inputs: Batch, modules: dict[str, str]) -> None:
-        """The part after the last block on batch ``b``, from the cached state, until the
-        ``modules`` (name -> ``input`` or ``output``) have run."""
-        replay = Replay(self.model, self.graph.blocks)
-        replay.start = len(self.blocks)
-        replay.run(inputs, self.cache.get((self.index, b)),
-                   inputs_of=[m for m, w in modules.items() if w == "input"],
-                   outputs_of=[m for m, w in modules.items() if w == "output"])
 
 
 def _present(acts: dict[str, torch.Tensor], segments) -> list[torch.Tensor | None] | None:
@@ -149,13 +76,15 @@ def stream_fuse(
     model_inputs: Callable[[Batch], Batch],
     total: int | None = None,
     memory_bytes: int | None = None,
+    repair_calibration: Callable[[], Iterable[Batch]] | None = None,
 ) -> FusionOutcome:
     """OT fusion of checkpoints read part by part (``settings``: ``OTSettings``); the anchor's
     skeleton becomes the fused model."""
     if settings.iterations != 1:
         raise TfuseError(f"fusion.stream fuses in one pass: fusion.iterations={settings.iterations} must be 1")
-    if settings.repair != "none":
-        raise TfuseError(f"fusion.stream: fusion.repair={settings.repair} is not streamed yet; use fusion.repair=none")
+    if settings.repair == "rescale" or settings.repair_targets != "mean":
+        raise TfuseError(f"fusion.stream repairs with fusion.repair=lstsq and fusion.repair_targets=mean (given "
+                         f"{settings.repair}, {settings.repair_targets}); use those, or fusion.stream=false")
     if not COSTS[settings.cost].needs_statistics:
         raise TfuseError(f"fusion.stream aligns on activations: fusion.cost={settings.cost} needs whole models; "
                          "use fusion.cost=activations")
@@ -176,12 +105,15 @@ def stream_fuse(
             m.eval()
         with torch.no_grad():
             maps, info = _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache, timings)
-        with torch.no_grad(), timed(timings, "align", models[anchor]):
-            _pass_two(parents, graph, plan, maps, anchor, settings.weights(len(parents)))
+        cache.close()
+        stage = "align" if settings.repair == "none" else "repair"  # with a repair, one walk aligns and refits
+        with torch.no_grad(), timed(timings, stage, models[anchor]):
+            fits = align_and_repair(parents, graph, plan, maps, anchor, settings, repair_calibration or calibration,
+                                    model_inputs, cache)
     finally:
         cache.close()
     info["boundary_cache"] = {"budget_bytes": budget}
-    return FusionOutcome(models[anchor], maps, timings, [], info)
+    return FusionOutcome(models[anchor], maps, timings, fits, info)
 
 
 def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache, timings):
@@ -196,7 +128,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
     names = plan.probes() + list(sources)
     probes = {**graph.probes, **sources}
     movers = [i for i in range(len(parents)) if i != anchor]
-    walks = {i: _Walk(parents[i], graph, cache, i) for i in range(len(parents))}
+    walks = {i: Walk(parents[i], graph, cache, i) for i in range(len(parents))}
     recorders = {i: Recorder(parents[i].model, probes, names) for i in walks}
     sums = settings.center or settings.standardize
     ref_moments: dict[str, Moments] = {}
@@ -333,26 +265,3 @@ def _flips(m: HardMap | torch.Tensor) -> int:
     if isinstance(m, HardMap):
         return 0 if m.sign is None else int((m.sign < 0).sum())
     return int((m.sum(0) < 0).sum())
-
-
-def _pass_two(parents, graph, plan, maps, anchor, weights) -> None:
-    """Each part of every parent aligned and averaged into the anchor's skeleton."""
-    blocks = graph.blocks
-    names = parents[anchor].names()
-    parts: dict[int, list[str]] = {}
-    for n in names:
-        parts.setdefault(part_of(n, blocks), []).append(n)
-    for part in track(sorted(parts), "aligning and averaging, block by block", total=len(parts)):
-        real = parts[part]
-        virtual = [v for n in real for v in (graph.views[n].parts if n in graph.views else (n,)) if v in graph.params]
-        aligned = []
-        for i, p in enumerate(parents):
-            p.load(real)
-            state = graph.to_virtual({n: p.tensor(n) for n in real})
-            aligned.append(state if i == anchor else align(state, graph, plan, maps[i].raw, names=virtual))
-        fused = graph.to_real(average(aligned, weights))
-        for i, p in enumerate(parents):
-            if i != anchor:
-                p.release(real)
-        for n in real:
-            parents[anchor].set(n, fused[n])

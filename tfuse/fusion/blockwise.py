@@ -1,0 +1,201 @@
+"""Pass 2 of streamed fusion (``stream.py``): part by part, every parent aligned into the anchor's
+basis and averaged into the fused model (the anchor's skeleton); with ``fusion.repair=lstsq``,
+each block's linear layers then refit toward the aligned parents before the walk moves on.
+
+The repair walks the repair batches as pass 1 walks the statistics': the fused model and every
+aligned parent (the anchor's own weights in a twin of its skeleton) keep their hidden states at
+the current block boundary. For each stage of a block (layers reading one tensor, in call order:
+``replay.find_stages``'s grouping) the fused block and each aligned parent's run up to the
+stage's input, batch by batch, feeding the cross-Grams of ``crossgram.py``; the stage is solved,
+and the next stage reads the refit layers. No target is stored. The layers after the last block
+(an untied head) are refit alike, in row chunks.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from tfuse.checkpoint import LazyModel
+from tfuse.errors import TfuseError
+from tfuse.fusion.apply import align, average
+from tfuse.fusion.boundary import BoundaryCache
+from tfuse.fusion.crossgram import CrossGram, chunks
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.replay import linear_layers
+from tfuse.fusion.rules import Plan
+from tfuse.fusion.solvers import LayerFit
+from tfuse.fusion.walk import OUTER, Walk, part_of
+from tfuse.progress import track
+
+Batch = dict[str, torch.Tensor]
+
+
+def twin(lazy: LazyModel) -> LazyModel:
+    """A second skeleton over the same checkpoint (its parameters released first)."""
+    lazy.release(lazy.names())
+    other = copy.copy(lazy)
+    other.model = copy.deepcopy(lazy.model)
+    other.owners, other.aliases = {}, {}
+    first: dict[int, str] = {}
+    for prefix, module in other.model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                name = f"{prefix}.{attr}" if prefix else attr
+                key = first.setdefault(id(p), name)
+                other.owners.setdefault(key, []).append((module, attr))
+                other.aliases.setdefault(key, []).append(name)
+    return other
+
+
+def _virtual(graph: FlowGraph, real: Sequence[str]) -> list[str]:
+    return [v for n in real for v in (graph.views[n].parts if n in graph.views else (n,)) if v in graph.params]
+
+
+class _Merge:
+    """Aligning and averaging one part at a time; with ``keep``, the aligned parents' parameters
+    are written into their own skeletons (the repair's targets)."""
+
+    def __init__(self, parents, targets, graph: FlowGraph, plan: Plan, maps, anchor: int, weights, keep: bool):
+        self.parents, self.targets, self.graph, self.plan, self.maps = parents, targets, graph, plan, maps
+        self.anchor, self.weights, self.keep = anchor, weights, keep
+
+    def part(self, real: list[str]) -> None:
+        virtual = _virtual(self.graph, real)
+        aligned = []
+        for i, p in enumerate(self.targets):
+            p.load(real)
+            state = self.graph.to_virtual({n: p.tensor(n) for n in real})
+            if i != self.anchor:
+                state = align(state, self.graph, self.plan, self.maps[i].raw, names=virtual)
+                if self.keep:
+                    for n, w in self.graph.to_real(state).items():
+                        p.set(n, w)
+            aligned.append(state)
+        fused = self.graph.to_real(average(aligned, self.weights))
+        for n in real:
+            self.parents[self.anchor].set(n, fused[n])
+        if not self.keep:
+            self.release(real)
+
+    def release(self, real: list[str]) -> None:
+        for i, p in enumerate(self.targets):
+            if p is not self.parents[self.anchor]:
+                p.release(real)
+
+
+def align_and_repair(
+    parents: Sequence[LazyModel], graph: FlowGraph, plan: Plan, maps, anchor: int, settings,
+    calibration: Callable[[], Iterable[Batch]] | None, model_inputs: Callable[[Batch], Batch], cache: BoundaryCache,
+) -> list[LayerFit]:
+    """Pass 2: the anchor's skeleton becomes the fused model; the repair's fits (lstsq)."""
+    weights = settings.weights(len(parents))
+    blocks = graph.blocks
+    parts: dict[int, list[str]] = {}
+    for n in parents[anchor].names():
+        parts.setdefault(part_of(n, blocks), []).append(n)
+    outer = parts.get(OUTER, [])
+    repair = settings.repair != "none"
+    targets = list(parents)
+    if repair:
+        targets[anchor] = twin(parents[anchor])
+    merge = _Merge(parents, targets, graph, plan, maps, anchor, weights, keep=repair)
+    if not repair:
+        for part in track(sorted(parts), "aligning and averaging, block by block", total=len(parts)):
+            merge.part(parts[part])
+        return []
+    data = list(calibration())
+    if not data:
+        raise TfuseError("fusion.repair needs calibration data (fusion.repair_samples >= 1)")
+    from tfuse.fusion.repair import _Rows
+
+    inputs = [model_inputs(batch) for batch in data]
+    rows = _Rows(graph, settings, data)
+    fused = Walk(parents[anchor], graph, cache, "fused")
+    walks = [Walk(t, graph, cache, i) for i, t in enumerate(targets)]
+    layers = linear_layers(parents[anchor].model, graph)
+    targets_layers = [linear_layers(t.model, graph) for t in targets]
+    for m in [parents[anchor].model] + [t.model for t in targets]:
+        m.eval()
+    fits: list[LayerFit] = []
+    merge.part(outer)
+    for b, x in enumerate(inputs):
+        for walk in (fused, *walks):
+            walk.before(b, x)
+    merge.release(outer)
+    for k in track(range(len(blocks)), "aligning, averaging and repairing, block by block", total=len(blocks)):
+        merge.part(parts.get(k + 1, []))
+        for stage in _stages(fused, k, layers, blocks[k]):
+            fits += _refit(stage, layers, targets_layers, weights, settings, inputs, rows,
+                           lambda w, b, m: w.input_of(k, b, m), fused, walks)
+        for b in range(len(inputs)):
+            for walk in (fused, *walks):
+                walk.block(k, b)
+        merge.release(parts.get(k + 1, []))
+    after = [n for n in layers if part_of(n, blocks) == OUTER]  # an untied head (one before the blocks reads the inputs: exact)
+    if after:
+        _realign(merge, outer)
+        for name in after:
+            fits += _refit([name], layers, targets_layers, weights, settings, inputs, rows,
+                           lambda w, b, m: w.input_after(b, inputs[b], m), fused, walks)
+        merge.release(outer)
+    return fits
+
+
+def _realign(merge: _Merge, outer: list[str]) -> None:
+    """The aligned parents' outer parameters again (released after the part before the blocks)."""
+    for i, p in enumerate(merge.targets):
+        if i == merge.anchor:
+            continue
+        p.load(outer)
+        state = merge.graph.to_virtual({n: p.tensor(n) for n in outer})
+        state = align(state, merge.graph, merge.plan, merge.maps[i].raw, names=_virtual(merge.graph, outer))
+        for n, w in merge.graph.to_real(state).items():
+            p.set(n, w)
+    merge.targets[merge.anchor].load(outer)
+
+
+def _stages(fused: Walk, k: int, layers, block: str) -> list[list[str]]:
+    """Block ``k``'s linear layers grouped into stages (consecutive layers reading one tensor), in
+    call order, read off one run of the block on the first batch."""
+    inside = {n: m for n, m in layers.items() if part_of(n, [block]) == 1}
+    calls: list[tuple[str, torch.Tensor]] = []
+    modules = fused.modules
+    handles = [modules[n].register_forward_pre_hook(
+        lambda m, a, kw, n=n: calls.append((n, a[0] if a else next(iter(kw.values())))), with_kwargs=True)
+        for n in inside]
+    try:
+        args, kwargs = fused.arguments[0][k]
+        fused.blocks[k](fused.cache.get((fused.index, 0)), *args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n, _ in calls]
+    if len(names) != len(set(names)):
+        raise TfuseError(f"repair: a layer of block '{block}' runs more than once per forward pass (shared weights): "
+                         "not supported")
+    stages: list[list] = []
+    for n, x in calls:
+        if stages and stages[-1][1] is x:
+            stages[-1][0].append(n)
+        else:
+            stages.append([[n], x])
+    return [names for names, _ in stages]
+
+
+def _refit(stage: list[str], layers, targets_layers, weights, settings, inputs, rows, input_of, fused: Walk,
+           walks: list[Walk]) -> list[LayerFit]:
+    """Stream one stage's cross-Grams over the repair batches, then solve it (``crossgram.py``)."""
+    fused_layers: dict = {}
+    parent_layers: list[dict] = [{} for _ in walks]
+    for name in stage:
+        fused_layers.update(chunks(name, layers[name]))
+        for k, t in enumerate(targets_layers):
+            parent_layers[k].update(chunks(name, t[name]))
+    method = CrossGram(fused_layers, settings.repair_ridge, parent_layers, weights)
+    first = stage[0]
+    for b in range(len(inputs)):
+        x = rows(b, input_of(fused, b, first))
+        method.add(x, [rows(b, input_of(w, b, first)) for w in walks])
+    return method.solve()
