@@ -45,7 +45,6 @@ class Checkpoint:
         missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
         if missing:
             raise TfuseError(f"{label}: the index names the shard '{missing[0]}', which does not exist; copy it too")
-        self._open: dict[Path, object] = {}
 
     @property
     def names(self) -> set[str]:
@@ -53,15 +52,25 @@ class Checkpoint:
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` (in ``dtype``; None: as stored)."""
-        file = self.files[name]
-        try:
-            handle = self._open.get(file)
-            if handle is None:
-                handle = self._open[file] = safe_open(file, "pt")
-            tensor = handle.get_tensor(name)
-        except SafetensorError as err:
-            raise TfuseError(f"{self.label}: '{file}' is truncated or corrupt ({err}); copy or save it again") from err
-        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        return self.read_many([name], dtype)[name]
+
+    def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Tensors ``names``, each file opened once and closed after: its pages are not kept
+        mapped (they would count as resident memory for the rest of the run)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, group in by_file.items():
+            try:
+                with safe_open(file, "pt") as handle:
+                    for name in group:
+                        out[name] = handle.get_tensor(name)
+            except SafetensorError as err:
+                raise TfuseError(f"{self.label}: '{file}' is truncated or corrupt ({err}); copy or save it again") from err
+        if dtype is not None:
+            out = {n: t.to(dtype) if t.is_floating_point() else t for n, t in out.items()}
+        return out
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's first floating-point tensor."""
@@ -142,11 +151,10 @@ class LazyModel:
 
     def load(self, names: Iterable[str]) -> None:
         """Read parameters ``names`` from the checkpoint (those already loaded stay)."""
-        for name in names:
-            module, attr = self.owners[name][0]
-            if not getattr(module, attr).is_meta:
-                continue
-            self.set(name, self.checkpoint.read(self.stored_name(name), self.dtype).to(self.device))
+        wanted = [n for n in names if getattr(*self.owners[n][0]).is_meta]
+        read = self.checkpoint.read_many([self.stored_name(n) for n in wanted], self.dtype)
+        for name in wanted:
+            self.set(name, read.pop(self.stored_name(name)).to(self.device))
 
     def tensor(self, name: str) -> torch.Tensor:
         module, attr = self.owners[name][0]
