@@ -8,6 +8,7 @@ names the tensor.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Callable, Iterable
@@ -112,10 +113,14 @@ class LazyModel:
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.dtype = dtype or checkpoint.stored_dtype()
         self.key_of = {(renamed or {}).get(key, key): key for key in checkpoint.names}  # model name -> checkpoint key
+        self._index()
+        self._check()
+
+    def _index(self) -> None:
         self.owners: dict[str, list[tuple[nn.Module, str]]] = {}  # a parameter's name -> every (module, attr) holding it
         self.aliases: dict[str, list[str]] = {}
         first: dict[int, str] = {}
-        for prefix, module in model.named_modules():
+        for prefix, module in self.model.named_modules():
             for attr, p in module._parameters.items():
                 if p is None:
                     continue
@@ -123,7 +128,6 @@ class LazyModel:
                 key = first.setdefault(id(p), name)
                 self.owners.setdefault(key, []).append((module, attr))
                 self.aliases.setdefault(key, []).append(name)
-        self._check()
 
     def _check(self) -> None:
         stored = set(self.key_of)
@@ -162,7 +166,7 @@ class LazyModel:
 
     def set(self, name: str, value: torch.Tensor) -> None:
         """Parameter ``name`` (and its ties) holds ``value``."""
-        param = nn.Parameter(value, requires_grad=False)
+        param = nn.Parameter(value, requires_grad=value.is_floating_point())
         for module, attr in self.owners[name]:
             module._parameters[attr] = param
 
@@ -182,3 +186,28 @@ class LazyModel:
 
     def loaded(self) -> bool:
         return all(not getattr(*owners[0]).is_meta for owners in self.owners.values())
+
+    def load_on_call(self) -> None:
+        """Read the whole model the first time it is called (until released): code written for
+        whole models (evaluation, finetuning) runs on it unchanged."""
+        def whole(module, args):
+            if not self.loaded():
+                self.load(self.names())
+                self.load_buffers()
+
+        self.hook = self.model.register_forward_pre_hook(whole)
+
+    def release_all(self) -> None:
+        self.release(self.names())
+
+    def twin(self) -> "LazyModel":
+        """A second skeleton over the same checkpoint, never read whole on call (its parameters
+        released first, so that the copy holds none)."""
+        self.release_all()
+        other = copy.copy(self)
+        other.model = copy.deepcopy(self.model)
+        if getattr(self, "hook", None) is not None:
+            other.model._forward_pre_hooks.pop(self.hook.id, None)
+            other.hook = None
+        other._index()
+        return other

@@ -17,6 +17,9 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
 
 
+SHARD_SIZE = "2GB"  # saved models come in safetensors shards of this size at most, with their index
+
+
 def is_local(source: str) -> bool:
     """Whether a parent's source names a local path (else a hub id ``org/name``)."""
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from tfuse.arch.base import checkpoint_json
+from tfuse.arch.base import SHARD_SIZE, checkpoint_json
 from tfuse.data.images import Normalization
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
@@ -69,7 +69,7 @@ def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "aut
 
 
 def save(model: ViTForImageClassification, path: str) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=SHARD_SIZE)
 
 
 PREPROCESSOR = "preprocessor_config.json"

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tfuse.arch.base import SHARD_SIZE
 from tfuse.errors import TfuseError
 
 
@@ -44,7 +45,7 @@ def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenize
 
 
 def save(model: nn.Module, path: str) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=SHARD_SIZE)
     tokenizer = tokenizer_of(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -12,7 +12,6 @@ and the next stage reads the refit layers. No target is stored. The layers after
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -30,23 +29,6 @@ from tfuse.fusion.walk import OUTER, Walk, part_of
 from tfuse.progress import track
 
 Batch = dict[str, torch.Tensor]
-
-
-def twin(lazy: LazyModel) -> LazyModel:
-    """A second skeleton over the same checkpoint (its parameters released first)."""
-    lazy.release(lazy.names())
-    other = copy.copy(lazy)
-    other.model = copy.deepcopy(lazy.model)
-    other.owners, other.aliases = {}, {}
-    first: dict[int, str] = {}
-    for prefix, module in other.model.named_modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                name = f"{prefix}.{attr}" if prefix else attr
-                key = first.setdefault(id(p), name)
-                other.owners.setdefault(key, []).append((module, attr))
-                other.aliases.setdefault(key, []).append(name)
-    return other
 
 
 def _virtual(graph: FlowGraph, real: Sequence[str]) -> list[str]:
@@ -67,7 +49,7 @@ class _Merge:
         for i, p in enumerate(self.targets):
             p.load(real)
             state = self.graph.to_virtual({n: p.tensor(n) for n in real})
-            if i != self.anchor:
+            if i != self.anchor and self.maps[i] is not None:  # vanilla fusion: no maps
                 state = align(state, self.graph, self.plan, self.maps[i].raw, names=virtual)
                 if self.keep:
                     for n, w in self.graph.to_real(state).items():
@@ -99,7 +81,7 @@ def align_and_repair(
     repair = settings.repair != "none"
     targets = list(parents)
     if repair:
-        targets[anchor] = twin(parents[anchor])
+        targets[anchor] = parents[anchor].twin()
     merge = _Merge(parents, targets, graph, plan, maps, anchor, weights, keep=repair)
     if not repair:
         for part in track(sorted(parts), "aligning and averaging, block by block", total=len(parts)):
@@ -146,14 +128,15 @@ def align_and_repair(
 def _realign(merge: _Merge, outer: list[str]) -> None:
     """The aligned parents' outer parameters again (released after the part before the blocks)."""
     for i, p in enumerate(merge.targets):
-        if i == merge.anchor:
+        if i == merge.anchor or merge.maps[i] is None:
             continue
         p.load(outer)
         state = merge.graph.to_virtual({n: p.tensor(n) for n in outer})
         state = align(state, merge.graph, merge.plan, merge.maps[i].raw, names=_virtual(merge.graph, outer))
         for n, w in merge.graph.to_real(state).items():
             p.set(n, w)
-    merge.targets[merge.anchor].load(outer)
+    for p in merge.targets:
+        p.load(outer)
 
 
 def _stages(fused: Walk, k: int, layers, block: str) -> list[list[str]]:

@@ -39,6 +39,9 @@ class FusionSettings:
     repair_targets: str = "mean"  # per sample, each aligned parent weighs alpha x: 1 (mean), p(label), top p (confidence)
     cache: bool = True  # reuse what an identical earlier pass computed (fusion/cache.py)
     cache_targets: bool = False  # also keep the repair's targets (disk: every repair sample's layer outputs)
+    stream: bool = False  # walk the parents block by block from their safetensors checkpoints (stream.py)
+    memory_gb: float | None = None  # fusion.stream: hidden states kept in memory (None: half the device's free memory)
+    control: bool = True  # fuse the vanilla control too (false: skip it, large runs)
 
     def __post_init__(self) -> None:
         for key, allowed in self.CHOICES.items():
@@ -56,6 +59,8 @@ class FusionSettings:
                              "fusion.repair=lstsq (rescale matches whole-split moments)")
         if isinstance(self.alpha, str) and self.alpha not in ALPHA_RULES:
             raise TfuseError(f"fusion.alpha={self.alpha!r}: give one weight per parent, or one of {', '.join(ALPHA_RULES)}")
+        if self.memory_gb is not None and not self.memory_gb >= 0:
+            raise TfuseError(f"fusion.memory_gb={self.memory_gb} must be 0 or more gigabytes (null: half the free memory)")
         if not (isinstance(self.anchor, int) or self.anchor == "best"):
             raise TfuseError(f"fusion.anchor={self.anchor!r}: give a parent index or 'best'")
 

@@ -72,20 +72,53 @@ def stream_fuse(
     graph: FlowGraph,
     settings,
     anchor: int,
-    calibration: Callable[[], Iterable[Batch]],
+    calibration: Callable[[], Iterable[Batch]] | None,
     model_inputs: Callable[[Batch], Batch],
     total: int | None = None,
     memory_bytes: int | None = None,
     repair_calibration: Callable[[], Iterable[Batch]] | None = None,
+    aligned: bool = True,
 ) -> FusionOutcome:
-    """OT fusion of checkpoints read part by part (``settings``: ``OTSettings``); the anchor's
-    skeleton becomes the fused model."""
-    if settings.iterations != 1:
+    """OT fusion of checkpoints read part by part (``settings``: ``OTSettings``), or with
+    ``aligned=False`` vanilla fusion (the parents averaged as they are: the control, repaired
+    alike; ``FusionSettings`` suffice); the anchor's skeleton becomes the fused model."""
+    _check(parents, graph, settings, anchor, aligned)
+    models = [p.model for p in parents]
+    plan = make_plan(graph, settings) if aligned else None
+    if aligned:
+        check_probes(plan, graph)
+    device = torch.device(parents[anchor].device)
+    budget = memory_bytes if memory_bytes is not None else default_budget(device)
+    timings: dict[str, float] = {}
+    cache = BoundaryCache(device, budget)
+    try:
+        for m in models:
+            m.eval()
+        maps: list = [None] * len(parents)
+        info: dict = {}
+        if aligned:
+            with torch.no_grad():
+                maps, info = _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache,
+                                       timings)
+            cache.close()
+        stage = "align" if settings.repair == "none" else "repair"  # with a repair, one walk aligns and refits
+        with torch.no_grad(), timed(timings, stage, models[anchor]):
+            fits = align_and_repair(parents, graph, plan, maps, anchor, settings, repair_calibration or calibration,
+                                    model_inputs, cache)
+    finally:
+        cache.close()
+    info["boundary_cache"] = {"budget_bytes": budget}
+    return FusionOutcome(models[anchor], [m if m is not None else {} for m in maps], timings, fits, info)
+
+
+def _check(parents: Sequence[LazyModel], graph: FlowGraph, settings, anchor: int, aligned: bool) -> None:
+    """What streaming supports, and parents the graph describes (one line otherwise)."""
+    if aligned and settings.iterations != 1:
         raise TfuseError(f"fusion.stream fuses in one pass: fusion.iterations={settings.iterations} must be 1")
     if settings.repair == "rescale" or settings.repair_targets != "mean":
         raise TfuseError(f"fusion.stream repairs with fusion.repair=lstsq and fusion.repair_targets=mean (given "
                          f"{settings.repair}, {settings.repair_targets}); use those, or fusion.stream=false")
-    if not COSTS[settings.cost].needs_statistics:
+    if aligned and not COSTS[settings.cost].needs_statistics:
         raise TfuseError(f"fusion.stream aligns on activations: fusion.cost={settings.cost} needs whole models; "
                          "use fusion.cost=activations")
     if not graph.blocks:
@@ -94,26 +127,8 @@ def stream_fuse(
     for i, m in enumerate(models):
         check_graph(m, graph, f"parent {i}")
     check_fixed_axes(models, graph, anchor)
-    plan = make_plan(graph, settings)
-    check_probes(plan, graph)
-    device = torch.device(parents[anchor].device)
-    budget = memory_bytes if memory_bytes is not None else default_budget(device)
-    timings = {"statistics": 0.0, "transport": 0.0, "align": 0.0}
-    cache = BoundaryCache(device, budget)
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            maps, info = _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache, timings)
-        cache.close()
-        stage = "align" if settings.repair == "none" else "repair"  # with a repair, one walk aligns and refits
-        with torch.no_grad(), timed(timings, stage, models[anchor]):
-            fits = align_and_repair(parents, graph, plan, maps, anchor, settings, repair_calibration or calibration,
-                                    model_inputs, cache)
-    finally:
-        cache.close()
-    info["boundary_cache"] = {"budget_bytes": budget}
-    return FusionOutcome(models[anchor], maps, timings, fits, info)
+    if not aligned and any(p.shape != q.shape for m in models for p, q in zip(m.parameters(), models[anchor].parameters())):
+        raise TfuseError("vanilla fusion needs parents of identical architectures (widths differ)")
 
 
 def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache, timings):
@@ -133,8 +148,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
     sums = settings.center or settings.standardize
     ref_moments: dict[str, Moments] = {}
     stats = {i: _ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for i in movers}
-    maps = {i: CompactMaps() for i in range(len(parents))}
-    del maps[anchor]
+    maps = {i: CompactMaps() for i in movers}
     generator = torch.Generator().manual_seed(settings.seed)
     inputs: list[Batch] = []
     masks = []
@@ -217,6 +231,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
             p.load_buffers()
             p.load(outer)
         fired: set[str] = set()
+        timings.update(statistics=0.0, transport=0.0)
         with timed(timings, "statistics", parents[anchor].model):
             for batch in track(calibration(), "statistics: before the blocks", total=total):
                 inputs.append(model_inputs(batch))
@@ -257,7 +272,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
     if settings.signs and plan.signed:
         info["sign_flips"] = [{s: [_flips(m.raw[s]), m.raw[s].shape[1]] for s in sorted(plan.signed) if s in m.raw}
                               for m in maps.values()]
-    return [maps.get(i, {}) for i in range(len(parents))], info
+    return [maps.get(i) for i in range(len(parents))], info
 
 
 def _flips(m: HardMap | torch.Tensor) -> int:

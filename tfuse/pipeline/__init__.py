@@ -38,10 +38,12 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     fused = fuse_parents(setup, baseline, clock)
     tuned = finetune_all(setup, fused, clock, baseline.anchor)
     results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
+    setup.release()
     results["fusion_settings"] = settings_in_force(setup.settings)
     if cfg.get("downstream") and cfg.downstream.get("task"):
         with clock.stage("downstream"):
             results["downstream"] = run_downstream(cfg, setup.models, fused.models, tuned.models, setup.device, console)
+        setup.release()
     save_models(setup, fused, tuned, results, out_dir)
     write_json(out_dir / "results.json", results)
     console.print(results_table(results))

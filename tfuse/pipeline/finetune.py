@@ -31,9 +31,10 @@ def finetune_all(setup: Setup, fused: Fused, clock: Stopwatch, anchor: int = 0) 
         return tuned
     task = finetune_task(setup.task, cfg)
     wanted = _controls(cfg)
-    controls = {f"parent_{i}": m for i, m in enumerate(setup.models)} if "parents" in wanted else {}
+    controls = {f"parent_{i}": i for i in range(len(setup.models))} if "parents" in wanted else {}
     for name, model in {**fused.models, **controls}.items():
-        copy_ = copy.deepcopy(model)
+        copy_ = copy.deepcopy(setup.whole(model) if isinstance(model, int) else model)
+        setup.release()
         with clock.stage(f"finetune_{name}"):
             stats = finetune(copy_, task, cfg, cfg.seed, setup.device, label_of(name), setup.models)
         _score(tuned, name, copy_, task)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tfuse.arch import check_heads, check_same_architecture, family_for
+from tfuse.arch import check_heads, check_same_architecture, family_for, model_dtype
 from tfuse.errors import TfuseError
 from tfuse.fusion.cache import StatisticsCache
+from tfuse.fusion.engine import FusionOutcome
 from tfuse.fusion.methods import METHODS, Calibration, settings_from_config
+from tfuse.fusion.stream import stream_fuse
 from tfuse.parents import obtain_parents, parent_shards
 from tfuse.pipeline.finetune import plot_curves, steps_to_beat
 from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
@@ -33,6 +35,7 @@ def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     parts, partition = parent_shards(cfg, task) if not cfg.parents else (None, None)
     with clock.stage("parents"):
         parents = obtain_parents(cfg, task, device, parts)
+        lazy = streamed(cfg, parents, device) if settings.stream else None
     models = [p.model for p in parents]
     task = for_models(task, models)  # bare encoders: embedding agreement with the parents
     widths_differ = any(
@@ -40,7 +43,21 @@ def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     )
     check_same_architecture(models, allow_widths=METHODS[settings.method].allows_widths)
     check_heads(models)
-    return Setup(cfg, settings, device, task, parents, models, widths_differ, partition)
+    return Setup(cfg, settings, device, task, parents, models, widths_differ, partition, lazy)
+
+
+def streamed(cfg: DictConfig, parents: list, device: str) -> list:
+    """fusion.stream: each parent as a skeleton over its checkpoint directory (the parents' own
+    ``parents=[...]``, or a recipe parent's cache entry), read whole only when called."""
+    from tfuse.arch.lazy import lazy_parent
+
+    dtype = model_dtype(cfg.model)
+    lazy = [lazy_parent(p.source, cfg.model.family, f"parents[{i}]", None if dtype == "auto" else dtype, device)
+            for i, p in enumerate(parents)]
+    for parent, skeleton in zip(parents, lazy):
+        parent.model = skeleton.model
+        skeleton.load_on_call()
+    return lazy
 
 
 def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
@@ -57,6 +74,7 @@ def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
         if len(set(weights)) > 1:
             one_shot["ensemble_weighted"] = task.evaluate_ensemble(models, weights=weights)
             one_shot_val["ensemble_weighted"] = task.evaluate_ensemble(models, "val", weights=weights)
+    setup.release()
     return Baseline(one_shot, one_shot_val, anchor, val_scores, weights)
 
 
@@ -106,12 +124,16 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
         }),
         getattr(task, "competence", None),
     )
-    names = ([] if setup.widths_differ else ["vanilla"]) + ([settings.method] if settings.method != "vanilla" else [])
+    control = [] if setup.widths_differ or not settings.control else ["vanilla"]
+    names = control + ([settings.method] if settings.method != "vanilla" else [])
     models, outcomes, one_shot = {}, {}, {}
     for name in names:
         stage = "vanilla" if name == "vanilla" and settings.method != "vanilla" else "fuse"
         with clock.stage(stage):
-            outcome = METHODS[name].fuse(setup.models, graph, baseline.anchor, calibration, settings)
+            if setup.lazy is not None:
+                outcome = fuse_streamed(name, setup, graph, baseline.anchor, calibration, settings)
+            else:
+                outcome = METHODS[name].fuse(setup.models, graph, baseline.anchor, calibration, settings)
         if stage == "fuse":
             clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
         models[name], outcomes[name] = outcome.model, outcome
@@ -119,6 +141,18 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
     with clock.stage("evaluate_val"):  # what settings are selected on
         one_shot_val = {name: task.evaluate(m, "val") for name, m in models.items()}
     return Fused(models, outcomes, one_shot, one_shot_val)
+
+
+def fuse_streamed(name: str, setup: Setup, graph, anchor: int, calibration: Calibration, settings) -> FusionOutcome:
+    """fusion.stream: OT (or its vanilla control) walked block by block over twins of the parents'
+    skeletons (the parents stay as they are for the controls)."""
+    if name not in ("ot", "vanilla"):
+        raise TfuseError(f"fusion.stream fuses with fusion.method=ot (and its vanilla control), not {name}; "
+                         "use fusion.stream=false")
+    setup.release()
+    memory = None if settings.memory_gb is None else int(settings.memory_gb * 2**30)
+    return stream_fuse([p.twin() for p in setup.lazy], graph, settings, anchor, calibration.batches,
+                       calibration.model_inputs, calibration.total, memory, calibration.repair, aligned=name == "ot")
 
 
 def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned, clock: Stopwatch, out_dir: Path) -> dict:

@@ -23,6 +23,19 @@ class Setup:
     models: list[torch.nn.Module]
     widths_differ: bool
     partition: dict | None = None  # results.json ``partition``: the shards of recipe parents
+    lazy: list | None = None  # fusion.stream: the parents as ``LazyModel`` skeletons, read whole when called
+
+    def whole(self, i: int) -> torch.nn.Module:
+        """Parent ``i`` with every weight in memory (a streamed parent is read now)."""
+        if self.lazy is not None:
+            self.lazy[i].load(self.lazy[i].names())
+            self.lazy[i].load_buffers()
+        return self.models[i]
+
+    def release(self) -> None:
+        """Streamed parents back to skeletons (a no-op for parents held whole)."""
+        for parent in self.lazy or []:
+            parent.release_all()
 
 
 @dataclass
