@@ -22,6 +22,7 @@ from tfuse.fusion.graph import FlowGraph, In, Out
 from tfuse.fusion.rules import Plan
 
 State = dict[str, torch.Tensor]
+AVERAGE_CHUNK = 1 << 22  # elements averaged at once in float64 (32 MiB)
 
 
 def _side(t: torch.Tensor, output: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -171,8 +172,12 @@ def average(states: Sequence[State], weights: Sequence[float]) -> State:
                 )
     out: State = {}
     for name, w in first.items():
-        total = w.to(torch.float64, copy=True).mul_(weights[0])  # a float64 copy (never w itself), then in place
-        for a, s in zip(weights[1:], states[1:]):
-            total.add_(s[name].double(), alpha=a)
-        out[name] = total.to(w.dtype)
+        out[name] = torch.empty_like(w)
+        rows = max(1, AVERAGE_CHUNK // max(1, w[0].numel() if w.dim() else 1))
+        for start in range(0, max(len(w), 1) if w.dim() else 1, rows):  # a vocabulary's rows a slice at a time
+            part = (lambda t: t[start:start + rows]) if w.dim() else (lambda t: t)
+            total = part(w).to(torch.float64, copy=True).mul_(weights[0])  # a float64 copy (never w itself), then in place
+            for a, s in zip(weights[1:], states[1:]):
+                total.add_(part(s[name]).double(), alpha=a)
+            part(out[name]).copy_(total)
     return out

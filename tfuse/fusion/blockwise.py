@@ -54,6 +54,8 @@ class _Merge:
                 if self.keep:
                     for n, w in self.graph.to_real(state).items():
                         p.set(n, w)
+                else:
+                    p.release(real)  # the aligned copy is all that is needed
             aligned.append(state)
         fused = self.graph.to_real(average(aligned, self.weights))
         for n in real:
