@@ -300,6 +300,14 @@ def _check_finite(pairs: list[dict[str, PairStats]], ref: dict[str, Moments], gr
         )
 
 
+def release_heap() -> None:
+    """Give the heap's free memory back to the system (glibc; the steady allocator keeps it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _steady_allocator() -> None:
     """Keep batch-sized buffers in glibc's heap, reused batch after batch (Linux only).
 

@@ -37,6 +37,7 @@ from tfuse.fusion.recorder import Recorder, kept_rows
 from tfuse.fusion.rules import CombineRule, Plan, Rule
 from tfuse.fusion.statistics import (
     Moments, _check_finite, _ParentStatistics, _steady_allocator, _virtual_state, block_probes, derived_blocks, join,
+    release_heap,
 )
 from tfuse.fusion.tokens import token_mask
 from tfuse.fusion.walk import OUTER, Walk, part_of
@@ -101,6 +102,7 @@ def stream_fuse(
                 maps, info = _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs, total, cache,
                                        timings)
             cache.close()
+            release_heap()  # pass 1's statistics are gone: pass 2 builds the fused model in their room
         stage = "align" if settings.repair == "none" else "repair"  # with a repair, one walk aligns and refits
         with torch.no_grad(), timed(timings, stage, models[anchor]):
             fits = align_and_repair(parents, graph, plan, maps, anchor, settings, repair_calibration or calibration,
