@@ -260,3 +260,23 @@ def test_a_head_is_solved_in_row_chunks(monkeypatch, saved):
     assert [f.layer for f in chunked.repair if f.layer.startswith("lm_head")] == [
         "lm_head[0:40]", "lm_head[40:80]", "lm_head[80:97]"]
     torch.testing.assert_close(chunked.model.lm_head.weight, whole.model.lm_head.weight, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=32),
+    LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False),
+    LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True),
+])
+def test_the_estimate_counts_the_weights_it_streams(config):
+    """The shape-only estimate's parameters per block and outside the blocks are the model's."""
+    from tfuse.estimate import DecoderShape, stream_bytes
+
+    model = (GPT2LMHeadModel if isinstance(config, GPT2Config) else LlamaForCausalLM)(config)
+    shape = DecoderShape.from_config(config.to_dict())
+    assert shape.parameters() == sum(p.numel() for p in model.parameters())
+    first = sum(p.numel() for n, p in model.named_parameters() if ".0." in n and ("layers" in n or ".h." in n))
+    assert shape.layer_parameters() == first
+    small, spilled = stream_bytes(shape, repair=True), stream_bytes(shape, repair=True, budget=0)
+    assert spilled["hidden_states_held"] == 0 and spilled["spill"] > 0 and spilled["total"] < small["total"]
