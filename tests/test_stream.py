@@ -279,4 +279,4 @@ def test_the_estimate_counts_the_weights_it_streams(config):
     first = sum(p.numel() for n, p in model.named_parameters() if ".0." in n and ("layers" in n or ".h." in n))
     assert shape.layer_parameters() == first
     small, spilled = stream_bytes(shape, repair=True), stream_bytes(shape, repair=True, budget=0)
-    assert spilled["hidden_states_held"] == 0 and spilled["spill"] > 0 and spilled["total"] < small["total"]
+    assert spilled["hidden_states_held"] == 0 and spilled["spill"] > 0 and spilled["total"] <= small["total"]
