@@ -15,6 +15,10 @@ from tfuse.fusion.graph import Probe
 Batch = dict[str, torch.Tensor]
 
 
+class _Done(Exception):
+    """Raised by a recorder once every probe of a run has fired."""
+
+
 class Recorder:
     """Forward hooks that keep the selected tokens of every probe for the current batch, or hand
     them to a ``sink`` as each probe fires."""
@@ -26,6 +30,8 @@ class Recorder:
         self.sink: Callable[[str, torch.Tensor], None] | None = None
         self.acts: dict[str, torch.Tensor] = {}
         self.only: set[str] | None = None
+        self.fired: set[str] = set()
+        self.stop = False
 
     def _store(self, name: str, value: torch.Tensor | tuple) -> None:
         if self.mask is None or (self.only is not None and name not in self.only):  # another recorder's module, or a stand-in
@@ -42,6 +48,9 @@ class Recorder:
             self.acts[name] = x
         else:
             self.sink(name, x)
+        self.fired.add(name)
+        if self.stop and len(self.fired) == len(self.targets):
+            raise _Done  # every probe seen: the rest of the model (a vocabulary's logits) is not computed
 
     @contextmanager
     def attached(self) -> Iterator["Recorder"]:
@@ -66,10 +75,17 @@ class Recorder:
         mask: Callable[[int, torch.device], torch.Tensor | None],
         sink: Callable[[str, torch.Tensor], None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Forward ``inputs``; ``mask(tokens, device)`` gives the flat rows kept as samples (None:
-        all). Returns the probes' samples, or passes each to ``sink`` as it fires (and keeps none)."""
+        """Forward ``inputs`` until every probe has fired; ``mask(tokens, device)`` gives the flat rows
+        kept as samples (None: all). Returns the probes' samples, or passes each to ``sink`` as it
+        fires (and keeps none)."""
         with self.recording(mask, sink) as acts:
-            call(self.model, inputs)
+            self.stop = True
+            try:
+                call(self.model, inputs)
+            except _Done:
+                pass
+            finally:
+                self.stop = False
         return acts
 
     @contextmanager
@@ -79,7 +95,7 @@ class Recorder:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Record what runs inside the block (any part of the model: a streamed block), as ``run``
         does; ``only``: these probes alone (modules standing in for others fire hooks too)."""
-        self.mask, self.sink, self.acts, self.only = mask, sink, {}, only
+        self.mask, self.sink, self.acts, self.only, self.fired = mask, sink, {}, only, set()
         try:
             yield self.acts
         finally:
