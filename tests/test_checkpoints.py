@@ -65,7 +65,7 @@ def test_hub_ids_take_a_revision(source: str, expected: tuple) -> None:
 
 def test_a_revision_reaches_the_family_loader(monkeypatch) -> None:
     seen = {}
-    monkeypatch.setattr(hf_vit, "load", lambda path, revision=None: seen.update(path=path, revision=revision) or tiny_vit())
+    monkeypatch.setattr(hf_vit, "load", lambda path, revision=None, dtype="auto": seen.update(path=path, revision=revision) or tiny_vit())
     load_parent("org/vit@abc123", "hf_vit", "parents[0]")
     assert seen == {"path": "org/vit", "revision": "abc123"}
 
@@ -111,3 +111,27 @@ def test_timm_checkpoints_load_with_their_pretrained_cfg(tmp_path: Path) -> None
     timm_vit.save(loaded, str(own))  # tfuse's format: trained on the data's own statistics
     assert timm_vit.preprocessing(str(own)) is None
     assert isinstance(timm_vit.load(str(own)), type(loaded))
+
+
+def test_loading_checks_the_model_type_and_every_tensor(tmp_path) -> None:
+    """A foreign checkpoint, a missing tensor or an unused one ends in one line: a parent is never
+    silently random."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=8, patch_size=4)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(TfuseError, match="holds a CLIPVisionModel .* which model.family=hf_vit does not own"):
+        load_parent(str(tmp_path / "clip"), "hf_vit", "parents[0]")
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    weights = load_file(tmp_path / "vit" / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("key.weight"))
+    for name, tensors in (("missing", {k: v for k, v in weights.items() if k != dropped}),
+                          ("extra", {**weights, "vit.encoder.layer.0.adapter.weight": torch.zeros(2)})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((tmp_path / "vit" / "config.json").read_text())
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    with pytest.raises(TfuseError, match=r"tensor 'vit\.layers\.0\.attention\.k_proj\.weight' of the model is missing"):
+        load_parent(str(tmp_path / "missing"), "hf_vit", "parents[0]")
+    with pytest.raises(TfuseError, match=r"tensor 'vit\.encoder\.layer\.0\.adapter\.weight' of the checkpoint .* is not a parameter"):
+        load_parent(str(tmp_path / "extra"), "hf_vit", "parents[0]")

@@ -103,6 +103,39 @@ def empty(build: Callable[[], nn.Module], dtype: torch.dtype = torch.float32) ->
     return model
 
 
+def check_tensors(model: nn.Module, aliases: dict[str, list[str]], key_of: dict[str, str], checkpoint: Checkpoint) -> None:
+    """Every parameter of ``model`` (``aliases``: each one's names, tied ones together) is in the
+    checkpoint (``key_of``: the model's name -> the checkpoint's key), and every tensor of the
+    checkpoint is a parameter or buffer of the model; one line naming the first that is not."""
+    stored = set(key_of)
+    for name, names in aliases.items():
+        if not any(a in stored for a in names):
+            raise TfuseError(
+                f"{checkpoint.label}: tensor '{name}' of the model is missing from the checkpoint in "
+                f"'{checkpoint.folder}'; is it the architecture its config.json says, saved whole?"
+            )
+    known = {a for names in aliases.values() for a in names} | {n for n, _ in model.named_buffers()}
+    unused = sorted(key_of[n] for n in stored - known)
+    if unused:
+        raise TfuseError(
+            f"{checkpoint.label}: tensor '{unused[0]}' of the checkpoint in '{checkpoint.folder}' is not a parameter "
+            f"of the {type(model).__name__} its config.json describes (and {len(unused) - 1} more); give a "
+            "checkpoint of this family's architecture"
+        )
+
+
+def aliases_of(model: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's names (tied parameters share one entry, under their first name)."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for prefix, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                name = f"{prefix}.{attr}" if prefix else attr
+                out.setdefault(first.setdefault(id(p), name), []).append(name)
+    return out
+
+
 class LazyModel:
     """A model skeleton whose parameters are read from ``checkpoint`` when ``load``-ed and put
     back on the meta device when ``release``-d (tied parameters move together). ``renamed``: a
@@ -130,21 +163,7 @@ class LazyModel:
                 self.aliases.setdefault(key, []).append(name)
 
     def _check(self) -> None:
-        stored = set(self.key_of)
-        for name, aliases in self.aliases.items():
-            if not any(a in stored for a in aliases):
-                raise TfuseError(
-                    f"{self.checkpoint.label}: tensor '{name}' of the model is missing from the checkpoint in "
-                    f"'{self.checkpoint.folder}'; is it the architecture its config.json says, saved whole?"
-                )
-        known = {a for aliases in self.aliases.values() for a in aliases} | {n for n, _ in self.model.named_buffers()}
-        unused = sorted(self.key_of[n] for n in stored - known)
-        if unused:
-            raise TfuseError(
-                f"{self.checkpoint.label}: tensor '{unused[0]}' of the checkpoint in '{self.checkpoint.folder}' is not "
-                f"a parameter of the {type(self.model).__name__} its config.json describes (and {len(unused) - 1} more); "
-                "give a checkpoint of this family's architecture"
-            )
+        check_tensors(self.model, self.aliases, self.key_of, self.checkpoint)
 
     def names(self) -> list[str]:
         """Every parameter (tied ones once), in the model's order."""

@@ -97,7 +97,12 @@ def load_parent(source: str, family_name: str, label: str, dtype: torch.dtype | 
         fam = family(family_name)
         if revision is not None:
             return fam.load(source, revision=revision, dtype=dtype)
-        return fam.load(str(path) if looks_local else source, dtype=dtype)
+        model = fam.load(str(path) if looks_local else source, dtype=dtype)
+        if looks_local:
+            from tfuse.arch.lazy import check_loaded
+
+            check_loaded(model, str(path), label)
+        return model
     except OSError as err:
         raise TfuseError(f"{label}: could not load a {family_name} checkpoint from '{source}': {err}") from err
     except SafetensorError as err:

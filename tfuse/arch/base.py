@@ -97,3 +97,23 @@ class TextFamily(TokenizedFamily, Protocol):
 
     def to_classifier(self, model: nn.Module, num_labels: int, seed: int) -> nn.Module:
         """A sequence classifier around ``model``'s encoder; the new layers from ``seed``."""
+
+
+def checkpoint_config(path: str, label: str, model_types: tuple[str, ...], family: str, what: str) -> dict:
+    """The directory's config.json, after checking that its ``model_type`` is one of the family's
+    (one line naming the model class otherwise)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise TfuseError(f"{label}: '{path}' has no config.json; give a directory written by save_pretrained")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise TfuseError(f"{config_file}: not readable JSON ({err}); fix or remove it") from err
+    kind = config.get("model_type")
+    if kind not in model_types:
+        cls = (config.get("architectures") or [kind])[0]
+        raise TfuseError(
+            f"{label}: '{path}' holds a {cls} ({kind!r}) checkpoint, which model.family={family} does not own "
+            f"({what}); give parents of one family, or set model.family to the family that owns {cls}"
+        )
+    return config

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
-from tfuse.arch.tokenized import attach_tokenizer, checkpoint_config, load_tokenizer, save, tokenizer_of
+from tfuse.arch.base import checkpoint_config
+from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 

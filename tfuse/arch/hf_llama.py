@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-from tfuse.arch.tokenized import attach_tokenizer, checkpoint_config, load_tokenizer, save, tokenizer_of
+from tfuse.arch.base import checkpoint_config
+from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions

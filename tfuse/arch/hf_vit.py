@@ -1,10 +1,12 @@
 """Hugging Face ``ViTForImageClassification`` (transformers 5.x module names): pre-LN blocks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from tfuse.arch.base import SHARD_SIZE, checkpoint_json
+from tfuse.arch.base import SHARD_SIZE, checkpoint_config, checkpoint_json
 from tfuse.data.images import Normalization
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
@@ -65,6 +67,8 @@ def owns(model) -> bool:
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> ViTForImageClassification:
+    if Path(path).is_dir():
+        checkpoint_config(path, f"checkpoint '{path}'", ("vit",), "hf_vit", "ViT image classifiers")
     return ViTForImageClassification.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
 
 

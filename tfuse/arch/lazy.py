@@ -8,7 +8,7 @@ import torch
 
 from tfuse.arch import family
 from tfuse.arch.base import TokenizedFamily
-from tfuse.checkpoint import Checkpoint, LazyModel, empty
+from tfuse.checkpoint import Checkpoint, LazyModel, aliases_of, check_tensors, empty
 from tfuse.errors import TfuseError
 
 
@@ -43,6 +43,18 @@ def lazy_parent(source: str, family_name: str, label: str, dtype: torch.dtype | 
     if isinstance(fam, TokenizedFamily):
         fam.attach_tokenizer(model, fam.load_tokenizer(str(path)))
     return LazyModel(model, checkpoint, dtype, device, _renamed(model, checkpoint, label))
+
+
+def check_loaded(model, folder: str, label: str) -> None:
+    """A model loaded whole from the safetensors in ``folder`` used every tensor there and left no
+    parameter at its random init (transformers only warns of either)."""
+    from transformers import PreTrainedModel
+
+    if not any(Path(folder).glob("*.safetensors")):
+        return
+    checkpoint = Checkpoint(folder, label)
+    renamed = _renamed(model, checkpoint, label) if isinstance(model, PreTrainedModel) else {}
+    check_tensors(model, aliases_of(model), {renamed.get(k, k): k for k in checkpoint.names}, checkpoint)
 
 
 def _renamed(model, checkpoint: Checkpoint, label: str) -> dict[str, str]:

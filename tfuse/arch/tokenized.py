@@ -3,7 +3,6 @@ from and written beside its checkpoint, and the check that a checkpoint director
 family's model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
@@ -49,23 +48,3 @@ def save(model: nn.Module, path: str) -> None:
     tokenizer = tokenizer_of(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-
-
-def checkpoint_config(path: str, label: str, model_types: tuple[str, ...], family: str, what: str) -> dict:
-    """The directory's config.json, after checking that its ``model_type`` is one of the family's
-    (one line naming the model class otherwise)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise TfuseError(f"{label}: '{path}' has no config.json; give a directory written by save_pretrained")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TfuseError(f"{config_file}: not readable JSON ({err}); fix or remove it") from err
-    kind = config.get("model_type")
-    if kind not in model_types:
-        cls = (config.get("architectures") or [kind])[0]
-        raise TfuseError(
-            f"{label}: '{path}' holds a {cls} ({kind!r}) checkpoint, which model.family={family} does not own "
-            f"({what}); give parents of one family, or set model.family to the family that owns {cls}"
-        )
-    return config
