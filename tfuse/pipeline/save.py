@@ -1,6 +1,7 @@
 """fused/ and finetuned/: the configured method's models, each with its model card."""
 from __future__ import annotations
 
+import errno
 import shlex
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from tfuse.arch import family_for
 from tfuse.card import model_card, weights_sha256
+from tfuse.errors import TfuseError
 from tfuse.fusion.methods import label_of
 from tfuse.io import new_directory
 from tfuse.pipeline.state import Fused, Setup, Tuned
@@ -31,9 +33,22 @@ def save_models(setup: Setup, fused: Fused, tuned: Tuned, results: dict, out_dir
 
 
 def _save_model(fam, model, path: Path, card: str, extra: list[Path]) -> None:
-    """The model, its card and ``extra`` files that travel with it (the parents' preprocessing)."""
+    """The model, its card and ``extra`` files that travel with it (the parents' preprocessing),
+    written whole or not at all (a full disk is one line naming the bytes needed)."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise TfuseError(f"{path}: the disk is full: the model needs {need} bytes and {free} are free; free space "
+                         "there or choose another hydra.run.dir")
     with new_directory(path) as tmp:
-        fam.save(model, str(tmp))
+        try:
+            fam.save(model, str(tmp))
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise TfuseError(f"{path}: the disk filled while writing the model ({need} bytes needed); free space "
+                             "there and run again") from err
         (tmp / "README.md").write_text(card, encoding="utf-8")
         for file in extra:
             if not (tmp / file.name).exists():  # timm keeps its preprocessing in config.json: the family's own
