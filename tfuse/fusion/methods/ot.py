@@ -11,6 +11,7 @@ from torch import nn
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import align, average
 from tfuse.fusion.cache import StatisticsCache
+from tfuse.fusion.compact import CompactMaps
 from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
 from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, timed, with_state
 from tfuse.fusion.graph import FlowGraph
@@ -121,9 +122,10 @@ def ot_fuse(
                 maps[i] = compute_maps(
                     plan, graph, settings,
                     stats.pairs[k] if stats else None, stats.magnitude[k] if stats else None, state, ref_state,
+                    maps=CompactMaps(),  # hard maps as indices and signs, soft ones in float32
                 )
             with timed(timings, "align", reference):
-                aligned[i] = align(state, graph, plan, maps[i])
+                aligned[i] = align(state, graph, plan, maps[i].raw)
         fused = average([aligned[i] for i in range(len(models))], weights)
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
