@@ -132,9 +132,11 @@ def ot_fuse(
     info: dict = {"statistics": sources}
     if settings.signs and plan.signed:
         info["sign_flips"] = [sign_flips(m, plan.signed) for i, m in enumerate(maps) if i != anchor or settings.iterations > 1]
+    own = settings.iterations == 1  # the anchor, never moved, is its own aligned self: no copy of it
     fits = repair_fused(
-        reference, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
-        graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache, competence,
+        reference,
+        lambda: [models[i] if own and i == anchor else with_state(models[anchor], aligned[i], graph) for i in range(len(models))],
+        weights, graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache, competence,
     )
     return FusionOutcome(reference, maps, timings, fits, info)
 
