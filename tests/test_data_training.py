@@ -162,11 +162,10 @@ def test_a_validation_curve_does_not_change_the_finetune(digits):
                       evaluate=lambda m=model: task.evaluate(m, "val")["accuracy"])
         runs.append((model, stats))
     (plain, a), (curved, b) = runs
-    assert "curve" not in a and [step for step, _ in b["curve"]] == [0, 4, 8, 10]
+    assert "curve" not in a and [step for step, _ in b["curve"]] == [0, 4, 8]  # the caller scores the trained model
     assert a["final_loss"] == b["final_loss"]
     for p, q in zip(plain.parameters(), curved.parameters()):
         assert torch.equal(p, q)
-    assert b["curve"][-1][1] == pytest.approx(task.evaluate(curved, "val")["accuracy"])
 
 
 def test_steps_to_beat_reads_the_curve():

@@ -36,13 +36,17 @@ def train(
     description: str = "training",
     evaluate: Callable[[], float] | None = None,
     eval_every: int = 0,
+    start: float | None = None,
 ) -> dict:
     """Train ``model`` on ``task`` for ``steps`` steps; returns steps, final_loss, seconds and, with
-    ``evaluate`` and ``eval_every``, ``curve``: ``[step, evaluate()]`` before the first step, every
-    ``eval_every`` steps and after the last (evaluation time is not counted in ``seconds``).
+    ``evaluate`` and ``eval_every``, ``curve``: ``[step, evaluate()]`` before the first step
+    (``start`` instead when the caller has that score already) and every ``eval_every`` steps
+    before the last (evaluation time is not counted in ``seconds``). The trained model is the
+    caller's to score: it ends the curve with that score.
 
     ``warmup`` is a fraction of ``steps`` when below 1, else a number of steps. ``final_loss`` is
-    the mean loss over the last 10% of steps (None when ``steps`` is 0).
+    the mean loss over the last 10% of steps (None when ``steps`` is 0). The gradients are freed
+    when training ends, and the optimizer's state with it.
     """
     factor = lr_factor(schedule, steps, warmup)
     if steps == 0:
@@ -51,12 +55,15 @@ def train(
 
     def probe(step: int) -> float:
         """Evaluate (timed apart) at ``step``; returns the seconds it took."""
-        if evaluate is None or eval_every <= 0 or not (step % eval_every == 0 or step == steps):
+        if evaluate is None or eval_every <= 0 or step % eval_every or step == steps:
             return 0.0
-        start = time.perf_counter()
+        if step == 0 and start is not None:
+            curve.append([0, start])
+            return 0.0
+        began = time.perf_counter()
         curve.append([step, evaluate()])
         model.train()
-        return time.perf_counter() - start
+        return time.perf_counter() - began
 
     torch.manual_seed(seed)
     model.to(device)
@@ -64,11 +71,12 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     was_training = model.training
     model.train()
-    start = time.perf_counter()
+    began = time.perf_counter()
     losses, evaluating = _loop(model, task, optimizer, scheduler, steps, batch_size, seed, grad_clip, description, probe)
+    optimizer.zero_grad(set_to_none=True)
     model.train(was_training)
     tail = losses[-max(1, math.ceil(0.1 * steps)) :]
-    out = {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start - evaluating}
+    out = {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - began - evaluating}
     if curve:
         out["curve"] = curve
     return out

@@ -19,7 +19,7 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.settings import FusionSettings
 from tfuse.io import write_json
 from tfuse.parents import partition_of, save_parent, train_parent
-from tfuse.pipeline.finetune import finetune_all
+from tfuse.pipeline.finetune import finetune_all, finetune_options
 from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
 from tfuse.pipeline.save import save_models
 from tfuse.pipeline.stages import collect_results, fuse_parents, prepare, score_parents
@@ -32,11 +32,12 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     into ``out_dir``."""
     if (out_dir / "results.json").exists():
         raise TfuseError(f"'{out_dir}' already holds results.json; choose another hydra.run.dir")
+    finetune_options(cfg)  # a bad finetune value ends the run before the fusion, not after
     clock = Stopwatch()
     setup = prepare(cfg, clock)
     baseline = score_parents(setup, clock)
     fused = fuse_parents(setup, baseline, clock)
-    tuned = finetune_all(setup, fused, clock, baseline.anchor)
+    tuned = finetune_all(setup, baseline, fused, clock)
     results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
     setup.release()
     results["fusion_settings"] = settings_in_force(setup.settings)
@@ -71,7 +72,7 @@ def run_train(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
                          "split; partitions deal shards to tfuse fuse's recipe parents (drop the override)")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    task = build_task(cfg.data, cfg.eval_batch_size, device, family_name=cfg.model.family)
+    task = build_task(cfg.data, cfg.eval_batch_size, device, family_name=cfg.model.family, evaluation=cfg.get("eval"))
     model, metrics = train_parent(cfg, task, cfg.seed, device)
     save_parent(model, cfg, metrics, cfg.seed, out_dir / "model")
     write_json(out_dir / "metrics.json", metrics)

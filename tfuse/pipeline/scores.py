@@ -1,28 +1,32 @@
 """results.json's per-class and by-shard scores, and the test predictions behind them."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+from torch import nn
 
 from tfuse.partition import own_classes
 from tfuse.pipeline.state import Baseline, Fused, Setup, Tuned
+from tfuse.tasks.base import Task
+
+
+def tested(task: Task, models: Sequence[nn.Module], name: str, predicted: dict, weights: Sequence[float] | None = None) -> dict:
+    """The test metrics of ``models`` (one, or their ensemble); where the task predicts classes,
+    every example's is kept in ``predicted[name]``, from the same pass."""
+    if not hasattr(task, "evaluate_with_predictions"):
+        return task.evaluate_ensemble(models, weights=weights)
+    metrics, predicted[name] = task.evaluate_with_predictions(models, weights=weights)
+    return metrics
 
 
 def class_scores(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned) -> dict:
     """Every model's test predictions (``test_predictions``, ``test_predictions_finetuned``, with
     ``test_labels``: paired tests), its accuracy per class (``per_class``, ``per_class_finetuned``)
     and, under a non-IID partition, on each parent's own classes and on the rest (``by_shard``,
-    ``by_shard_finetuned``)."""
+    ``by_shard_finetuned``); the predictions are those kept when the models were scored."""
     task, models = setup.task, setup.models
-    weighted = {"ensemble": None, "ensemble_weighted": baseline.weights}
-    predicted = {}
-    for name in baseline.one_shot:
-        if name in weighted:
-            predicted[name], labels = task.predictions(models, weights=weighted[name])
-        else:
-            predicted[name], labels = task.predictions([models[int(name.split("_")[1])]])
-    for name, model in fused.models.items():
-        predicted[name], labels = task.predictions([model])
-    tuned_predicted = tuned.predictions
+    predicted, tuned_predicted, labels = {**baseline.predictions, **fused.predictions}, tuned.predictions, task.labels()
     n_classes = int(labels.max()) + 1 if getattr(task, "num_classes", None) is None else task.num_classes
 
     def per_class(pred: torch.Tensor) -> list[float | None]:

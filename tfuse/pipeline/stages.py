@@ -17,7 +17,7 @@ from tfuse.fusion.stream import stream_fuse
 from tfuse.parents import obtain_parents, parent_shards
 from tfuse.pipeline.finetune import plot_curves, steps_to_beat
 from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
-from tfuse.pipeline.scores import class_scores
+from tfuse.pipeline.scores import class_scores, tested
 from tfuse.pipeline.state import Baseline, Fused, Setup, Tuned
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
@@ -31,7 +31,7 @@ def prepare(cfg: DictConfig, clock: Stopwatch) -> Setup:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     with clock.stage("data"):
-        task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents, cfg.model.family)
+        task = build_task(cfg.data, cfg.eval_batch_size, device, cfg.parents, cfg.model.family, cfg.get("eval"))
     parts, partition = parent_shards(cfg, task) if not cfg.parents else (None, None)
     with clock.stage("parents"):
         parents = obtain_parents(cfg, task, device, parts)
@@ -63,28 +63,29 @@ def streamed(cfg: DictConfig, parents: list, device: str) -> list:
 def score_parents(setup: Setup, clock: Stopwatch) -> Baseline:
     """Every parent and the ensemble on the test and validation splits (and the weighted ensemble
     when the weights are not uniform); the anchor and the weights."""
-    task, models = setup.task, setup.models
+    task, models, predicted = setup.task, setup.models, {}
     with clock.stage("evaluate_parents"):
-        one_shot = {f"parent_{i}": task.evaluate(m) for i, m in enumerate(models)}
-        one_shot["ensemble"] = task.evaluate_ensemble(models)
+        one_shot = {f"parent_{i}": tested(task, [m], f"parent_{i}", predicted) for i, m in enumerate(models)}
+        one_shot["ensemble"] = tested(task, models, "ensemble", predicted)
         one_shot_val = {f"parent_{i}": task.evaluate(m, "val") for i, m in enumerate(models)}
         one_shot_val["ensemble"] = task.evaluate_ensemble(models, "val")
-        anchor, val_scores = choose_anchor(setup.settings.anchor, models, task)
+        parent_val = [one_shot_val[f"parent_{i}"][task.primary_metric] for i in range(len(models))]
+        anchor, val_scores = choose_anchor(setup.settings.anchor, parent_val, task)
         weights = resolve_alpha(setup, one_shot_val)
         if len(set(weights)) > 1:
-            one_shot["ensemble_weighted"] = task.evaluate_ensemble(models, weights=weights)
+            one_shot["ensemble_weighted"] = tested(task, models, "ensemble_weighted", predicted, weights)
             one_shot_val["ensemble_weighted"] = task.evaluate_ensemble(models, "val", weights=weights)
     setup.release()
-    return Baseline(one_shot, one_shot_val, anchor, val_scores, weights)
+    return Baseline(one_shot, one_shot_val, anchor, val_scores, weights, predicted)
 
 
-def choose_anchor(anchor: int | str, models: list, task: Task) -> tuple[int, list[float] | None]:
-    """The anchor's index: as configured, or the best parent on the validation split."""
+def choose_anchor(anchor: int | str, scores: list[float], task: Task) -> tuple[int, list[float] | None]:
+    """The anchor's index: as configured, or the parent best on the validation split (``scores``:
+    each parent's there)."""
     if anchor != "best":
-        if not 0 <= int(anchor) < len(models):
-            raise TfuseError(f"fusion.anchor={anchor} but there are {len(models)} parents (0..{len(models) - 1})")
+        if not 0 <= int(anchor) < len(scores):
+            raise TfuseError(f"fusion.anchor={anchor} but there are {len(scores)} parents (0..{len(scores) - 1})")
         return int(anchor), None
-    scores = [task.evaluate(m, "val")[task.primary_metric] for m in models]
     pick = max if task.higher_is_better else min
     return scores.index(pick(scores)), scores
 
@@ -126,7 +127,7 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
     )
     control = [] if setup.widths_differ or not settings.control else ["vanilla"]
     names = control + ([settings.method] if settings.method != "vanilla" else [])
-    models, outcomes, one_shot = {}, {}, {}
+    models, outcomes, one_shot, predicted = {}, {}, {}, {}
     for name in names:
         stage = "vanilla" if name == "vanilla" and settings.method != "vanilla" else "fuse"
         with clock.stage(stage):
@@ -137,10 +138,10 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
         if stage == "fuse":
             clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
         models[name], outcomes[name] = outcome.model, outcome
-        one_shot[name] = task.evaluate(outcome.model)
+        one_shot[name] = tested(task, [outcome.model], name, predicted)
     with clock.stage("evaluate_val"):  # what settings are selected on
         one_shot_val = {name: task.evaluate(m, "val") for name, m in models.items()}
-    return Fused(models, outcomes, one_shot, one_shot_val)
+    return Fused(models, outcomes, one_shot, one_shot_val, predicted)
 
 
 def fuse_streamed(name: str, setup: Setup, graph, anchor: int, calibration: Calibration, settings) -> FusionOutcome:
@@ -175,7 +176,7 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
     }
     if setup.partition is not None:
         results["partition"] = setup.partition
-    if hasattr(task, "predictions"):
+    if hasattr(task, "evaluate_with_predictions"):
         results.update(class_scores(setup, baseline, fused, tuned))
     if hasattr(task, "continuation"):
         one_shot = {f"parent_{i}": m for i, m in enumerate(setup.models)} | fused.models

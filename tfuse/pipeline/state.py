@@ -47,6 +47,7 @@ class Baseline:
     anchor: int
     anchor_val_scores: list[float] | None
     weights: list[float]
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # each model's test classes, where the task gives them
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Fused:
     outcomes: dict[str, FusionOutcome]
     one_shot: dict[str, dict]  # test metrics of each fused model
     one_shot_val: dict[str, dict]
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # each one's test classes, where the task gives them
 
 
 @dataclass

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 from tfuse.errors import TfuseError
-from tfuse.tasks.base import Task
+from tfuse.tasks.base import Scoring, Task
 
 DATA_KINDS = ("images", "text", "text_classification")
 
 
-def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family_name: str | None = None) -> Task:
+def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family_name: str | None = None,
+               evaluation=None) -> Task:
     """The task a ``data`` config group describes; given checkpoints, images are normalised as
-    their own preprocessing says and text uses their tokenizer."""
+    their own preprocessing says and text uses their tokenizer. ``evaluation``: the ``eval`` block
+    (how language models are scored)."""
+    scoring = Scoring.from_config(evaluation)
+    if scoring.max_tokens is not None and data_cfg.kind != "text":
+        raise TfuseError(f"eval.max_tokens={scoring.max_tokens} caps the tokens a language model is scored on, but "
+                         f"data.kind={data_cfg.kind} is scored by whole examples; drop it")
     if data_cfg.kind == "images":
         from tfuse.arch import parents_preprocessing
         from tfuse.data.images import load_images
@@ -34,7 +40,7 @@ def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family
             from tfuse.tasks.causal_lm import PROMPT, CausalLMTask
 
             data = load_text(data_cfg, tokenizer, causal=True)
-            return CausalLMTask(data, eval_batch_size, device, data_cfg.get("prompt") or PROMPT)
+            return CausalLMTask(data, eval_batch_size, device, data_cfg.get("prompt") or PROMPT, scoring=scoring)
         if data_cfg.kind == "text_classification":
             from tfuse.tasks.text_classification import genre_task
 
@@ -42,5 +48,6 @@ def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family
         from tfuse.tasks.mlm import MLMTask
 
         data = load_text(data_cfg, tokenizer)
-        return MLMTask(data, eval_batch_size, device, data_cfg.get("mask_probability", 0.15), data_cfg.get("mask_seed", 1234))
+        return MLMTask(data, eval_batch_size, device, data_cfg.get("mask_probability", 0.15), data_cfg.get("mask_seed", 1234),
+                       scoring)
     raise TfuseError(f"data.kind={data_cfg.kind!r} is not known; allowed: {', '.join(DATA_KINDS)}")

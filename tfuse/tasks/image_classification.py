@@ -11,7 +11,7 @@ from torch import nn
 
 from tfuse.data.images import ImageData, Split
 from tfuse.errors import TfuseError
-from tfuse.tasks.base import Batch, mixed_log_probs
+from tfuse.tasks.base import Batch, evaluating, mixed_log_probs
 
 SPLITS = ("train", "val", "test")
 
@@ -94,17 +94,21 @@ class ImageClassificationTask:
     ) -> dict[str, float]:
         """Accuracy and NLL of the averaged (``weights``: weighted) softmax probabilities of
         ``models`` on ``split``."""
+        return self.evaluate_with_predictions(models, split, weights)[0]
+
+    def evaluate_with_predictions(
+        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """``evaluate_ensemble``'s metrics and the ensemble's predicted class of every example of
+        ``split`` (one model: its own), from the same pass: per-class scores and paired tests are
+        read off them."""
         predicted, labels, nll = self._score(models, self._split(split), weights)
         n = len(labels)
-        return {"accuracy": int((predicted == labels).sum()) / n, "loss": nll / n}
+        return {"accuracy": int((predicted == labels).sum()) / n, "loss": nll / n}, predicted
 
-    def predictions(
-        self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ensemble's predicted class of every example of ``split`` (one model: its own), and
-        the labels: per-class scores and paired tests are read off them."""
-        predicted, labels, _ = self._score(models, self._split(split), weights)
-        return predicted, labels
+    def labels(self, split: str = "test") -> torch.Tensor:
+        """The classes of ``split``'s examples."""
+        return self._split(split)[1].cpu()
 
     @torch.no_grad()
     def competence(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -119,20 +123,13 @@ class ImageClassificationTask:
     @torch.no_grad()
     def _score(self, models: Sequence[nn.Module], data: Split, weights: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Predicted classes, labels and summed NLL of the ensemble's (weighted) mean probabilities."""
-        modes = [model.training for model in models]
-        for model in models:
-            model.eval()
         predicted, nll = [], 0.0
-        try:
+        with evaluating(models):
             for batch in _batches(data, torch.arange(len(data[1])), self.eval_batch_size):
                 x, y = batch["pixel_values"].to(self.device), batch["labels"].to(self.device)
-                log_probs = torch.stack([F.log_softmax(logits(m, x), dim=-1) for m in models])
-                mean_log_probs = mixed_log_probs(log_probs, weights)
+                mean_log_probs = mixed_log_probs((F.log_softmax(logits(m, x), dim=-1) for m in models), weights)
                 predicted.append(mean_log_probs.argmax(dim=-1).cpu())
                 nll += float(F.nll_loss(mean_log_probs, y, reduction="sum"))
-        finally:
-            for model, mode in zip(models, modes):
-                model.train(mode)
         return torch.cat(predicted), data[1].cpu(), nll
 
     def _split(self, split: str) -> Split:

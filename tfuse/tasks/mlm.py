@@ -8,7 +8,6 @@ the same masked positions. The ensemble averages logits.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import torch
@@ -18,8 +17,8 @@ from torch import nn
 from tfuse.arch import text_family_for
 from tfuse.data.text import TextData
 from tfuse.errors import TfuseError
-from tfuse.tasks.base import Batch
-from tfuse.tasks.text import TextTask, batches, model_inputs_of
+from tfuse.tasks.base import Batch, Scoring
+from tfuse.tasks.text import TokenTask, batches, model_inputs_of
 
 SPLITS = ("train", "val", "test")
 
@@ -43,17 +42,18 @@ def mask_tokens(
 SPECIAL_SKIP = range(5)  # random replacements avoid the first ids (special tokens of our WordPiece)
 
 
-class MLMTask(TextTask):
+class MLMTask(TokenTask):
     """Masked language modelling on a text corpus; scored by loss (lower is better)."""
 
     name = "mlm"
     head = "mlm"
     primary_metric = "loss"
     higher_is_better = False
+    accuracy_name = "masked_accuracy"
 
     def __init__(self, data: TextData, eval_batch_size: int = 64, device: str | torch.device = "cpu",
-                 mask_probability: float = 0.15, mask_seed: int = 1234):
-        super().__init__(data, eval_batch_size, device)
+                 mask_probability: float = 0.15, mask_seed: int = 1234, scoring: Scoring = Scoring()):
+        super().__init__(data, eval_batch_size, device, scoring)
         self.mask_probability = mask_probability
         self.mask_seed = mask_seed
         self._fixed: dict[str, list[Batch]] = {}
@@ -73,6 +73,11 @@ class MLMTask(TextTask):
     def owners(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != -100).nonzero()[:, 0]
 
+    def targets(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masked positions and the tokens they hid."""
+        keep = batch["labels"] != -100
+        return keep, batch["labels"][keep]
+
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the masked positions and the tokens they must predict."""
         labels = batch["labels"].to(self.device)
@@ -91,34 +96,19 @@ class MLMTask(TextTask):
             self._fixed[split] = [self.training_batch(b, generator) for b in batches(seq, order, self.eval_batch_size)]
         return self._fixed[split]
 
-    @torch.no_grad()
     def evaluate_ensemble(
         self, models: Sequence[nn.Module], split: str = "test", weights: Sequence[float] | None = None,
     ) -> dict[str, float]:
         """Loss, perplexity and masked-token accuracy of the averaged (``weights``: weighted) logits
         of ``models``."""
         share = None if weights is None else [w / sum(weights) for w in weights]
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()
-        nll, correct, count = 0.0, 0, 0
-        try:
-            for batch in self.evaluation_batches(split):
-                inputs = self.model_inputs(batch)
-                labels = batch["labels"].to(self.device)
-                keep = labels != -100
-                # unweighted: the sum over models divided once, as the IID results were computed
-                logits = (sum(masked_logits(m, inputs, keep).float() for m in models) / len(models) if share is None
-                          else sum(w * masked_logits(m, inputs, keep).float() for w, m in zip(share, models)))
-                target = labels[keep]
-                nll += float(F.cross_entropy(logits, target, reduction="sum"))
-                correct += int((logits.argmax(-1) == target).sum())
-                count += int(keep.sum())
-        finally:
-            for m, mode in zip(models, modes):
-                m.train(mode)
-        loss = nll / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_accuracy": correct / max(count, 1)}
+
+        def mix(logits: Iterator[torch.Tensor]) -> torch.Tensor:
+            # unweighted: the sum over models divided once, as the IID results were computed
+            mean = sum(logits) / len(models) if share is None else sum(w * x for w, x in zip(share, logits))
+            return F.log_softmax(mean, dim=-1)
+
+        return self.token_metrics(models, self.evaluation_batches(split), mix)
 
 
 def masked_logits(model: nn.Module, inputs: Batch, keep: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tfuse.data.text import Sequences, TextData, cap, load_text, pad
 from tfuse.errors import TfuseError
-from tfuse.tasks.base import Batch, mixed_log_probs
+from tfuse.tasks.base import Batch, evaluating, mixed_log_probs
 from tfuse.tasks.text import TextTask, batches
 
 # task -> (text columns, number of labels, F1 kind or None, validation split used as test)
@@ -55,20 +55,13 @@ class TextClassificationTask(TextTask):
     ) -> dict[str, float]:
         """Accuracy, NLL (and F1) of the averaged (``weights``: weighted) probabilities of ``models``."""
         seq: Sequences = getattr(self.data, split)
-        modes = [m.training for m in models]
-        for m in models:
-            m.eval()
         preds, nll = [], 0.0
-        try:
+        with evaluating(models):
             for batch in batches(seq, torch.arange(len(seq)), self.eval_batch_size):
                 inputs = self.model_inputs(batch)
-                logp = torch.stack([F.log_softmax(m(**inputs).logits.float(), -1) for m in models])
-                mean = mixed_log_probs(logp, weights)
+                mean = mixed_log_probs((F.log_softmax(m(**inputs).logits.float(), -1) for m in models), weights)
                 nll += float(F.nll_loss(mean, batch["labels"].to(self.device), reduction="sum"))
                 preds.append(mean.argmax(-1).cpu())
-        finally:
-            for m, mode in zip(models, modes):
-                m.train(mode)
         pred = torch.cat(preds)
         out = {"accuracy": float((pred == seq.labels).float().mean()), "loss": nll / len(seq)}
         if self.f1:
