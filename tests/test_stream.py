@@ -224,10 +224,18 @@ def test_compact_keeps_only_signed_permutations_hard():
     assert not isinstance(soft, HardMap) and soft.dtype == torch.float32
 
 
+@pytest.mark.parametrize("solver", ["cheaper", "cross_grams"])
 @pytest.mark.parametrize("fam", list(BUILDERS))
-def test_the_cross_gram_repair_equals_the_stored_target_repair(saved, fam):
+def test_the_streamed_repair_equals_the_stored_target_repair(monkeypatch, saved, fam, solver):
     """Three parents, an untied head for LLaMA, more samples than any layer's inputs: the same
-    fits, weights and outputs as the whole-model repair, which stores its targets."""
+    fits, weights and outputs as the whole-model repair, which stores its targets; with each
+    stage's cheaper solver (targets formed batch by batch, or cross-Grams) and with cross-Grams
+    for every stage."""
+    from tfuse.fusion import blockwise, crossgram
+
+    if solver == "cross_grams":
+        monkeypatch.setattr(blockwise, "for_stage", lambda layers, ridge, targets, weights: crossgram.CrossGram(
+            layers, ridge, targets, weights))
     models, dirs = saved[fam]
     st = dataclasses.replace(settings(fam, "global"), repair="lstsq", repair_samples=32)
     graph = family(fam).graph
@@ -241,7 +249,7 @@ def test_the_cross_gram_repair_equals_the_stored_target_repair(saved, fam):
         assert got[layer] == pytest.approx(pair, abs=1e-6), layer
     fused = dict(streamed.model.named_parameters())
     for name, w in whole.model.named_parameters():  # float32 sums in another order: ill-determined directions move
-        torch.testing.assert_close(fused[name], w, atol=1e-2 * float(w.abs().max()), rtol=1e-2)
+        torch.testing.assert_close(fused[name], w, atol=2e-2 * float(w.abs().max()), rtol=2e-2)
     with torch.no_grad():
         for batch in batches(fam)():
             want = outputs(whole.model, batch)

@@ -6,8 +6,9 @@ The repair walks the repair batches as pass 1 walks the statistics': the fused m
 aligned parent (the anchor's own weights in a twin of its skeleton) keep their hidden states at
 the current block boundary. For each stage of a block (layers reading one tensor, in call order:
 ``replay.find_stages``'s grouping) the fused block and each aligned parent's run up to the
-stage's input, batch by batch, feeding the cross-Grams of ``crossgram.py``; the stage is solved,
-and the next stage reads the refit layers. No target is stored. The layers after the last block
+stage's input, batch by batch, feeding the normal equations of ``crossgram.py`` (targets formed
+and dropped batch by batch, or cross-Grams of the inputs); the stage is solved, and the next
+stage reads the refit layers. No target is stored. The layers after the last block
 (an untied head) are refit alike, in row chunks.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tfuse.checkpoint import LazyModel
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import align, average
 from tfuse.fusion.boundary import BoundaryCache
-from tfuse.fusion.crossgram import CrossGram, chunks
+from tfuse.fusion.crossgram import for_stage
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.replay import linear_layers
 from tfuse.fusion.rules import Plan
@@ -171,14 +172,9 @@ def _stages(fused: Walk, k: int, layers, block: str) -> list[list[str]]:
 
 def _refit(stage: list[str], layers, targets_layers, weights, settings, inputs, rows, input_of, fused: Walk,
            walks: list[Walk]) -> list[LayerFit]:
-    """Stream one stage's cross-Grams over the repair batches, then solve it (``crossgram.py``)."""
-    fused_layers: dict = {}
-    parent_layers: list[dict] = [{} for _ in walks]
-    for name in stage:
-        fused_layers.update(chunks(name, layers[name]))
-        for k, t in enumerate(targets_layers):
-            parent_layers[k].update(chunks(name, t[name]))
-    method = CrossGram(fused_layers, settings.repair_ridge, parent_layers, weights)
+    """Stream one stage's normal equations over the repair batches, then solve it (``crossgram.py``)."""
+    method = for_stage({n: layers[n] for n in stage}, settings.repair_ridge, [{n: t[n] for n in stage} for t in targets_layers],
+                       weights)
     first = stage[0]
     for b in range(len(inputs)):
         x = rows(b, input_of(fused, b, first))

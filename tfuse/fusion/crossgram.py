@@ -1,13 +1,15 @@
 """The lstsq repair without stored targets. A layer's target is ``Y = sum_k alpha_k (X_k W_k^T +
-b_k)``, with ``X_k`` aligned parent k's input to the layer, so its normal equations need only
-cross-Grams of inputs:
+b_k)``, with ``X_k`` aligned parent k's input to the layer, seen in the same batch as the fused
+model's input ``X``. Either the target is formed batch by batch and dropped (``OnTheFly``: narrow
+outputs, an MLP's down projection), or the normal equations come from cross-Grams of the inputs
+alone (``CrossGram``: wide outputs, an untied vocabulary head, whose logits are never formed):
 
     X^T Y = sum_k alpha_k (X^T X_k) W_k^T + (X^T 1) sum_k alpha_k b_k^T
     ||Y||^2 = sum_kl alpha_k alpha_l [tr(W_k X_k^T X_l W_l^T) + 2 b_k^T W_l X_l^T 1 + n b_k^T b_l]
 
 (the second for the fit's reported error). Nothing per sample is kept, and a layer with many
-outputs (an untied vocabulary head) is solved ``CHUNK_ROWS`` outputs at a time: its logits are
-never formed.
+outputs is solved ``CHUNK_ROWS`` outputs at a time. ``for_stage`` takes whichever costs fewer
+products per sample.
 """
 from __future__ import annotations
 
@@ -85,3 +87,43 @@ class CrossGram(LeastSquares):
         system = super()._system(layer, name, bias)
         del self.xty[name], self.ysum[name]
         return system
+
+
+class OnTheFly(LeastSquares):
+    """The stage's targets formed from the aligned parents' inputs batch by batch (their layers
+    applied), summed into ``X^T Y`` and dropped."""
+
+    def __init__(self, layers: dict[str, nn.Linear], ridge: float, targets: Sequence[dict[str, nn.Linear]],
+                 weights: Sequence[float]):
+        super().__init__(layers, ridge)
+        self.targets, self.weights = targets, list(weights)
+
+    def add(self, x: torch.Tensor, parents: Sequence[torch.Tensor]) -> None:
+        outputs = {}
+        for name in self.layers:
+            y = None
+            for a, xk, t in zip(self.weights, parents, self.targets):
+                layer = t[name]
+                out = torch.nn.functional.linear(xk, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+                y = a * out if y is None else y.add_(out, alpha=a)
+            outputs[name] = y
+        super().add(x, outputs)
+
+
+def for_stage(layers: dict[str, nn.Linear], ridge: float, targets: Sequence[dict[str, nn.Linear]],
+              weights: Sequence[float]) -> LeastSquares:
+    """The cheaper solver for a stage: per sample, forming the targets costs ``(N + 1) d_in sum(out)``
+    products, the cross-Grams ``(N + N(N+1)/2) d_in^2``; heads too wide for one solve are chunked
+    and always take the cross-Grams."""
+    n = len(weights)
+    d = next(iter(layers.values())).in_features
+    outputs = sum(m.out_features for m in layers.values())
+    if any(m.out_features > CHUNK_ROWS for m in layers.values()) or (n + n * (n + 1) // 2) * d < (n + 1) * outputs:
+        pieces = [{} for _ in targets]
+        mine = {}
+        for name, layer in layers.items():
+            mine.update(chunks(name, layer))
+            for k, t in enumerate(targets):
+                pieces[k].update(chunks(name, t[name]))
+        return CrossGram(mine, ridge, pieces, weights)
+    return OnTheFly(layers, ridge, targets, weights)
