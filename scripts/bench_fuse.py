@@ -2,6 +2,8 @@
 
     python scripts/bench_fuse.py [--case vit] [--samples 200] [--large 2000] [--repair lstsq] [--device cpu]
                                  [--only fuse,repair,memory] [--repeats 3]
+    python scripts/bench_fuse.py --case gpt2-124m [--samples 32] [--tokens 128] [--repair none] [--dtype float32]
+                                 [--scale-dir outputs/scale/gpt2-124m] [--only fuse,memory] [--repeats 3]
     python scripts/bench_fuse.py --estimate llama-1b,llama-7b[,path/config.json]
 
 Two paper-sized parents with random weights (ViT: 7 layers, width 384, 12 heads, MLP 1536, patch 4
@@ -27,15 +29,32 @@ statistics and transport time beside the measured ones. ``--estimate`` prints, f
 checkpoints (presets or ``config.json`` files), the statistics memory per space and in all, the
 weights held, the repair's memory and the exact-OT solve time at this machine's measured speed.
 
+Scale cases (``scripts/scale_cases.py``: ``gpt2-124m``, ``qwen2-0.5b``, ``tinyllama-1.1b``,
+``llama3-8b``, ``vit-b16``, ``bert-base``): published architectures at full size, parent B a
+function-preserving relabelling of A, fused by the streamed engine (``tfuse.fusion.stream``) from
+checkpoints that a child process builds once into ``--scale-dir`` (reused while both parents'
+indexes are there) in ``--dtype``. ``--samples`` sequences (default 32; images for ``vit-b16``) of
+``--tokens`` (default 128) in batches of 8; ``--repair`` none (default) or lstsq on
+``--repair-samples`` (default: the same batches); ``--tiny`` shrinks the case (tests). Sections
+(default both): ``fuse``: stream_fuse's seconds and stage timings against the bare forward
+passes of both parents (loaded whole beforehand) over the same batches, bracketed as above.
+``memory``: a fresh process that builds the lazy parents and streams the fuse, its peak RSS
+right after (``peak_rss_mb``, and as a multiple of one parent's weight bytes), its fuse's
+seconds and stages, and the recovery error: the largest logit difference of the fused model
+and parent A over 2 batches, relative to A's largest logit (0 when fusion undoes the relabelling
+exactly). One JSON line at the end, every key present (``scale_keys``).
+
 ``--device cuda``: models and inputs on the GPU (the inputs drawn on the CPU, as for ``cpu``),
 every timer read after ``torch.cuda.synchronize()``, and the peak GPU memory
 (``torch.cuda.max_memory_allocated``) of the timed fuses (``peak_gpu_mb``) and of each fresh
-process (``peak_gpu_mb_N``, ``peak_gpu_mb_repair_N``) beside its peak RSS.
+process (``peak_gpu_mb_N``, ``peak_gpu_mb_repair_N``) beside its peak RSS; for a scale case, the
+lazy parents read onto the GPU and the fresh process's peak (``peak_gpu_mb``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import resource
 import statistics
@@ -52,6 +71,19 @@ from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
 
 Batch = dict[str, torch.Tensor]
+ROOT = Path(__file__).resolve().parents[1]
+SCALE_SCRIPT = Path(__file__).with_name("scale_cases.py")
+
+
+def _scale_cases():
+    """scripts/scale_cases.py, loaded by its path (this file also runs as a module of the tests)."""
+    spec = importlib.util.spec_from_file_location("scale_cases", SCALE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCALE = _scale_cases()
 
 
 def vit_case(seed: int):
@@ -134,8 +166,11 @@ CASE_SETTINGS: dict[str, dict] = {  # BERT and LLaMA have no patch grid: every r
     "bert": {"tokens": "all"},
     "llama": {"tokens": "all", "solver": "emd", "qk": "head_aware", "residual": "global", "signs": True},  # llama_plays'
 }
-CASE_SAMPLES: dict[str, int] = {"vitb": 1000}  # the default --samples of a case (else DEFAULT_SAMPLES)
+SCALE_SAMPLES = 32
+CASE_SAMPLES: dict[str, int] = {"vitb": 1000, **dict.fromkeys(SCALE.CASES, SCALE_SAMPLES)}  # else DEFAULT_SAMPLES
 DEFAULT_SAMPLES = 200
+SCALE_BATCH = 8  # sequences a batch: 8 x 2,048 tokens of an 8B model still fit one GPU
+SCALE_DEFAULTS = {"tokens": 128, "dtype": "float32", "repair_samples": None, "scale_dir": None, "tiny": False}
 
 
 SWEEP_REGS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2)
@@ -231,51 +266,98 @@ DEFAULT_ONLY = "fuse,repair,memory"
 DEFAULT_REPEATS = 3
 
 
-def sections_of(text: str) -> list[str]:
+SCALE_SECTIONS: dict[str, str] = {  # --only of the scale cases
+    "fuse": "stream_fuse against the bare forward passes of both parents (fuse_s, stages, ratio, ratio_best, forward_s)",
+    "memory": "a fresh process streaming the fuse: peak RSS, its fuse's time, the recovery error (peak_rss_mb, "
+              "peak_rss_x_parent, memory_fuse_s, memory_stages, recovery_error)",
+}
+
+
+def sections_of(text: str, available: dict[str, str] = SECTIONS) -> list[str]:
     """The sections named in ``--only`` (comma-separated, ``all`` for every one), in the script's
     order; ValueError names an unknown one."""
     names = [name.strip() for name in text.split(",")]
     if names == ["all"]:
-        return list(SECTIONS)
-    unknown = [name for name in names if name not in SECTIONS]
+        return list(available)
+    unknown = [name for name in names if name not in available]
     if unknown:
-        raise ValueError(f"unknown section {', '.join(repr(n) for n in unknown)} (choose from {', '.join(SECTIONS)})")
-    return [name for name in SECTIONS if name in names]
+        raise ValueError(f"unknown section {', '.join(repr(n) for n in unknown)} (choose from {', '.join(available)})")
+    return [name for name in available if name in names]
+
+
+def fail(message: str) -> None:
+    """Exit as argparse does (status 2), in one line without the usage."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=sorted(CASES), default="vit")
-    parser.add_argument("--samples", type=int, help=f"calibration samples (default: {DEFAULT_SAMPLES}; vitb {CASE_SAMPLES['vitb']})")
+    parser.add_argument("--case", choices=[*sorted(CASES), *SCALE.CASES], default="vit")
+    parser.add_argument("--samples", type=int, help=f"calibration samples (default: {DEFAULT_SAMPLES}; vitb "
+                                                    f"{CASE_SAMPLES['vitb']}; the scale cases {SCALE_SAMPLES})")
     parser.add_argument("--large", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                         help=f"fuses (and fuses + repair), each between two forward timings (default: {DEFAULT_REPEATS})")
-    parser.add_argument("--repair", choices=("none", "rescale", "lstsq"), default="lstsq",
-                        help="also time fusion followed by this repair (none: skip)")
-    parser.add_argument("--only", default=DEFAULT_ONLY, metavar="SECTIONS",
+    parser.add_argument("--repair", choices=("none", "rescale", "lstsq"),
+                        help="also time fusion followed by this repair (default: lstsq; none: skip); the scale cases "
+                             "fuse with it (none, the default, or lstsq)")
+    parser.add_argument("--only", metavar="SECTIONS",
                         help=f"comma-separated sections to run, or all (default: {DEFAULT_ONLY}): "
                              + "; ".join(f"{name}: {what}" for name, what in SECTIONS.items())
+                             + f"; the scale cases: {', '.join(SCALE_SECTIONS)} (default both): "
+                             + "; ".join(f"{name}: {what}" for name, what in SCALE_SECTIONS.items())
                              + "; a section not run leaves its keys null")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models and inputs live")
     parser.add_argument("--estimate", metavar="SHAPES",
                         help="comma-separated presets (llama-1b, llama-7b) or config.json paths: print what fusing two such "
                              "checkpoints needs, from the shapes and this machine's measured solver speed, and exit")
+    scale = parser.add_argument_group(f"scale cases ({', '.join(SCALE.CASES)}) only")
+    scale.add_argument("--tokens", type=int, help=f"tokens a sequence (default: {SCALE_DEFAULTS['tokens']})")
+    scale.add_argument("--repair-samples", type=int, help="sequences the repair refits on (default: --samples, the same batches)")
+    scale.add_argument("--dtype", choices=("float32", "bfloat16"), help="the parents' stored dtype (default: float32)")
+    scale.add_argument("--scale-dir", type=Path, help="where the pair is built, or reused once there (default: "
+                                                      "outputs/scale/CASE, -bfloat16 and -tiny appended for those)")
+    scale.add_argument("--tiny", action="store_true", default=None, help="the case's shrunk config (tests)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # fuse once, print peak RSS (MB)
     parser.add_argument("--child-repair", type=int, help=argparse.SUPPRESS)  # ... with this many repair samples
+    parser.add_argument("--child-stream", action="store_true", help=argparse.SUPPRESS)  # a scale case's memory child
     args = parser.parse_args(argv)
+    scaled = args.case in SCALE.CASES
     try:
-        args.only = sections_of(args.only)
-    except ValueError as error:  # one line, argparse's exit status
-        print(f"{Path(sys.argv[0]).name}: error: --only: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        only = args.only if args.only is not None else "all" if scaled else DEFAULT_ONLY
+        args.only = sections_of(only, SCALE_SECTIONS if scaled else SECTIONS)
+    except ValueError as error:
+        fail(f"--only: {error}")
     if args.repeats < 1:
-        print(f"{Path(sys.argv[0]).name}: error: --repeats: at least 1, not {args.repeats}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"--repeats: at least 1, not {args.repeats}")
     if args.samples is None:
         args.samples = CASE_SAMPLES.get(args.case, DEFAULT_SAMPLES)
+    if scaled:
+        scale_defaults(args)
+    else:
+        given = [key for key in SCALE_DEFAULTS if getattr(args, key) is not None]
+        if given:
+            fail(f"--{given[0].replace('_', '-')}: for the scale cases only ({', '.join(SCALE.CASES)})")
+        args.repair = args.repair or "lstsq"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible")
     return args
+
+
+def scale_defaults(args: argparse.Namespace) -> None:
+    """A scale case's unset options: SCALE_DEFAULTS, the repair on the calibration batches, the
+    pair's folder by case, dtype and size."""
+    if args.repair == "rescale":
+        fail("--repair: the scale cases' streamed fuse repairs with lstsq (or none)")
+    args.repair = args.repair or "none"
+    for key, value in SCALE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.repair_samples = args.repair_samples or args.samples
+    if args.scale_dir is None:
+        suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + ("-tiny" if args.tiny else "")
+        args.scale_dir = ROOT / "outputs" / "scale" / f"{args.case}{suffix}"
 
 
 def summary_keys(case: str, device: str, samples: int, large: int) -> list[str]:
@@ -291,11 +373,194 @@ def summary_keys(case: str, device: str, samples: int, large: int) -> list[str]:
     return keys + ["sweep8_uncached_s", "sweep8_cached_s", "sweep8_cached_per_fuse"]
 
 
+def scale_keys(device: str) -> list[str]:
+    """Every key of a scale case's JSON line, in its order (a section not run leaves its keys null)."""
+    return ["case", "device", "samples", "tokens", "repair", "repair_samples", "dtype", "parameters",
+            "fuse_s", "stages", "ratio", "ratio_best", "forward_s", "memory_fuse_s", "memory_stages",
+            "peak_rss_mb", "peak_rss_x_parent", *(["peak_gpu_mb"] if device == "cuda" else []), "recovery_error"]
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+
+
+Run = tuple[float, dict[str, float]]  # a fuse's seconds and its stage timings
+
+
+def bracketed(fuses: dict[str, Callable[[], Run]], forward: Callable[[], float], repeats: int
+              ) -> tuple[dict[str, list[Run]], dict[str, list[float]], list[float]]:
+    """``repeats`` rounds of every kind of fuse, each fuse followed by a forward timing (F U F R F
+    U F R ... F): each fuse's ratio is to the mean of the forwards around it, so a machine that
+    speeds up or slows down cancels out. The runs and ratios by kind, and every forward's time."""
+    forwards = [forward()]
+    runs: dict[str, list[Run]] = {kind: [] for kind in fuses}
+    ratios: dict[str, list[float]] = {kind: [] for kind in fuses}
+    for _ in range(repeats):
+        for kind, fuse in fuses.items():
+            runs[kind].append(fuse())
+            forwards.append(forward())
+            ratios[kind].append(runs[kind][-1][0] / ((forwards[-2] + forwards[-1]) / 2))
+    return runs, ratios, forwards
+
+
+def report_fuses(label: str, runs: list[Run], ratios: list[float], forward_s: float) -> tuple[float, dict[str, float], float]:
+    """Print the best fuse's stages and total and the median ratio; return those three."""
+    total, stages = min(runs, key=lambda f: f[0])
+    ratio = statistics.median(ratios)
+    print(f"{label}:")
+    for stage, seconds in stages.items():
+        print(f"  {stage:<12} {seconds:8.2f} s")
+    print(f"  total        {total:8.2f} s  (best of {len(runs)})")
+    print(f"  ratio        {ratio:8.2f}  (median over the fuses of fuse / mean of the forwards around it; "
+          f"each: {', '.join(f'{r:.2f}' for r in ratios)}; best / best: {total / forward_s:.2f})")
+    return total, stages, ratio
+
+
+def scale_pair(args: argparse.Namespace) -> Path:
+    """The case's pair in ``--scale-dir``, built by scale_cases.py in a child process (its memory is
+    not this process's) unless both parents' indexes are there: save_pretrained writes a
+    sharded checkpoint's index last, so a build cut short is built again."""
+    folder = args.scale_dir
+    if all((folder / x / "model.safetensors.index.json").exists() for x in "ab"):
+        print(f"pair: reusing {folder}")
+        return folder
+    cmd = [sys.executable, str(SCALE_SCRIPT), args.case, str(folder), "--dtype", args.dtype, *(["--tiny"] if args.tiny else [])]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    print(f"pair: built in {folder}: {out.stdout.strip().splitlines()[-1]}")
+    return folder
+
+
+def scale_batches(args: argparse.Namespace, samples: int) -> list[Batch]:
+    """The case's first ``samples`` inputs in batches on ``--device``, images in ``--dtype``."""
+    dtype = getattr(torch, args.dtype)
+    return [{k: v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device) for k, v in batch.items()}
+            for batch in SCALE.batches(args.case, samples, SCALE_BATCH, tokens=args.tokens, tiny=args.tiny)]
+
+
+def stream_once(args: argparse.Namespace, data: list[Batch], repair_data: list[Batch]):
+    """stream_fuse of the pair into parent A (the anchor) from the checkpoints: its seconds
+    (the lazy parents' building excluded) and its outcome."""
+    from tfuse.arch import family
+    from tfuse.arch.lazy import lazy_parent
+    from tfuse.fusion.stream import stream_fuse
+
+    fam = SCALE.CASES[args.case].family
+    settings = OTSettings(**SCALE.settings(args.case), samples=args.samples, batch_size=SCALE_BATCH,
+                          repair=args.repair, repair_samples=args.repair_samples)
+    parents = [lazy_parent(str(args.scale_dir / x), fam, f"parent {x}", device=args.device) for x in "ab"]
+    start = now(args.device)
+    outcome = stream_fuse(parents, family(fam).graph(parents[0].model), settings, 0, lambda: iter(data),
+                          lambda batch: batch, repair_calibration=lambda: iter(repair_data))
+    return now(args.device) - start, outcome
+
+
+def whole_parent(args: argparse.Namespace, name: str) -> torch.nn.Module:
+    """Parent ``name`` (a or b) loaded whole by from_pretrained, on ``--device``, with no KV cache
+    (the fuse's passes keep none either)."""
+    from tfuse.arch import load_parent
+
+    model = load_parent(str(args.scale_dir / name), SCALE.CASES[args.case].family, f"parent {name}",
+                        getattr(torch, args.dtype)).to(args.device).eval()
+    model.config.use_cache = False
+    return model
+
+
+def scale_data(args: argparse.Namespace) -> tuple[list[Batch], list[Batch]]:
+    """The calibration batches, and the repair's (the same ones unless --repair-samples differs)."""
+    data = scale_batches(args, args.samples)
+    return data, data if args.repair_samples == args.samples else scale_batches(args, args.repair_samples)
+
+
+def scale_child(args: argparse.Namespace) -> None:
+    """The memory section's fresh process: the streamed fuse, then this process's peak memory as
+    it ends (nothing else held yet), then the recovery error; one JSON line."""
+    data, repair_data = scale_data(args)
+    seconds, outcome = stream_once(args, data, repair_data)
+    report = {"fuse_s": seconds, "stages": outcome.timings, "peak_rss_mb": peak_of_this_process_mb(),
+              "peak_gpu_mb": peak_gpu_mb() if args.device == "cuda" else None}
+    a, fused, worst = whole_parent(args, "a"), outcome.model, 0.0
+    with torch.no_grad():
+        for batch in data[:2]:
+            want, got = a(**batch).logits, fused(**batch).logits
+            worst = max(worst, float((want - got).abs().max().float() / want.abs().max().float()))
+    print(json.dumps({**report, "recovery_error": worst}))
+
+
+def scale_main(args: argparse.Namespace) -> None:
+    """A scale case's sections (SCALE_SECTIONS) and its JSON line (scale_keys)."""
+    from tfuse.arch.lazy import lazy_parent
+
+    device, only = args.device, args.only
+    folder = scale_pair(args)
+    skeleton = lazy_parent(str(folder / "a"), SCALE.CASES[args.case].family, "parent a").model  # on the meta device
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    weight_mb = parameters * getattr(torch, args.dtype).itemsize / 2**20
+    images = SCALE.CASES[args.case].images
+    inputs = "images" if images else f"sequences x {args.tokens} tokens"
+    print(f"case {args.case} ({parameters / 1e6:.1f} M parameters in {args.dtype}, {weight_mb:.0f} MB a parent), "
+          f"{args.samples} {inputs}, repair {args.repair}" + (f" on {args.repair_samples}" if args.repair != "none" else "")
+          + f", {device} ({device_name(device)}); sections: {', '.join(only)}")
+    summary: dict[str, object] = dict.fromkeys(scale_keys(device))
+    summary.update({"case": args.case, "device": device, "samples": args.samples, "tokens": None if images else args.tokens,
+                    "repair": args.repair, "repair_samples": args.repair_samples, "dtype": args.dtype,
+                    "parameters": parameters})
+    if "fuse" in only:
+        began = time.perf_counter()
+        data, repair_data = scale_data(args)
+        parents = [whole_parent(args, x) for x in "ab"]
+
+        def forward(batches: list[Batch] = data) -> float:
+            start = now(device)
+            with torch.no_grad():
+                for batch in batches:
+                    for model in parents:
+                        model(**batch)
+            return now(device) - start
+
+        def fuse() -> Run:
+            seconds, outcome = stream_once(args, data, repair_data)
+            return seconds, outcome.timings  # the fused model freed before the next forward
+
+        forward(data[:1])  # warm-up
+        runs, ratios, forwards = bracketed({"fuse": fuse}, forward, args.repeats)
+        forward_s = min(forwards)
+        total, stages, ratio = report_fuses(f"stream fuse (repair={args.repair})", runs["fuse"], ratios["fuse"], forward_s)
+        print(f"  forward      {forward_s:8.2f} s  (best of {len(forwards)}; bare forward passes of both parents, same batches)")
+        print(f"  [fuse: {time.perf_counter() - began:.0f} s]")
+        summary.update({"fuse_s": round(total, 3), "stages": {k: round(v, 3) for k, v in stages.items()},
+                        "ratio": round(ratio, 3), "ratio_best": round(total / forward_s, 3), "forward_s": round(forward_s, 3)})
+        del parents  # off the host before the memory child, whose hidden-state budget is half the free memory
+    if "memory" in only:
+        cmd = [sys.executable, __file__, "--case", args.case, "--samples", str(args.samples), "--tokens", str(args.tokens),
+               "--repair", args.repair, "--repair-samples", str(args.repair_samples), "--dtype", args.dtype,
+               "--scale-dir", str(folder), "--device", device, *(["--tiny"] if args.tiny else []), "--child-stream"]
+        start = time.perf_counter()
+        child = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1])
+        took = time.perf_counter() - start
+        rss = child["peak_rss_mb"]
+        print(f"  peak RSS     {rss:8.0f} MB = {rss / weight_mb:.2f} x one parent's {args.dtype} weights, in a fresh process "
+              f"streaming the fuse ({child['fuse_s']:.2f} s: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in child["stages"].items()) + ")"
+              + (f"; peak GPU {child['peak_gpu_mb']:.0f} MB" if device == "cuda" else ""))
+        print(f"  recovery     {child['recovery_error']:8.1e}  (max |fused - A| / max |A| of the logits over 2 batches)"
+              f"  [memory: a fresh process of {took:.0f} s]")
+        summary.update({"memory_fuse_s": round(child["fuse_s"], 3),
+                        "memory_stages": {k: round(v, 3) for k, v in child["stages"].items()},
+                        "peak_rss_mb": round(rss, 1), "peak_rss_x_parent": round(rss / weight_mb, 2),
+                        "recovery_error": child["recovery_error"]})
+        if device == "cuda":
+            summary["peak_gpu_mb"] = round(child["peak_gpu_mb"], 1)
+    print(json.dumps(summary))
+
+
 def main() -> None:
     args = parse_args()
     device = args.device
     if args.estimate:
         estimate(args.estimate.split(","), args.samples, args.large)
+        return
+    if args.case in SCALE.CASES:
+        (scale_child if args.child_stream else scale_main)(args)
         return
     settings = OTSettings(**CASE_SETTINGS.get(args.case, {}))  # the paper's defaults: sinkhorn 0.08, 6x6 window, mean residual
     repaired = dataclasses.replace(settings, repair=args.repair, repair_samples=args.samples)
@@ -307,42 +572,28 @@ def main() -> None:
         print(peak_of_this_process_mb(), *([peak_gpu_mb()] if device == "cuda" else []))
         return
     only = args.only
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"case {args.case}, {args.samples} calibration samples, {device} ({where}); sections: {', '.join(only)}"
+    print(f"case {args.case}, {args.samples} calibration samples, {device} ({device_name(device)}); sections: {', '.join(only)}"
           + (" (repair ones skipped: --repair none)" if args.repair == "none" and {"repair", "repair_memory"} & set(only) else ""))
     summary: dict[str, object] = dict.fromkeys(summary_keys(args.case, device, args.samples, args.large))
     summary.update({"case": args.case, "device": device})
-    # kinds alternate (F U F R F U F R ... F): each fuse is bracketed by forward passes and its
-    # ratio is to the mean of its two neighbours, so a machine that speeds up or slows down cancels out
-    kinds = ([("fuse", settings)] if "fuse" in only else []) + (
-        [("repair", repaired)] if "repair" in only and args.repair != "none" else [])
-    runs: dict[str, list[tuple[float, dict[str, float]]]] = {"fuse": [], "repair": []}
-    ratios: dict[str, list[float]] = {"fuse": [], "repair": []}
+    kinds = {kind: (lambda chosen=chosen: fuse_once(args.case, args.samples, chosen, device=device))
+             for kind, chosen in (("fuse", settings), ("repair", repaired))
+             if kind in only and not (kind == "repair" and args.repair == "none")}
+    runs: dict[str, list[Run]] = {}
     if kinds:
         began = time.perf_counter()
         forward_once(args.case, 8, settings.batch_size, device)  # warm-up
-        forwards = [forward_once(args.case, args.samples, settings.batch_size, device)]
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.repeats):
-            for kind, chosen in kinds:
-                runs[kind].append(fuse_once(args.case, args.samples, chosen, device=device))
-                forwards.append(forward_once(args.case, args.samples, settings.batch_size, device))
-                ratios[kind].append(runs[kind][-1][0] / ((forwards[-2] + forwards[-1]) / 2))
+        runs, ratios, forwards = bracketed(
+            kinds, lambda: forward_once(args.case, args.samples, settings.batch_size, device), args.repeats)
         forward_s = min(forwards)
         if device == "cuda":
             summary["peak_gpu_mb"] = round(peak_gpu_mb(), 1)
         for kind, label in (("fuse", "fuse"), ("repair", f"fuse + repair={args.repair}")):
-            if not runs[kind]:
+            if kind not in runs:
                 continue
-            total, stages = min(runs[kind], key=lambda f: f[0])
-            ratio = statistics.median(ratios[kind])
-            print(f"{label}:")
-            for stage, seconds in stages.items():
-                print(f"  {stage:<12} {seconds:8.2f} s")
-            print(f"  total        {total:8.2f} s  (best of {args.repeats})")
-            print(f"  ratio        {ratio:8.2f}  (median over the fuses of fuse / mean of the forwards around it; "
-                  f"each: {', '.join(f'{r:.2f}' for r in ratios[kind])}; best / best: {total / forward_s:.2f})")
+            total, stages, ratio = report_fuses(label, runs[kind], ratios[kind], forward_s)
             if kind == "fuse":
                 summary.update({"fuse_s": round(total, 3), "ratio": round(ratio, 3), "ratio_best": round(total / forward_s, 3)})
             else:
@@ -350,7 +601,7 @@ def main() -> None:
                                 "repair_ratio": round(ratio, 3), "repair_ratio_best": round(total / forward_s, 3)})
         print(f"  forward      {forward_s:8.2f} s  (best of {len(forwards)}; bare forward passes of both parents, same inputs)")
         summary["forward_s"] = round(forward_s, 3)
-        print(f"  [{' + '.join(kind for kind, _ in kinds)}: {time.perf_counter() - began:.0f} s]")
+        print(f"  [{' + '.join(kinds)}: {time.perf_counter() - began:.0f} s]")
     gpu: dict[str, float | None] = {}
     for section, key, of in (("memory", "peak_rss_mb_", "at {} samples, {} MB at {}"),
                              ("repair_memory", "peak_rss_mb_repair_", "with {} repair samples, {} MB with {}")):
@@ -375,7 +626,7 @@ def main() -> None:
 
         shape = DecoderShape.from_config(CASES[args.case](0)[0].config.to_dict())
         predicted = solve_seconds(shape, lap_seconds())["total"]
-        measured = min(runs["fuse"], key=lambda f: f[0])[1]["transport"] if runs["fuse"] else None
+        measured = min(runs["fuse"], key=lambda f: f[0])[1]["transport"] if "fuse" in runs else None
         stats_mb = statistics_bytes(shape)["total"] / 1e6
         print(f"  estimate     statistics {stats_mb:.0f} MB (exact, tests/test_decoder.py); transport {predicted:.2f} s "
               + (f"estimated against {measured:.2f} s measured" if measured is not None else "estimated (no fuse run)"))

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# device=cuda checked on a GPU in about 8 minutes: the GPU and the versions, tests/test_gpu.py,
-# then scripts/bench_fuse.py --device cuda on the vit and the vitb (ViT-B/16) cases.
+# device=cuda checked on a GPU: the GPU and the versions, tests/test_gpu.py, then
+# scripts/bench_fuse.py --device cuda on the vit and the vitb (ViT-B/16) cases (about 8 minutes),
+# on TinyLlama-1.1B in bfloat16 streamed (about 3), and on Llama-3-8B shapes in bfloat16 (16 GB a
+# parent: its pair built first in a step of its own, then fused with the lstsq repair on 256
+# sequences of 2,048 tokens; up to 13 minutes).
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else outputs/gpu_check
 #
-# OUT_DIR gets 7 files: summary.txt (each step's exit status and seconds), env.txt, test_gpu.log,
-# bench_vit.log and bench_vitb.log (a bench cut short by its limit keeps the lines it printed),
-# bench_vit.json and bench_vitb.json (the JSON line of a bench that finished). Every step has its
-# own time limit and the next one runs regardless; the exit status is the first failing step's.
+# OUT_DIR gets 12 files: summary.txt (each step's exit status and seconds), env.txt, test_gpu.log,
+# pair_llama3_8b.log, bench_NAME.log for NAME in vit, vitb, tinyllama, llama3_8b (a bench cut short
+# by its limit keeps the lines it printed) and bench_NAME.json (the JSON line of a bench that
+# finished). Every step has its own time limit and the next one runs regardless; the exit status
+# is the first failing step's.
 # PYTHON overrides the interpreter (default: the repository's .venv/bin/python).
 set -u
 
@@ -48,11 +52,15 @@ main() {
         echo "no CUDA GPU visible to torch: nothing to check" | tee -a "$DIR/summary.txt"
         return 1
     fi
-    # Limits sized for an H200 (about 8 minutes in all); the benches' defaults otherwise
+    # Limits sized for an H200 (about 8 minutes for the first three steps); the benches' defaults otherwise
     # (vit: 200 samples, vitb: 1,000; --large 2000; lstsq repair on --samples repair samples).
     step test_gpu 150 "$PY" -m pytest -q -o addopts= -rfEs tests/test_gpu.py
     bench bench_vit 130 --case vit --repeats 2
     bench bench_vitb 170 --case vitb --repeats 1
+    # Scale cases (scripts/scale_cases.py): 32 sequences of 128 tokens by default, pairs in outputs/scale
+    bench bench_tinyllama 200 --case tinyllama-1.1b --dtype bfloat16 --only fuse,memory
+    step pair_llama3_8b 400 "$PY" "$ROOT/scripts/scale_cases.py" llama3-8b "$ROOT/outputs/scale/llama3-8b-bfloat16" --dtype bfloat16
+    bench bench_llama3_8b 400 --case llama3-8b --samples 256 --tokens 2048 --repair lstsq --dtype bfloat16
     echo "total $SECONDS s; outputs in $DIR" | tee -a "$DIR/summary.txt"
     return "$STATUS"
 }

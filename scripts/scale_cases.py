@@ -1,6 +1,6 @@
 """Real-size parent pairs for the benchmark, written to disk as checkpoints.
 
-    python scripts/scale_cases.py CASE FOLDER [--seed 0] [--dtype float32] [--check]
+    python scripts/scale_cases.py CASE FOLDER [--seed 0] [--dtype float32] [--tiny] [--check]
 
 Each case is a published architecture (``CASES``) with seeded random weights. Parent A is that
 model; parent B is a function-preserving ``symmetric_copy`` of it (every symmetry its flow graph
@@ -42,7 +42,8 @@ class Case(NamedTuple):  # not a dataclass: loadable by file path, outside sys.m
 
 
 CASES: dict[str, Case] = {  # configs as published: openai-community/gpt2, Qwen/Qwen2.5-0.5B,
-    # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T, google/vit-base-patch16-224, google-bert/bert-base-uncased
+    # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T, google/vit-base-patch16-224, google-bert/bert-base-uncased,
+    # meta-llama/Meta-Llama-3-8B (16 GB a parent in bfloat16: built on the GPU machine, scripts/gpu_check.sh)
     "gpt2-124m": Case(
         "hf_gpt2", "GPT2LMHeadModel",
         dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, layer_norm_epsilon=1e-5,
@@ -63,6 +64,14 @@ CASES: dict[str, Case] = {  # configs as published: openai-community/gpt2, Qwen/
         dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, max_position_embeddings=2048, rope_theta=1e4, rms_norm_eps=1e-5,
              tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2),
+        dict(vocab_size=101, hidden_size=128, intermediate_size=88, num_hidden_layers=2, max_position_embeddings=128),
+        {**HARD, "signs": True},
+    ),
+    "llama3-8b": Case(
+        "hf_llama", "LlamaForCausalLM",
+        dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, max_position_embeddings=8192, rope_theta=5e5, rms_norm_eps=1e-5,
+             tie_word_embeddings=False, hidden_act="silu", bos_token_id=128000, eos_token_id=128001),
         dict(vocab_size=101, hidden_size=128, intermediate_size=88, num_hidden_layers=2, max_position_embeddings=128),
         {**HARD, "signs": True},
     ),
@@ -170,10 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tiny", action="store_true", help="the case's shrunk config (tests)")
     parser.add_argument("--check", action="store_true", help="load the pair back and compare its logits")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    dir_a, dir_b = make_pair(args.case, args.folder, args.seed, getattr(torch, args.dtype))
+    dir_a, dir_b = make_pair(args.case, args.folder, args.seed, getattr(torch, args.dtype), tiny=args.tiny)
     report = {
         "case": args.case, "dtype": args.dtype, "make_pair_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # before any check
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.check:
         start = time.perf_counter()
-        report["check_rel_diff"] = check_pair(args.case, dir_a, dir_b)
+        report["check_rel_diff"] = check_pair(args.case, dir_a, dir_b, tiny=args.tiny)
         report["check_s"] = round(time.perf_counter() - start, 1)
     json.dump(report, sys.stdout)
     print()
