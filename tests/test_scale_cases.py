@@ -19,7 +19,7 @@ spec.loader.exec_module(sc)
 
 PUBLISHED_PARAMETERS = {  # the model cards' counts (tied tables once)
     "gpt2-124m": 124_439_808, "qwen2-0.5b": 494_032_768, "tinyllama-1.1b": 1_100_048_384,
-    "vit-b16": 86_567_656, "bert-base": 109_514_298,
+    "vit-b16": 86_567_656, "bert-base": 109_514_298, "llama3-8b": 8_030_261_248,
 }
 
 

@@ -146,6 +146,10 @@ class LazyModel:
         self.model, self.checkpoint, self.device = model, checkpoint, device
         self.dtype = dtype or checkpoint.stored_dtype()
         self.key_of = {(renamed or {}).get(key, key): key for key in checkpoint.names}  # model name -> checkpoint key
+        for module in model.modules():  # the buffers are real (RoPE's frequencies, position ids): on the device now
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
         self._index()
         self._check()
 
