@@ -667,10 +667,13 @@ def lap_seconds() -> Callable[[int], float]:
     return lambda n: float(np.exp(log_c) * n ** p)
 
 
+GPU_GB = 80  # the GPU --estimate says a streamed run fits, or not
+
+
 def estimate(names: list[str], samples: int, large: int) -> None:
     """Estimates for each shape at ``samples`` calibration sequences and ``large`` repair samples of
     the longest context used here (2,048 tokens for the presets)."""
-    from tfuse.estimate import repair_bytes, shape_of, solve_seconds, statistics_bytes, weights_bytes
+    from tfuse.estimate import repair_bytes, shape_of, solve_seconds, statistics_bytes, stream_bytes, weights_bytes
 
     seconds = lap_seconds()
     out = {}
@@ -686,9 +689,16 @@ def estimate(names: list[str], samples: int, large: int) -> None:
               f"{samples} sequences x 2,048 tokens {repair['block_inputs'] / 1e9:.1f} GB, held {repair['held'] / 1e9:.2f} GB "
               f"in memory; {repair['spill'] / 1e9:.1f} GB spilled to disk")
         print("  solve        " + ", ".join(f"{k} {v:.0f} s" for k, v in solve.items()) + " (exact OT, this machine)")
+        streamed = {f"stream_{kind}_{dtype}_gb": round(stream_bytes(shape, 2, samples, 2048, bytes_per=size, repair=kind == "repair",
+                                                                    process=False)["total"] / 1e9, 1)
+                    for kind in ("fuse", "repair") for dtype, size in (("float32", 4), ("bfloat16", 2))}
+        print("  streamed     peak (fusion.stream, every hidden state in memory, no process): " + ", ".join(
+            f"{k[7:-3].replace('_', ' ')} {v:.1f} GB" for k, v in streamed.items())
+              + f"; with lstsq in bfloat16 it {'fits' if streamed['stream_repair_bfloat16_gb'] <= GPU_GB else 'does not fit'} "
+              f"one {GPU_GB} GB GPU")
         out[name] = {"parameters": shape.parameters(), "statistics_gb": round(stats["total"] / 1e9, 2),
                      "weights_fuse_gb": round(weights["fuse"] / 1e9, 1), "weights_repair_gb": round(weights["repair"] / 1e9, 1),
-                     "repair_gb": round(repair["total"] / 1e9, 1), "solve_s": round(solve["total"], 1)}
+                     "repair_gb": round(repair["total"] / 1e9, 1), "solve_s": round(solve["total"], 1), **streamed}
     print(json.dumps(out))
 
 
