@@ -1,4 +1,4 @@
-"""Checkpoints read tensor by tensor: a model's skeleton on the meta device whose parameters are
+"""Checkpoints read tensor by tensor, and checked: a model's skeleton on the meta device whose parameters are
 read from its safetensors files (one file, or shards with ``model.safetensors.index.json``) part
 by part, and released again, so that only the parts in use are resident.
 
@@ -234,3 +234,38 @@ class LazyModel:
             other.hook = None
         other._index()
         return other
+
+
+def check_loaded(model, folder: str, label: str) -> None:
+    """A model loaded whole from the safetensors in ``folder`` used every tensor there and left no
+    parameter at its random init (transformers only warns of either)."""
+    from transformers import PreTrainedModel
+
+    if not any(Path(folder).glob("*.safetensors")):
+        return
+    checkpoint = Checkpoint(folder, label)
+    renamed = renamed_keys(model, checkpoint, label) if isinstance(model, PreTrainedModel) else {}
+    check_tensors(model, aliases_of(model), {renamed.get(k, k): k for k in checkpoint.names}, checkpoint)
+
+
+def renamed_keys(model, checkpoint: Checkpoint, label: str) -> dict[str, str]:
+    """Checkpoint key -> the model's parameter name, by transformers' own renamings (a ViT saved as
+    ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj`` in the model);
+    a tensor that transformers converts (splits, merges) cannot be read part by part."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    names = dict.fromkeys(model.state_dict())
+    out = {}
+    for key in sorted(checkpoint.names):
+        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        if renamed not in names and key in names:
+            renamed, converted = key, None
+        if converted is not None:
+            raise TfuseError(f"{label}: tensor '{key}' is converted by transformers when loaded ({converted}); "
+                             "fusion.stream reads tensors as stored: save the parent again with save_pretrained")
+        out[key] = renamed
+    return out

@@ -13,6 +13,7 @@ from torch import nn
 
 from tfuse.arch import hf_bert, hf_gpt2, hf_llama, hf_vit
 from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily, is_local
+from tfuse.checkpoint import check_loaded
 from tfuse.errors import TfuseError
 
 FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
@@ -99,8 +100,6 @@ def load_parent(source: str, family_name: str, label: str, dtype: torch.dtype | 
             return fam.load(source, revision=revision, dtype=dtype)
         model = fam.load(str(path) if looks_local else source, dtype=dtype)
         if looks_local:
-            from tfuse.arch.lazy import check_loaded
-
             check_loaded(model, str(path), label)
         return model
     except OSError as err:

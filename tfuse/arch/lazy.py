@@ -8,7 +8,7 @@ import torch
 
 from tfuse.arch import family
 from tfuse.arch.base import TokenizedFamily
-from tfuse.checkpoint import Checkpoint, LazyModel, aliases_of, check_tensors, empty
+from tfuse.checkpoint import Checkpoint, LazyModel, empty, renamed_keys
 from tfuse.errors import TfuseError
 
 
@@ -42,39 +42,4 @@ def lazy_parent(source: str, family_name: str, label: str, dtype: torch.dtype | 
                          "the family of that architecture")
     if isinstance(fam, TokenizedFamily):
         fam.attach_tokenizer(model, fam.load_tokenizer(str(path)))
-    return LazyModel(model, checkpoint, dtype, device, _renamed(model, checkpoint, label))
-
-
-def check_loaded(model, folder: str, label: str) -> None:
-    """A model loaded whole from the safetensors in ``folder`` used every tensor there and left no
-    parameter at its random init (transformers only warns of either)."""
-    from transformers import PreTrainedModel
-
-    if not any(Path(folder).glob("*.safetensors")):
-        return
-    checkpoint = Checkpoint(folder, label)
-    renamed = _renamed(model, checkpoint, label) if isinstance(model, PreTrainedModel) else {}
-    check_tensors(model, aliases_of(model), {renamed.get(k, k): k for k in checkpoint.names}, checkpoint)
-
-
-def _renamed(model, checkpoint: Checkpoint, label: str) -> dict[str, str]:
-    """Checkpoint key -> the model's parameter name, by transformers' own renamings (a ViT saved as
-    ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj`` in the model);
-    a tensor that transformers converts (splits, merges) cannot be read part by part."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    mapping = get_model_conversion_mapping(model)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    names = dict.fromkeys(model.state_dict())
-    out = {}
-    for key in sorted(checkpoint.names):
-        renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
-        if renamed not in names and key in names:
-            renamed, converted = key, None
-        if converted is not None:
-            raise TfuseError(f"{label}: tensor '{key}' is converted by transformers when loaded ({converted}); "
-                             "fusion.stream reads tensors as stored: save the parent again with save_pretrained")
-        out[key] = renamed
-    return out
+    return LazyModel(model, checkpoint, dtype, device, renamed_keys(model, checkpoint, label))
