@@ -23,6 +23,7 @@ from tfuse.fusion.apply import align, average
 from tfuse.fusion.boundary import BoundaryCache
 from tfuse.fusion.crossgram import for_stage
 from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.repair import Rows
 from tfuse.fusion.replay import linear_layers
 from tfuse.fusion.rules import Plan
 from tfuse.fusion.solvers import LayerFit
@@ -93,10 +94,8 @@ def align_and_repair(
     data = list(calibration())
     if not data:
         raise TfuseError("fusion.repair needs calibration data (fusion.repair_samples >= 1)")
-    from tfuse.fusion.repair import _Rows
-
     inputs = [model_inputs(batch) for batch in data]
-    rows = _Rows(graph, settings, data)
+    rows = Rows(graph, settings, data)
     fused = Walk(parents[anchor], graph, cache, "fused")
     walks = [Walk(t, graph, cache, i) for i, t in enumerate(targets)]
     layers = linear_layers(parents[anchor].model, graph)

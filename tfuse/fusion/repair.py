@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 
 
-class _Rows:
+class Rows:
     """The samples of an activation: kept (example, token) rows of ``(batch, tokens, width)``
     (``repair_tokens``; padding never counts), every row of a pooled ``(batch, width)``."""
 
@@ -145,7 +145,7 @@ def repair(
     if not data:
         raise TfuseError("fusion.repair needs calibration data (fusion.repair_samples >= 1)")
     inputs = [model_inputs(batch) for batch in data]
-    rows = _Rows(graph, settings, data)
+    rows = Rows(graph, settings, data)
     models = (fused, *targets)
     modes = [m.training for m in models]
     for m in models:

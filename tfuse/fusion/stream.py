@@ -53,11 +53,11 @@ def _present(acts: dict[str, torch.Tensor], segments) -> list[torch.Tensor | Non
     return None if all(x is None for x in blocks) else blocks
 
 
-def _rule_probes(rule: Rule, plan: Plan) -> set[str]:
+def _rule_probes(rule: Rule) -> set[str]:
+    """The probes a rule reads (a combination: its magnitudes' only)."""
     if isinstance(rule, CombineRule):
         return {rule.skip_probe, rule.branch_probe} if rule.magnitudes else set()
-    single = Plan([rule], {})
-    return set(single.probes())
+    return set(Plan([rule], {}).probes())
 
 
 def _rule_needs(rule: Rule) -> set[str]:
@@ -194,12 +194,11 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
         return fired
 
     def solve_ready() -> None:
-        nonlocal pending
         progress = True
         while progress:
             progress = False
             for rule in list(pending):
-                if not (_rule_probes(rule, plan) <= done and _rule_needs(rule) <= solved):
+                if not (_rule_probes(rule) <= done and _rule_needs(rule) <= solved):
                     continue
                 with timed(timings, "transport", parents[anchor].model):
                     for i in movers:
