@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tfuse.arch import hf_vit
 from tfuse.errors import TfuseError
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-from tfuse.fusion.repair import _Rows, sample_weights
+from tfuse.fusion.repair import Rows, sample_weights
 from tfuse.symmetry import permuted_copy
 from conftest import fuse_in_process, logits, tfuse, tiny_vit
 from test_repair import trained_like
@@ -75,7 +75,7 @@ def test_label_targets_with_an_exact_copy_return_the_model(images):
 def test_rows_spread_per_example_values_over_the_kept_tokens(images):
     settings = OTSettings(**HARD)
     batches = [{"pixel_values": images[:3]}]
-    rows = _Rows(hf_vit.graph(tiny_vit()), settings, batches)
+    rows = Rows(hf_vit.graph(tiny_vit()), settings, batches)
     x = torch.randn(3, 5, 7)
     values = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
     spread = rows.per_row(0, x, values)

@@ -11,7 +11,7 @@ from tfuse.arch import hf_bert, hf_vit
 from tfuse.fusion.engine import parameters
 from tfuse.fusion.methods.ot import OTSettings
 from tfuse.fusion.methods.vanilla import vanilla_fuse
-from tfuse.fusion.repair import _Rows, repair
+from tfuse.fusion.repair import Rows, repair
 from tfuse.fusion.replay import find_stages, linear_layers
 from tfuse.fusion.solvers import LeastSquares
 from conftest import batches_of, tiny_vit
@@ -25,7 +25,7 @@ def reference_repair(fused, parents, weights, graph, settings, batches) -> list:
     """lstsq as the repair's docstring states it: per stage, whole forward passes of every model."""
     stages, _ = find_stages(fused, graph, batches[0])
     layers = linear_layers(fused, graph)
-    rows = _Rows(graph, settings, batches)
+    rows = Rows(graph, settings, batches)
     fits = []
 
     def seen(model, x, names, inputs):
