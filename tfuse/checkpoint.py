@@ -154,17 +154,12 @@ class LazyModel:
         self._check()
 
     def _index(self) -> None:
-        self.owners: dict[str, list[tuple[nn.Module, str]]] = {}  # a parameter's name -> every (module, attr) holding it
-        self.aliases: dict[str, list[str]] = {}
-        first: dict[int, str] = {}
-        for prefix, module in self.model.named_modules():
-            for attr, p in module._parameters.items():
-                if p is None:
-                    continue
-                name = f"{prefix}.{attr}" if prefix else attr
-                key = first.setdefault(id(p), name)
-                self.owners.setdefault(key, []).append((module, attr))
-                self.aliases.setdefault(key, []).append(name)
+        self.aliases = aliases_of(self.model)
+        modules = dict(self.model.named_modules())
+        self.owners: dict[str, list[tuple[nn.Module, str]]] = {  # a parameter's name -> every (module, attr) holding it
+            name: [(modules[a.rpartition(".")[0]], a.rpartition(".")[2]) for a in names]
+            for name, names in self.aliases.items()
+        }
 
     def _check(self) -> None:
         check_tensors(self.model, self.aliases, self.key_of, self.checkpoint)

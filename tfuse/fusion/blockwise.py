@@ -24,7 +24,7 @@ from tfuse.fusion.boundary import BoundaryCache
 from tfuse.fusion.crossgram import for_stage
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.repair import Rows
-from tfuse.fusion.replay import linear_layers
+from tfuse.fusion.replay import group_stages, linear_layers
 from tfuse.fusion.rules import Plan
 from tfuse.fusion.solvers import LayerFit
 from tfuse.fusion.walk import OUTER, Walk, part_of
@@ -49,21 +49,31 @@ class _Merge:
         virtual = _virtual(self.graph, real)
         aligned = []
         for i, p in enumerate(self.targets):
-            p.load(real)
-            state = self.graph.to_virtual({n: p.tensor(n) for n in real})
-            if i != self.anchor and self.maps[i] is not None:  # vanilla fusion: no maps
-                state = align(state, self.graph, self.plan, self.maps[i].raw, names=virtual)
-                if self.keep:
-                    for n, w in self.graph.to_real(state).items():
-                        p.set(n, w)
-                else:
-                    p.release(real)  # the aligned copy is all that is needed
-            aligned.append(state)
+            aligned.append(self.aligned(i, real, virtual))
+            if not self.keep and self.moves(i):
+                p.release(real)  # the aligned copy is all that is needed
         fused = self.graph.to_real(average(aligned, self.weights))
         for n in real:
             self.parents[self.anchor].set(n, fused[n])
         if not self.keep:
             self.release(real)
+
+    def moves(self, i: int) -> bool:
+        return i != self.anchor and self.maps[i] is not None  # vanilla fusion: no maps
+
+    def aligned(self, i: int, real: list[str], virtual: list[str]) -> dict[str, torch.Tensor]:
+        """Parent ``i``'s part in the anchor's basis (virtual parameters); with ``keep``, also in
+        its skeleton."""
+        p = self.targets[i]
+        p.load(real)
+        state = self.graph.to_virtual({n: p.tensor(n) for n in real})
+        if not self.moves(i):
+            return state
+        state = align(state, self.graph, self.plan, self.maps[i].raw, names=virtual)
+        if self.keep:
+            for n, w in self.graph.to_real(state).items():
+                p.set(n, w)
+        return state
 
     def release(self, real: list[str]) -> None:
         for i, p in enumerate(self.targets):
@@ -129,26 +139,18 @@ def align_and_repair(
 
 def _realign(merge: _Merge, outer: list[str]) -> None:
     """The aligned parents' outer parameters again (released after the part before the blocks)."""
-    for i, p in enumerate(merge.targets):
-        if i == merge.anchor or merge.maps[i] is None:
-            continue
-        p.load(outer)
-        state = merge.graph.to_virtual({n: p.tensor(n) for n in outer})
-        state = align(state, merge.graph, merge.plan, merge.maps[i].raw, names=_virtual(merge.graph, outer))
-        for n, w in merge.graph.to_real(state).items():
-            p.set(n, w)
-    for p in merge.targets:
-        p.load(outer)
+    for i in range(len(merge.targets)):
+        merge.aligned(i, outer, _virtual(merge.graph, outer))
 
 
 def _stages(fused: Walk, k: int, layers, block: str) -> list[list[str]]:
     """Block ``k``'s linear layers grouped into stages (consecutive layers reading one tensor), in
     call order, read off one run of the block on the first batch."""
     inside = {n: m for n, m in layers.items() if part_of(n, [block]) == 1}
-    calls: list[tuple[str, torch.Tensor]] = []
+    calls: list[tuple[str, torch.Tensor, int]] = []
     modules = fused.modules
     handles = [modules[n].register_forward_pre_hook(
-        lambda m, a, kw, n=n: calls.append((n, a[0] if a else next(iter(kw.values())))), with_kwargs=True)
+        lambda m, a, kw, n=n: calls.append((n, a[0] if a else next(iter(kw.values())), k)), with_kwargs=True)
         for n in inside]
     try:
         args, kwargs = fused.arguments[0][k]
@@ -156,17 +158,10 @@ def _stages(fused: Walk, k: int, layers, block: str) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
-    names = [n for n, _ in calls]
-    if len(names) != len(set(names)):
+    if len(calls) != len({n for n, _, _ in calls}):
         raise TfuseError(f"repair: a layer of block '{block}' runs more than once per forward pass (shared weights): "
                          "not supported")
-    stages: list[list] = []
-    for n, x in calls:
-        if stages and stages[-1][1] is x:
-            stages[-1][0].append(n)
-        else:
-            stages.append([[n], x])
-    return [names for names, _ in stages]
+    return [list(stage.modules) for stage in group_stages(calls)]
 
 
 def _refit(stage: list[str], layers, targets_layers, weights, settings, inputs, rows, input_of, fused: Walk,

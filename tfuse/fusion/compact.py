@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 
@@ -88,3 +88,15 @@ class CompactMaps(MutableMapping):
             parts = [m.source, m.sign] if isinstance(m, HardMap) else [m]
             total += sum(p.numel() * p.element_size() for p in parts if p is not None)
         return total
+
+
+def sign_flips(maps: CompactMaps, signed: Collection[str]) -> dict[str, list[int]]:
+    """Per signed space: how many of the reference's neurons receive a negated parent neuron (a
+    hard map's negative signs; a soft map's columns whose mass sums negative), of how many."""
+    out = {}
+    for space in sorted(signed):
+        m = maps.raw.get(space)
+        if m is not None:
+            flips = (0 if m.sign is None else int((m.sign < 0).sum())) if isinstance(m, HardMap) else int((m.sum(0) < 0).sum())
+            out[space] = [flips, m.shape[1]]
+    return out

@@ -90,13 +90,19 @@ def find_stages(model: nn.Module, graph: FlowGraph, inputs: Batch) -> tuple[list
     finally:
         for h in handles:
             h.remove()
+    return group_stages(calls), {n for n, c in count.items() if c > 1}
+
+
+def group_stages(calls: list[tuple[str, torch.Tensor, int]]) -> list[Stage]:
+    """Layers in call order (name, the tensor each read, its segment) grouped into stages:
+    consecutive layers of one segment reading one tensor."""
     stages: list[list] = []
     for name, x, seg in calls:
         if stages and stages[-1][2] is x and stages[-1][1] == seg:
             stages[-1][0].append(name)
         else:
             stages.append([[name], seg, x])
-    return [Stage(tuple(names), seg) for names, seg, _ in stages], {n for n, c in count.items() if c > 1}
+    return [Stage(tuple(names), seg) for names, seg, _ in stages]
 
 
 class Replay:

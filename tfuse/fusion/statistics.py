@@ -84,11 +84,6 @@ def join(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
 
 
-def features(acts: dict[str, torch.Tensor], segments: Segments) -> list[torch.Tensor]:
-    """Sample blocks of a space (``block_probes``)."""
-    return [join([acts[p] for p in probes]) for probes in block_probes(segments)]
-
-
 def derived_blocks(graph: FlowGraph, spaces: dict[str, Segments]) -> dict[tuple[str, int], Probe]:
     """Sample blocks whose cross-products follow from a source's: (space, block) -> source.
 
@@ -106,6 +101,58 @@ def derived_blocks(graph: FlowGraph, spaces: dict[str, Segments]) -> dict[tuple[
         if len(sources) == 1 and None not in sources and feeds[next(iter(sources))] > 1:
             out[space, b] = next(iter(sources))
     return out
+
+
+@dataclass
+class Probing:
+    """What a statistics pass records: the plan's probes and, per ``derived_blocks``, the sources
+    whose cross-products stand in for their affine images' (``source.N``)."""
+
+    derived: dict[tuple[str, int], Probe]
+    source_of: dict[tuple[str, int], str]  # (space, block) -> its source's name
+    sources: dict[str, Probe]  # name -> source probe
+    names: list[str]  # every probe a recorder keeps
+    probes: dict[str, Probe]  # the graph's probes and the sources, by name
+
+    @classmethod
+    def of(cls, graph: FlowGraph, plan: Plan) -> "Probing":
+        derived = derived_blocks(graph, plan.segments)
+        source_names = {src: f"source.{i}" for i, src in enumerate(dict.fromkeys(derived.values()))}
+        sources = {name: src for src, name in source_names.items()}
+        return cls(derived, {key: source_names[src] for key, src in derived.items()}, sources,
+                   plan.probes() + list(sources), {**graph.probes, **sources})
+
+    def reference(self, acts: dict[str, torch.Tensor], spaces: dict[str, Segments], moments: dict[str, Moments],
+                  sums: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The reference's samples of one run into its moments; the sample blocks of each space
+        whose probes ran (None for a block that did not, or whose source stands in for it) and the
+        sources' samples, for the models' cross-products."""
+        feats = {}
+        for space, segments in spaces.items():
+            blocks = [join([acts[p] for p in probes]) if all(p in acts for p in probes) else None
+                      for probes in block_probes(segments)]
+            present = [x for x in blocks if x is not None]
+            if not present:
+                continue
+            mom = moments.setdefault(space, Moments.zeros(present[0].shape[1], present[0].device, sums))
+            for b, block in enumerate(blocks):
+                if block is not None:
+                    mom.add(block)
+                    if (space, b) in self.derived:  # only its moments were needed
+                        blocks[b] = None
+            feats[space] = blocks
+        source_acts = {name: acts[name] for name in self.sources if name in acts}
+        for name, x in source_acts.items():
+            moments.setdefault(name, Moments.zeros(x.shape[1], x.device)).add(x)
+        return feats, source_acts
+
+
+def batch_mask(batch: Batch, graph: FlowGraph, settings: StatisticsSettings, generator: torch.Generator):
+    """``mask(tokens, device)``: the flat rows of ``batch`` kept as samples, drawn once per token
+    count (every model of the batch shares the draw)."""
+    return lru_cache(maxsize=None)(
+        lambda tokens, device: kept_rows(token_mask(batch, tokens, graph.tokens, settings, generator), device)
+    )
 
 
 def collect_statistics(
@@ -126,18 +173,13 @@ def collect_statistics(
     """
     _steady_allocator()
     spaces = plan.segments
-    derived = derived_blocks(graph, spaces)
-    source_names = {src: f"source.{i}" for i, src in enumerate(dict.fromkeys(derived.values()))}
-    source_of = {key: source_names[src] for key, src in derived.items()}
-    sources = {name: src for src, name in source_names.items()}
-    names = plan.probes() + list(sources)
-    probes = {**graph.probes, **sources}
-    recorders = [Recorder(m, probes, names) for m in models]
-    ref_recorder = Recorder(reference, probes, names)
+    probing = Probing.of(graph, plan)
+    recorders = [Recorder(m, probing.probes, probing.names) for m in models]
+    ref_recorder = Recorder(reference, probing.probes, probing.names)
     generator = torch.Generator().manual_seed(settings.seed)
     ref_moments: dict[str, Moments] = {}  # per space, and per source (sums kept: derived products need them)
     sums = settings.center or settings.standardize
-    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for _ in models]
+    parents = [_ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, probing.source_of) for _ in models]
     was_training = [m.training for m in (reference, *models)]
     for m in (reference, *models):
         m.eval()
@@ -146,21 +188,8 @@ def collect_statistics(
             stack.enter_context(rec.attached())
         for batch in track(batches, "activation statistics", total=total):
             inputs = model_inputs(batch)
-            mask = lru_cache(maxsize=None)(
-                lambda tokens, device, b=batch: kept_rows(token_mask(b, tokens, graph.tokens, settings, generator), device)
-            )
-            ref_acts = ref_recorder.run(inputs, mask)
-            ref_feats = {s: features(ref_acts, seg) for s, seg in spaces.items()}
-            ref_source_acts = {name: ref_acts[name] for name in sources}
-            del ref_acts
-            for s, blocks in ref_feats.items():
-                mom = ref_moments.setdefault(s, Moments.zeros(blocks[0].shape[1], blocks[0].device, sums))
-                for b, block in enumerate(blocks):
-                    mom.add(block)
-                    if (s, b) in derived:  # only its moments were needed
-                        blocks[b] = None
-            for name, x in ref_source_acts.items():
-                ref_moments.setdefault(name, Moments.zeros(x.shape[1], x.device)).add(x)
+            mask = batch_mask(batch, graph, settings, generator)
+            ref_feats, ref_source_acts = probing.reference(ref_recorder.run(inputs, mask), spaces, ref_moments, sums)
             for rec, parent in zip(recorders, parents):
                 parent.start_batch(ref_feats, ref_source_acts)
                 rec.run(inputs, mask, sink=parent.add)
@@ -182,7 +211,7 @@ def _virtual_state(model: nn.Module, graph: FlowGraph) -> dict[str, torch.Tensor
 class _ParentStatistics:
     """One model's sums against the reference, fed probe by probe during its forward pass.
 
-    A sample block (``features``) is accumulated as soon as every probe it joins has fired; a
+    A sample block (``block_probes``) is accumulated as soon as every probe it joins has fired; a
     derived block (``source_of``) only adds to the moments, and its source's cross-product is
     summed instead.
     """

@@ -18,7 +18,6 @@ parents into the anchor's skeleton, which becomes the fused model.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -27,30 +26,21 @@ from tfuse.checkpoint import LazyModel
 from tfuse.errors import TfuseError
 from tfuse.fusion.blockwise import align_and_repair
 from tfuse.fusion.boundary import BoundaryCache, default_budget
-from tfuse.fusion.compact import CompactMaps, HardMap
+from tfuse.fusion.compact import CompactMaps, sign_flips
 from tfuse.fusion.cost import COSTS
 from tfuse.fusion.engine import FusionOutcome, check_fixed_axes, check_graph, timed
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.plan import check_probes, make_plan
-from tfuse.fusion.recorder import Recorder, kept_rows
+from tfuse.fusion.recorder import Recorder
 from tfuse.fusion.rules import CombineRule, Plan, Rule
 from tfuse.fusion.statistics import (
-    Moments, _check_finite, _ParentStatistics, _steady_allocator, _virtual_state, block_probes, derived_blocks, join,
-    release_heap,
+    Moments, Probing, _check_finite, _ParentStatistics, _steady_allocator, _virtual_state, batch_mask, release_heap,
 )
-from tfuse.fusion.tokens import token_mask
 from tfuse.fusion.walk import OUTER, Walk, part_of
 from tfuse.progress import track
 
 Batch = dict[str, torch.Tensor]
-
-
-def _present(acts: dict[str, torch.Tensor], segments) -> list[torch.Tensor | None] | None:
-    """A space's sample blocks whose probes ran in this part (None where they did not); None when none did."""
-    blocks = [join([acts[p] for p in probes]) if all(p in acts for p in probes) else None
-              for probes in block_probes(segments)]
-    return None if all(x is None for x in blocks) else blocks
 
 
 def _rule_probes(rule: Rule) -> set[str]:
@@ -138,18 +128,13 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
     the method reports (statistics source, sign flips)."""
     _steady_allocator()
     spaces = plan.segments
-    derived = derived_blocks(graph, spaces)
-    source_names = {src: f"source.{i}" for i, src in enumerate(dict.fromkeys(derived.values()))}
-    source_of = {key: source_names[src] for key, src in derived.items()}
-    sources = {name: src for src, name in source_names.items()}
-    names = plan.probes() + list(sources)
-    probes = {**graph.probes, **sources}
+    probing = Probing.of(graph, plan)
     movers = [i for i in range(len(parents)) if i != anchor]
     walks = {i: Walk(parents[i], graph, cache, i) for i in range(len(parents))}
-    recorders = {i: Recorder(parents[i].model, probes, names) for i in walks}
+    recorders = {i: Recorder(parents[i].model, probing.probes, probing.names) for i in walks}
     sums = settings.center or settings.standardize
     ref_moments: dict[str, Moments] = {}
-    stats = {i: _ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, source_of) for i in movers}
+    stats = {i: _ParentStatistics(spaces, ref_moments, plan.magnitude_probes(), sums, probing.source_of) for i in movers}
     maps = {i: CompactMaps() for i in movers}
     generator = torch.Generator().manual_seed(settings.seed)
     inputs: list[Batch] = []
@@ -161,7 +146,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
     outer = [n for n in parents[anchor].names() if part_of(n, blocks) == OUTER]
     in_part = {k + 1: [n for n in parents[anchor].names() if part_of(n, blocks) == k + 1] for k in range(len(blocks))}
 
-    probe_part = {n: part_of(probes[n].module, blocks) for n in names}
+    probe_part = {n: part_of(probing.probes[n].module, blocks) for n in probing.names}
 
     def accumulate(b: int, part: int, run: Callable[[int], None]) -> set[str]:
         """One part of batch ``b``: the anchor's samples, then each mover's against them."""
@@ -169,23 +154,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
         with recorders[anchor].recording(masks[b], only=only) as ref_acts:
             run(anchor)
         fired = set(ref_acts)
-        feats = {}
-        for s, seg in spaces.items():
-            blocks_of = _present(ref_acts, seg)
-            if blocks_of is None:
-                continue
-            width = next(x for x in blocks_of if x is not None).shape[1]
-            mom = ref_moments.setdefault(s, Moments.zeros(width, next(x for x in blocks_of if x is not None).device, sums))
-            for j, x in enumerate(blocks_of):
-                if x is not None:
-                    mom.add(x)
-                    if (s, j) in derived:
-                        blocks_of[j] = None
-            feats[s] = blocks_of
-        ref_sources = {n: ref_acts[n] for n in sources if n in ref_acts}
-        for n, x in ref_sources.items():
-            ref_moments.setdefault(n, Moments.zeros(x.shape[1], x.device)).add(x)
-        del ref_acts
+        feats, ref_sources = probing.reference(ref_acts, spaces, ref_moments, sums)
         for i in movers:
             stats[i].start_batch(feats, ref_sources)
             with recorders[i].recording(masks[b], stats[i].add, only):
@@ -214,7 +183,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
 
     def finish_part(fired: set[str]) -> None:
         ref_state = _virtual_state(parents[anchor].model, graph)
-        here = {n for n in sources if n in fired}
+        here = {n for n in probing.sources if n in fired}
         for i in movers:
             stats[i].derive(_virtual_state(parents[i].model, graph), ref_state, graph.probes, here)
             for n in here:
@@ -236,9 +205,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
         with timed(timings, "statistics", parents[anchor].model):
             for batch in track(calibration(), "statistics: before the blocks", total=total):
                 inputs.append(model_inputs(batch))
-                masks.append(lru_cache(maxsize=None)(
-                    lambda tokens, device, batch=batch: kept_rows(token_mask(batch, tokens, graph.tokens, settings, generator), device)
-                ))
+                masks.append(batch_mask(batch, graph, settings, generator))
                 b = len(inputs) - 1
                 fired |= accumulate(b, OUTER, lambda i: walks[i].before(b, inputs[b]))
             if not inputs:
@@ -256,7 +223,7 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
             finish_part(fired)
             for p in parents:
                 p.release(in_part[k + 1])
-        later = {graph.probes[n].module: graph.probes[n].where for n in names if n not in done}
+        later = {graph.probes[n].module: graph.probes[n].where for n in probing.names if n not in done}
         if later:
             for p in parents:
                 p.load(outer)
@@ -271,13 +238,5 @@ def _pass_one(parents, graph, plan, settings, anchor, calibration, model_inputs,
         raise TfuseError(f"the forward pass did not reach every probe of space '{_rule_names(pending[0]) or pending[0]}'")
     info: dict = {"statistics": ["computed"]}
     if settings.signs and plan.signed:
-        info["sign_flips"] = [{s: [_flips(m.raw[s]), m.raw[s].shape[1]] for s in sorted(plan.signed) if s in m.raw}
-                              for m in maps.values()]
+        info["sign_flips"] = [sign_flips(m, plan.signed) for m in maps.values()]
     return [maps.get(i) for i in range(len(parents))], info
-
-
-def _flips(m: HardMap | torch.Tensor) -> int:
-    """Reference neurons that receive a negated parent neuron."""
-    if isinstance(m, HardMap):
-        return 0 if m.sign is None else int((m.sign < 0).sum())
-    return int((m.sum(0) < 0).sum())

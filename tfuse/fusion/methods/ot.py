@@ -11,7 +11,7 @@ from torch import nn
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import align, average
 from tfuse.fusion.cache import StatisticsCache
-from tfuse.fusion.compact import CompactMaps
+from tfuse.fusion.compact import CompactMaps, sign_flips
 from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
 from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, timed, with_state
 from tfuse.fusion.graph import FlowGraph
@@ -139,12 +139,6 @@ def ot_fuse(
         weights, graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache, competence,
     )
     return FusionOutcome(reference, maps, timings, fits, info)
-
-
-def sign_flips(maps: dict[str, torch.Tensor], signed: Collection[str]) -> dict[str, list[int]]:
-    """Per signed space: how many of the reference's neurons receive a negated parent neuron (a
-    column whose mass sums negative), of how many."""
-    return {space: [int((maps[space].sum(0) < 0).sum()), maps[space].shape[1]] for space in sorted(signed) if space in maps}
 
 
 def _statistics(
