@@ -256,6 +256,59 @@ def test_the_streamed_repair_equals_the_stored_target_repair(monkeypatch, saved,
             torch.testing.assert_close(outputs(streamed.model, batch), want, atol=1e-4 * float(want.abs().max()), rtol=0)
 
 
+def competence(model, batch):
+    """A stand-in for a task's per-sample scores: each example's mean probability of class 0 and
+    its mean top probability (over its tokens), which differ from parent to parent."""
+    probs = torch.softmax(outputs(model, batch).float(), dim=-1)
+    reduce = (lambda v: v.mean(1)) if probs.dim() == 3 else (lambda v: v)
+    return reduce(probs[..., 0]), reduce(probs.max(-1).values)
+
+
+@pytest.mark.parametrize("solver", ["cheaper", "cross_grams"])
+@pytest.mark.parametrize("fam", ["hf_vit", "hf_llama"])
+def test_per_sample_targets_stream_as_in_the_stored_target_repair(monkeypatch, saved, fam, solver):
+    """``repair_targets=label`` (``X^T D_k X_k``): each aligned parent, scored whole with one block
+    resident, weighs its samples as in the whole-model repair; the same fits and outputs."""
+    from tfuse.fusion import blockwise, crossgram
+
+    if solver == "cross_grams":
+        monkeypatch.setattr(blockwise, "for_stage", lambda layers, ridge, targets, weights: crossgram.CrossGram(
+            layers, ridge, targets, weights))
+    models, dirs = saved[fam]
+    st = dataclasses.replace(settings(fam, "global"), repair="lstsq", repair_samples=32, repair_targets="label")
+    graph = family(fam).graph
+    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x, competence=competence)
+    plain = ot_fuse(models, graph(models[0]), dataclasses.replace(st, repair_targets="mean"), 1, batches(fam, n=8),
+                    lambda x: x)
+    parents = lazies(dirs, fam)
+    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0,
+                           competence=competence)
+    fits = {f.layer: [f.before, f.after] for f in whole.repair}
+    assert max(abs(f.before - fits[f.layer][0]) for f in plain.repair) > 1e-4  # the per-sample weights matter here
+    got = {f.layer: [f.before, f.after] for f in streamed.repair}
+    assert set(got) == set(fits)
+    for layer, pair in fits.items():
+        assert got[layer] == pytest.approx(pair, abs=1e-6), layer
+    with torch.no_grad():
+        for batch in batches(fam)():
+            want = outputs(whole.model, batch)
+            torch.testing.assert_close(outputs(streamed.model, batch), want, atol=1e-4 * float(want.abs().max()), rtol=0)
+    assert all(not p.is_meta for p in streamed.model.parameters())
+
+
+@pytest.mark.parametrize("fam", ["hf_gpt2", "hf_llama"])
+def test_the_streamed_rescale_equals_the_whole_model_rescale(saved, fam):
+    models, dirs = saved[fam]
+    st = dataclasses.replace(settings(fam, "global"), repair="rescale", repair_samples=32)
+    graph = family(fam).graph
+    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x)
+    parents = lazies(dirs, fam)
+    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0)
+    fused = dict(streamed.model.named_parameters())
+    for name, w in whole.model.named_parameters():
+        torch.testing.assert_close(fused[name], w, atol=1e-4 * float(w.abs().max()), rtol=1e-4)
+
+
 def test_a_head_is_solved_in_row_chunks(monkeypatch, saved):
     from tfuse.fusion import crossgram
 

@@ -47,7 +47,6 @@ def test_streamed_checkpoint_directories_without_the_control(workdir: Path, whol
 
 @pytest.mark.parametrize("bad, says", [
     ("fusion.method=weight_matching", "fusion.stream fuses with fusion.method=ot"),
-    ("fusion.repair=rescale", "fusion.stream repairs with fusion.repair=lstsq"),
     ("fusion.iterations=2", "fusion.iterations=2 must be 1"),
 ])
 def test_what_streaming_does_not_do_is_one_line(workdir: Path, whole: dict, bad: str, says: str):

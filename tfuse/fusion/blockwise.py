@@ -1,6 +1,7 @@
 """Pass 2 of streamed fusion (``stream.py``): part by part, every parent aligned into the anchor's
 basis and averaged into the fused model (the anchor's skeleton); with ``fusion.repair=lstsq``,
-each block's linear layers then refit toward the aligned parents before the walk moves on.
+each block's linear layers then refit toward the aligned parents before the walk moves on
+(``rescale``: their outputs' means and spreads set to the aligned parents').
 
 The repair walks the repair batches as pass 1 walks the statistics': the fused model and every
 aligned parent (the anchor's own weights in a twin of its skeleton) keep their hidden states at
@@ -9,7 +10,8 @@ the current block boundary. For each stage of a block (layers reading one tensor
 stage's input, batch by batch, feeding the normal equations of ``crossgram.py`` (targets formed
 and dropped batch by batch, or cross-Grams of the inputs); the stage is solved, and the next
 stage reads the refit layers. No target is stored. The layers after the last block
-(an untied head) are refit alike, in row chunks.
+(an untied head) are refit alike, in row chunks. Per-sample targets (``repair_targets``) are
+scored before the walk, each aligned parent run whole with one block resident.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from tfuse.fusion.apply import align, average
 from tfuse.fusion.boundary import BoundaryCache
 from tfuse.fusion.crossgram import for_stage
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.repair import Rows
+from tfuse.fusion.repair import Rows, sample_weights
 from tfuse.fusion.replay import group_stages, linear_layers
 from tfuse.fusion.rules import Plan
-from tfuse.fusion.solvers import LayerFit
+from tfuse.fusion.solvers import LayerFit, Rescale
 from tfuse.fusion.walk import OUTER, Walk, part_of
 from tfuse.progress import track
 
@@ -84,8 +86,11 @@ class _Merge:
 def align_and_repair(
     parents: Sequence[LazyModel], graph: FlowGraph, plan: Plan, maps, anchor: int, settings,
     calibration: Callable[[], Iterable[Batch]] | None, model_inputs: Callable[[Batch], Batch], cache: BoundaryCache,
+    competence: Callable | None = None,
 ) -> list[LayerFit]:
-    """Pass 2: the anchor's skeleton becomes the fused model; the repair's fits (lstsq)."""
+    """Pass 2: the anchor's skeleton becomes the fused model; the repair's fits (lstsq). With
+    ``repair_targets``, ``competence(model, batch)`` scores the aligned parents per sample
+    (``repair.sample_weights``)."""
     weights = settings.weights(len(parents))
     blocks = graph.blocks
     parts: dict[int, list[str]] = {}
@@ -106,6 +111,9 @@ def align_and_repair(
         raise TfuseError("fusion.repair needs calibration data (fusion.repair_samples >= 1)")
     inputs = [model_inputs(batch) for batch in data]
     rows = Rows(graph, settings, data)
+    per_sample = None
+    if settings.repair_targets != "mean":
+        per_sample = _sample_weights(merge, parts, data, weights, settings.repair_targets, competence)
     fused = Walk(parents[anchor], graph, cache, "fused")
     walks = [Walk(t, graph, cache, i) for i, t in enumerate(targets)]
     layers = linear_layers(parents[anchor].model, graph)
@@ -122,7 +130,7 @@ def align_and_repair(
         merge.part(parts.get(k + 1, []))
         for stage in _stages(fused, k, layers, blocks[k]):
             fits += _refit(stage, layers, targets_layers, weights, settings, inputs, rows,
-                           lambda w, b, m: w.input_of(k, b, m), fused, walks)
+                           lambda w, b, m: w.input_of(k, b, m), fused, walks, per_sample)
         for b in range(len(inputs)):
             for walk in (fused, *walks):
                 walk.block(k, b)
@@ -132,7 +140,7 @@ def align_and_repair(
         _realign(merge, outer)
         for name in after:
             fits += _refit([name], layers, targets_layers, weights, settings, inputs, rows,
-                           lambda w, b, m: w.input_after(b, inputs[b], m), fused, walks)
+                           lambda w, b, m: w.input_after(b, inputs[b], m), fused, walks, per_sample)
         merge.release(outer)
     return fits
 
@@ -165,12 +173,57 @@ def _stages(fused: Walk, k: int, layers, block: str) -> list[list[str]]:
 
 
 def _refit(stage: list[str], layers, targets_layers, weights, settings, inputs, rows, input_of, fused: Walk,
-           walks: list[Walk]) -> list[LayerFit]:
-    """Stream one stage's normal equations over the repair batches, then solve it (``crossgram.py``)."""
-    method = for_stage({n: layers[n] for n in stage}, settings.repair_ridge, [{n: t[n] for n in stage} for t in targets_layers],
-                       weights)
+           walks: list[Walk], per_sample: list[torch.Tensor] | None) -> list[LayerFit]:
+    """Stream one stage's normal equations (``crossgram.py``; ``rescale``: its output moments)
+    over the repair batches, then solve it."""
+    mine = {n: layers[n] for n in stage}
+    theirs = [{n: t[n] for n in stage} for t in targets_layers]
+    rescale = settings.repair == "rescale"
+    method = Rescale(mine, weights) if rescale else for_stage(mine, settings.repair_ridge, theirs, weights)
     first = stage[0]
     for b in range(len(inputs)):
-        x = rows(b, input_of(fused, b, first))
-        method.add(x, [rows(b, input_of(w, b, first)) for w in walks])
+        raw = input_of(fused, b, first)
+        x = rows(b, raw)
+        xs = [rows(b, input_of(w, b, first)) for w in walks]
+        if rescale:
+            method.add(_outputs(mine, x), Rescale.target([_outputs(t, xk) for t, xk in zip(theirs, xs)], weights))
+        elif per_sample is None:
+            method.add(x, xs)
+        else:
+            w = rows.per_row(b, raw, per_sample[b].to(x.device))
+            method.add(x, xs, [w[:, k:k + 1] for k in range(w.shape[1])])
     return method.solve()
+
+
+def _outputs(layers: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {n: torch.nn.functional.linear(x, m.weight.float(), None if m.bias is None else m.bias.float())
+            for n, m in layers.items()}
+
+
+def _sample_weights(merge: _Merge, parts: dict[int, list[str]], data: list[Batch], weights, kind: str,
+                    competence) -> list[torch.Tensor]:
+    """``repair.sample_weights`` of the aligned parents, each run whole with one block resident:
+    a block's part is aligned when the block is called and released when it returns."""
+    graph, outer = merge.graph, parts.get(OUTER, [])
+    handles = []
+
+    def hooks(i: int, real: list[str]):
+        def load(module, args):
+            merge.aligned(i, real, _virtual(graph, real))
+
+        def release(module, args, out):
+            merge.targets[i].release(real)
+        return load, release
+
+    try:
+        for i, target in enumerate(merge.targets):
+            merge.aligned(i, outer, _virtual(graph, outer))
+            modules = dict(target.model.named_modules())
+            for k, block in enumerate(graph.blocks):
+                load, release = hooks(i, parts.get(k + 1, []))
+                handles += [modules[block].register_forward_pre_hook(load), modules[block].register_forward_hook(release)]
+        return sample_weights([t.model for t in merge.targets], weights, data, kind, competence)
+    finally:
+        for h in handles:
+            h.remove()
+        merge.release(outer)

@@ -1,11 +1,13 @@
-"""The lstsq repair without stored targets. A layer's target is ``Y = sum_k alpha_k (X_k W_k^T +
-b_k)``, with ``X_k`` aligned parent k's input to the layer, seen in the same batch as the fused
-model's input ``X``. Either the target is formed batch by batch and dropped (``OnTheFly``: narrow
-outputs, an MLP's down projection), or the normal equations come from cross-Grams of the inputs
-alone (``CrossGram``: wide outputs, an untied vocabulary head, whose logits are never formed):
+"""The lstsq repair without stored targets. A layer's target is ``Y = sum_k D_k (X_k W_k^T +
+1 b_k^T)``, with ``X_k`` aligned parent k's input to the layer, seen in the same batch as the
+fused model's input ``X``, and ``D_k`` the parent's weight on each sample (its alpha, or with
+``repair_targets`` its per-sample weight). Either the target is formed batch by batch and dropped
+(``OnTheFly``: narrow outputs, an MLP's down projection), or the normal equations come from
+cross-Grams of the inputs alone (``CrossGram``: wide outputs, an untied vocabulary head, whose
+logits are never formed). With ``Z_k = D_k X_k`` and ``d_k = D_k 1``:
 
-    X^T Y = sum_k alpha_k (X^T X_k) W_k^T + (X^T 1) sum_k alpha_k b_k^T
-    ||Y||^2 = sum_kl alpha_k alpha_l [tr(W_k X_k^T X_l W_l^T) + 2 b_k^T W_l X_l^T 1 + n b_k^T b_l]
+    X^T Y = sum_k (X^T Z_k) W_k^T + (X^T d_k) b_k^T
+    ||Y||^2 = sum_kl tr(W_k Z_k^T Z_l W_l^T) + 2 b_l^T W_k Z_k^T d_l + d_k^T d_l b_k^T b_l
 
 (the second for the fit's reported error). Nothing per sample is kept, and a layer with many
 outputs is solved ``CHUNK_ROWS`` outputs at a time. ``for_stage`` takes whichever costs fewer
@@ -42,8 +44,10 @@ def chunks(name: str, layer: nn.Linear) -> dict[str, nn.Linear | RowSlice]:
 
 
 class CrossGram(LeastSquares):
-    """Streamed ``X^T X``, ``X^T X_k`` and ``X_k^T X_l`` of one stage; each layer's right-hand side
-    and target energy follow from the aligned parents' layers (``targets[k][name]``) at solve time."""
+    """Streamed ``X^T X``, ``X^T Z_k`` and ``Z_k^T Z_l`` of one stage, where ``Z_k = D_k X_k`` is
+    aligned parent k's input with each row scaled by the parent's weight on that sample (``D_k``:
+    its alpha, or its per-sample weight); each layer's right-hand side and target energy follow
+    from the aligned parents' layers (``targets[k][name]``) at solve time."""
 
     def __init__(self, layers: dict[str, nn.Linear | RowSlice], ridge: float,
                  targets: Sequence[dict[str, nn.Linear | RowSlice]], weights: Sequence[float]):
@@ -53,36 +57,49 @@ class CrossGram(LeastSquares):
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)  # noqa: E731
         self.n, self.xtx, self.xsum = 0, z(d, d), z(d)
         k = len(self.weights)
-        self.cross = [z(d, d) for _ in range(k)]  # X^T X_k
-        self.ksum = [z(d) for _ in range(k)]  # X_k^T 1
-        self.pair = {(a, b): z(d, d) for a in range(k) for b in range(a, k)}  # X_a^T X_b
+        self.cross = [z(d, d) for _ in range(k)]  # X^T Z_k
+        self.xd = [z(d) for _ in range(k)]  # X^T d_k
+        self.zsum = [z(d) for _ in range(k)]  # Z_k^T 1
+        self.dsum = [0.0] * k  # d_k^T 1
+        self.pair = {(a, b): z(d, d) for a in range(k) for b in range(a, k)}  # Z_a^T Z_b
+        self.zd = {(a, b): z(d) for a in range(k) for b in range(k)}  # Z_a^T d_b
+        self.dd = dict.fromkeys(self.pair, 0.0)  # d_a^T d_b
         self.xty, self.ysum, self.ysq = {}, {}, {}
 
-    def add(self, x: torch.Tensor, parents: Sequence[torch.Tensor]) -> None:
-        self.n += x.shape[0]
+    def add(self, x: torch.Tensor, parents: Sequence[torch.Tensor], factors: Sequence | None = None) -> None:
+        """One batch: the fused model's inputs ``x``, the aligned parents' (same rows), and per
+        parent a column of per-row weights (default: the alphas)."""
+        rows = x.shape[0]
+        self.n += rows
         for i in range(0, x.shape[1], GRAM_BLOCK):  # float32 products of one batch, float64 across batches
             self.xtx[i:i + GRAM_BLOCK, i:] += x[:, i:i + GRAM_BLOCK].T @ x[:, i:]
         self.xsum += x.sum(0)
-        for k, xk in enumerate(parents):
-            self.cross[k] += x.T @ xk
-            self.ksum[k] += xk.sum(0)
+        d = [x.new_full((rows, 1), a) for a in self.weights] if factors is None else [f.to(x.dtype) for f in factors]
+        z = [xk * dk for xk, dk in zip(parents, d)]
+        for k, zk in enumerate(z):
+            self.cross[k] += x.T @ zk
+            self.xd[k] += x.T @ d[k][:, 0]
+            self.zsum[k] += zk.sum(0)
+            self.dsum[k] += float(d[k].sum(dtype=torch.float64))
         for (a, b), gram in self.pair.items():
-            gram += parents[a].T @ parents[b]
+            gram += z[a].T @ z[b]
+            self.dd[a, b] += float((d[a] * d[b]).sum(dtype=torch.float64))
+        for (a, b), v in self.zd.items():
+            v += z[a].T @ d[b][:, 0]
 
     def _system(self, layer, name: str, bias: bool):
-        """The layer's X^T Y, Y^T 1 and ||Y||^2 from the Grams, then the base class's system."""
+        """The layer's X^T Y, Y^T 1 and ||Y||^2 from the Grams (``Y = sum_k D_k (X_k W_k^T + 1 b_k^T)``),
+        then the base class's system."""
         w = [t[name].weight.detach().double() for t in self.targets]
         b = [t[name].bias.detach().double() if t[name].bias is not None else w[k].new_zeros(w[k].shape[0])
              for k, t in enumerate(self.targets)]
-        a = self.weights
-        bias_mean = sum(ak * bk for ak, bk in zip(a, b))
-        self.xty[name] = sum(ak * (c @ wk.T) for ak, c, wk in zip(a, self.cross, w)) + torch.outer(self.xsum, bias_mean)
-        self.ysum[name] = sum(ak * (wk @ s + self.n * bk) for ak, wk, s, bk in zip(a, w, self.ksum, b))
+        self.xty[name] = sum(c @ wk.T + torch.outer(xd, bk) for c, xd, wk, bk in zip(self.cross, self.xd, w, b))
+        self.ysum[name] = sum(wk @ s + ds * bk for wk, s, ds, bk in zip(w, self.zsum, self.dsum, b))
         energy = 0.0
         for (i, j), gram in self.pair.items():
-            term = float(((w[i] @ gram) * w[j]).sum() + b[i] @ (w[j] @ self.ksum[j]) + b[j] @ (w[i] @ self.ksum[i])
-                         + self.n * (b[i] @ b[j]))
-            energy += a[i] * a[j] * term * (1 if i == j else 2)
+            term = float(((w[i] @ gram) * w[j]).sum() + b[j] @ (w[i] @ self.zd[i, j]) + b[i] @ (w[j] @ self.zd[j, i])
+                         + self.dd[i, j] * (b[i] @ b[j]))
+            energy += term * (1 if i == j else 2)
         self.ysq[name] = energy
         system = super()._system(layer, name, bias)
         del self.xty[name], self.ysum[name]
@@ -91,21 +108,21 @@ class CrossGram(LeastSquares):
 
 class OnTheFly(LeastSquares):
     """The stage's targets formed from the aligned parents' inputs batch by batch (their layers
-    applied), summed into ``X^T Y`` and dropped."""
+    applied, weighed by the alphas or per-row weights), summed into ``X^T Y`` and dropped."""
 
     def __init__(self, layers: dict[str, nn.Linear], ridge: float, targets: Sequence[dict[str, nn.Linear]],
                  weights: Sequence[float]):
         super().__init__(layers, ridge)
         self.targets, self.weights = targets, list(weights)
 
-    def add(self, x: torch.Tensor, parents: Sequence[torch.Tensor]) -> None:
+    def add(self, x: torch.Tensor, parents: Sequence[torch.Tensor], factors: Sequence | None = None) -> None:
         outputs = {}
         for name in self.layers:
             y = None
-            for a, xk, t in zip(self.weights, parents, self.targets):
+            for a, xk, t in zip(self.weights if factors is None else factors, parents, self.targets):
                 layer = t[name]
                 out = torch.nn.functional.linear(xk, layer.weight.float(), None if layer.bias is None else layer.bias.float())
-                y = a * out if y is None else y.add_(out, alpha=a)
+                y = a * out if y is None else y.add_(a * out)
             outputs[name] = y
         super().add(x, outputs)
 

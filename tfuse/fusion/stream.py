@@ -69,10 +69,12 @@ def stream_fuse(
     memory_bytes: int | None = None,
     repair_calibration: Callable[[], Iterable[Batch]] | None = None,
     aligned: bool = True,
+    competence: Callable | None = None,
 ) -> FusionOutcome:
     """OT fusion of checkpoints read part by part (``settings``: ``OTSettings``), or with
     ``aligned=False`` vanilla fusion (the parents averaged as they are: the control, repaired
-    alike; ``FusionSettings`` suffice); the anchor's skeleton becomes the fused model."""
+    alike; ``FusionSettings`` suffice); the anchor's skeleton becomes the fused model.
+    ``competence``: the task's per-sample scores, for ``repair_targets`` other than ``mean``."""
     _check(parents, graph, settings, anchor, aligned)
     models = [p.model for p in parents]
     plan = make_plan(graph, settings) if aligned else None
@@ -96,7 +98,7 @@ def stream_fuse(
         stage = "align" if settings.repair == "none" else "repair"  # with a repair, one walk aligns and refits
         with torch.no_grad(), timed(timings, stage, models[anchor]):
             fits = align_and_repair(parents, graph, plan, maps, anchor, settings, repair_calibration or calibration,
-                                    model_inputs, cache)
+                                    model_inputs, cache, competence)
     finally:
         cache.close()
     info["boundary_cache"] = {"budget_bytes": budget}
@@ -107,9 +109,6 @@ def _check(parents: Sequence[LazyModel], graph: FlowGraph, settings, anchor: int
     """What streaming supports, and parents the graph describes (one line otherwise)."""
     if aligned and settings.iterations != 1:
         raise TfuseError(f"fusion.stream fuses in one pass: fusion.iterations={settings.iterations} must be 1")
-    if settings.repair == "rescale" or settings.repair_targets != "mean":
-        raise TfuseError(f"fusion.stream repairs with fusion.repair=lstsq and fusion.repair_targets=mean (given "
-                         f"{settings.repair}, {settings.repair_targets}); use those, or fusion.stream=false")
     if aligned and not COSTS[settings.cost].needs_statistics:
         raise TfuseError(f"fusion.stream aligns on activations: fusion.cost={settings.cost} needs whole models; "
                          "use fusion.cost=activations")

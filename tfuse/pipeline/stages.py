@@ -153,7 +153,8 @@ def fuse_streamed(name: str, setup: Setup, graph, anchor: int, calibration: Cali
     setup.release()
     memory = None if settings.memory_gb is None else int(settings.memory_gb * 2**30)
     return stream_fuse([p.twin() for p in setup.lazy], graph, settings, anchor, calibration.batches,
-                       calibration.model_inputs, calibration.total, memory, calibration.repair, aligned=name == "ot")
+                       calibration.model_inputs, calibration.total, memory, calibration.repair, aligned=name == "ot",
+                       competence=calibration.competence)
 
 
 def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned, clock: Stopwatch, out_dir: Path) -> dict:
