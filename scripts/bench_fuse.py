@@ -348,8 +348,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def scale_defaults(args: argparse.Namespace) -> None:
     """A scale case's unset options: SCALE_DEFAULTS, the repair on the calibration batches, the
     pair's folder by case, dtype and size."""
-    if args.repair == "rescale":
-        fail("--repair: the scale cases' streamed fuse repairs with lstsq (or none)")
     args.repair = args.repair or "none"
     for key, value in SCALE_DEFAULTS.items():
         if getattr(args, key) is None:

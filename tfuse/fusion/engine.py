@@ -34,6 +34,7 @@ class FusionOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     repair: list[LayerFit] = field(default_factory=list)  # each refit layer's error before / after
     info: dict = field(default_factory=dict)  # what the method reports of itself (results.json ``methods``)
+    aligned: Callable[[], list[nn.Module]] | None = None  # the parents moved into the fused model's basis, built on call
 
 
 def parameters(model: nn.Module, graph: FlowGraph | None = None) -> State:

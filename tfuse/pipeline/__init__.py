@@ -1,10 +1,10 @@
 """`tfuse fuse` and `tfuse train`. A fusion run is a sequence of stages, each a function of the
 previous ones' output: prepare (settings, task, parents) -> score_parents (and the anchor) ->
-fuse_parents (the method and its vanilla control) -> finetune_all (with controls) ->
-collect_results -> save_models.
+fuse_parents (the method and its vanilla control) -> interpolate (eval.interpolation's loss
+barriers) -> finetune_all (with controls) -> collect_results -> save_models.
 
-The stages are in :mod:`.stages`, except finetune_all (:mod:`.finetune`) and save_models
-(:mod:`.save`); what they hand on in :mod:`.state`; per-class scores in :mod:`.scores`, the
+The stages are in :mod:`.stages`, except interpolate (:mod:`.interpolation`), finetune_all
+(:mod:`.finetune`) and save_models (:mod:`.save`); what they hand on in :mod:`.state`; per-class scores in :mod:`.scores`, the
 printed tables in :mod:`.tables`, device, seeds and clock in :mod:`.runtime`."""
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from tfuse.fusion.settings import FusionSettings
 from tfuse.io import write_json
 from tfuse.parents import partition_of, save_parent, train_parent
 from tfuse.pipeline.finetune import finetune_all, finetune_options
+from tfuse.pipeline.interpolation import interpolate, lambdas_of
 from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
 from tfuse.pipeline.save import save_models
 from tfuse.pipeline.stages import collect_results, fuse_parents, prepare, score_parents
-from tfuse.pipeline.tables import continuation_table, results_table
+from tfuse.pipeline.tables import barrier_table, continuation_table, results_table
 from tfuse.tasks import build_task
 
 
@@ -32,13 +33,17 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     into ``out_dir``."""
     if (out_dir / "results.json").exists():
         raise TfuseError(f"'{out_dir}' already holds results.json; choose another hydra.run.dir")
-    finetune_options(cfg)  # a bad finetune value ends the run before the fusion, not after
+    finetune_options(cfg)  # a bad finetune or interpolation value ends the run before the fusion, not after
+    lambdas_of(cfg)
     clock = Stopwatch()
     setup = prepare(cfg, clock)
     baseline = score_parents(setup, clock)
     fused = fuse_parents(setup, baseline, clock)
+    interpolation = interpolate(setup, baseline, fused, clock, out_dir)
     tuned = finetune_all(setup, baseline, fused, clock)
     results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
+    if interpolation is not None:
+        results["interpolation"] = interpolation
     setup.release()
     results["fusion_settings"] = settings_in_force(setup.settings)
     if cfg.get("downstream") and cfg.downstream.get("task"):
@@ -50,6 +55,8 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     console.print(results_table(results))
     if "continuations" in results:
         console.print(continuation_table(results["continuations"]))
+    if "interpolation" in results:
+        console.print(barrier_table(results["interpolation"]))
     console.print(sources_summary(results["fusion_settings"]), markup=False, highlight=False, soft_wrap=True)
     return results
 

@@ -41,6 +41,21 @@ def results_table(results: dict) -> Table:
     return table
 
 
+def barrier_table(found: dict) -> Table:
+    """Each method's loss barriers (``results["interpolation"]``), per moved parent."""
+    half = any("barrier_at_half" in m for m in found["methods"].values())
+    table = Table(title=f"loss barriers on the {found['split']} split (lambda {found['lambdas']})", title_justify="left")
+    for column in ["method", "parent", "barrier", *(["at lambda 0.5"] if half else []), "fused model's excess"]:
+        table.add_column(column, justify="left" if column in ("method", "parent") else "right")
+    for name, method in found["methods"].items():
+        for parent, value in method["barrier"].items():
+            row = [label_of(name), parent, f"{value:.4f}"]
+            if half:
+                row.append(f"{method['barrier_at_half'][parent]:.4f}")
+            table.add_row(*row, f"{method['midpoint_barrier']:.4f}" + (" (repaired)" if method["repaired"] else ""))
+    return table
+
+
 def continuation_table(found: dict) -> Table:
     """Each model's greedy continuation of the prompt, one-shot and finetuned."""
     table = Table(title=f"greedy continuations of {found['prompt']!r}", title_justify="left")

@@ -1,7 +1,8 @@
 """`tfuse report DIR`: gather the results.json of a Hydra multirun into a table, markdown, CSV and plot;
 where runs differ only in a seed (``parent_seeds``, the run ``seed``, ``partition.seed`` or the
 ``parents`` themselves), also their mean, standard deviation and count per setting, with the paired
-difference OT - VF; for non-IID runs, every model's accuracy on each parent's own classes and the rest.
+difference OT - VF; for non-IID runs, every model's accuracy on each parent's own classes and the rest;
+for runs that scored interpolation curves, their loss barriers as columns and the curves' plot.
 
 Loading lives in :mod:`.runs`, statistics in :mod:`.stats`, tables and plot in :mod:`.render`;
 this module writes and prints them, and re-exports their public names."""
@@ -10,20 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 from rich.console import Console
 
 from tfuse.errors import TfuseError
 from tfuse.io import write_atomic
 from tfuse.report.render import (
-    format_value, mean_std_cells, plot, print_frame, print_report, print_seed_report, to_markdown,
+    format_value, mean_std_cells, plot, plot_interpolation, print_frame, print_report, print_seed_report, to_markdown,
 )
-from tfuse.report.runs import Report, Run, build_report, find_runs, parse_override, runs_table, swept_params
-from tfuse.report.stats import by_setting, mcnemar, over_seeds, select_by_validation, shard_scores
+from tfuse.report.runs import (
+    Report, Run, build_report, find_runs, interpolation_table, parse_override, runs_table, swept_params,
+)
+from tfuse.report.stats import by_setting, interpolation_bands, mcnemar, over_seeds, select_by_validation, shard_scores
 
 __all__ = [
-    "Report", "Run", "build_report", "by_setting", "find_runs", "format_value", "mcnemar", "over_seeds",
-    "parse_override", "plot", "print_report", "print_seed_report", "run_report", "runs_table",
-    "select_by_validation", "shard_scores", "swept_params", "to_markdown", "write_report", "write_seed_report",
+    "Report", "Run", "build_report", "by_setting", "find_runs", "format_value", "interpolation_bands",
+    "interpolation_table", "mcnemar", "over_seeds", "parse_override", "plot", "plot_interpolation", "print_report",
+    "print_seed_report", "run_report", "runs_table", "select_by_validation", "shard_scores", "swept_params",
+    "to_markdown", "write_report", "write_seed_report",
 ]
 
 
@@ -56,14 +61,17 @@ def run_report(
 
 
 def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
-    """Write report.md, report.csv and (with one numeric swept parameter) report.png atomically."""
+    """Write report.md, report.csv, (with one numeric swept parameter) report.png and (with
+    interpolation curves) barriers.png atomically."""
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv"}
     write_atomic(paths["md"], lambda tmp: tmp.write_text(to_markdown(report.table), encoding="utf-8"))
     write_atomic(paths["csv"], lambda tmp: report.table.to_csv(tmp, index=False))
     figure = plot(report)
     if figure is not None:
-        paths["png"] = out_dir / "report.png"
-        write_atomic(paths["png"], lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+        paths["png"] = _write_png(figure, out_dir / "report.png")
+    bands = interpolation_bands(report)
+    if bands is not None:
+        paths["barriers_png"] = _write_png(plot_interpolation(report, bands), out_dir / "barriers.png")
     return paths
 
 
@@ -73,3 +81,9 @@ def write_seed_report(seeds: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     write_atomic(paths["seeds_md"], lambda tmp: tmp.write_text(to_markdown(mean_std_cells(seeds)), encoding="utf-8"))
     write_atomic(paths["seeds_csv"], lambda tmp: seeds.to_csv(tmp, index=False))
     return paths
+
+
+def _write_png(figure: Figure, path: Path) -> Path:
+    """Save ``figure`` as a PNG atomically; return ``path``."""
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+    return path

@@ -1,28 +1,31 @@
-"""Showing a report: rich tables on the console, markdown text and the plot of the chosen metric."""
+"""Showing a report: rich tables on the console, markdown text, the plot of the chosen metric and
+that of the interpolation curves."""
 from __future__ import annotations
 
 import math
 from typing import Any, Iterator
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tfuse.report.runs import STAGES, Report, is_numeric, unique
+from tfuse.report.runs import STAGES, Report, is_barrier, is_numeric, unique
 
 STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--", "finetuned_val": "-."}
 PLOT_GROUP_MODEL = "ot"
 
 
 def print_report(report: Report, console: Console) -> None:
-    """Print the run, swept parameters and ``stage/model`` columns of the chosen metric as a rich table."""
+    """Print the run, swept parameters, ``stage/model`` columns of the chosen metric and the
+    barriers as a rich table."""
     table = report.table
     columns = list(table.columns[: 1 + len(report.params)])
     suffix = f"/{report.metric}"
-    columns += [column for column in table.columns[len(columns):] if column.endswith(suffix)]
+    columns += [column for column in table.columns[len(columns):] if column.endswith(suffix) or is_barrier(column)]
     view = Table(title=f"{report.root}: {report.metric}", caption="all metrics: report.md, report.csv",
                  box=box.SIMPLE_HEAD)
     for column in columns:
@@ -34,11 +37,11 @@ def print_report(report: Report, console: Console) -> None:
 
 
 def print_seed_report(report: Report, seeds: pd.DataFrame, console: Console) -> None:
-    """The chosen metric's ``mean +- std`` over seeds, one row per setting."""
+    """The chosen metric's and the barriers' ``mean +- std`` over seeds, one row per setting."""
     cells = mean_std_cells(seeds)
     suffix = f"/{report.metric}"
     settings = list(cells.columns[: list(cells.columns).index("runs") + 1])
-    columns = settings + [c for c in cells.columns[len(settings):] if c.endswith(suffix)]
+    columns = settings + [c for c in cells.columns[len(settings):] if c.endswith(suffix) or is_barrier(c)]
     view = cells[columns].rename(columns=lambda c: c.removesuffix(suffix))
     print_frame(view, f"{report.root}: {report.metric}, mean +- std over seeds (all metrics: seeds.md, seeds.csv)", console)
 
@@ -92,18 +95,45 @@ def plot(report: Report) -> Figure | None:
     lines = list(_lines(report, x))
     if not lines:
         return None
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _figure()
     for label, color, stage, data in lines:
         axes.plot(data[x], data.iloc[:, 1], STAGE_STYLES[stage], marker="o", color=color, label=label)
     values = report.table[x].dropna()
     if values.min() > 0 and values.max() >= 100 * values.min():
         axes.set_xscale("log")
-    axes.set(xlabel=x, ylabel=report.metric, title=f"{report.root.parent.name}/{report.root.name}")
-    axes.grid(alpha=0.3)
+    axes.set(xlabel=x, ylabel=report.metric, title=_title(report))
     axes.legend(fontsize="small")
     return figure
+
+
+def plot_interpolation(report: Report, bands: pd.DataFrame) -> Figure:
+    """The interpolation loss against lambda (``bands`` from :func:`~tfuse.report.stats.interpolation_bands`):
+    per method its mean over runs, a band of +- std and, dashed, the straight line between its mean endpoints."""
+    figure, axes = _figure()
+    for index, (method, rows) in enumerate(bands.groupby("method", sort=False)):
+        color = f"C{index % 10}"
+        axes.plot(rows["lambda"], rows["mean"], marker="o", color=color, label=method)
+        axes.fill_between(rows["lambda"], rows["mean"] - rows["std"], rows["mean"] + rows["std"], color=color, alpha=0.2)
+        axes.plot(rows["lambda"], rows["line"], "--", color=color, alpha=0.6)
+    runs = report.interpolation["run"].nunique()
+    axes.set(xlabel="lambda (0: anchor, 1: aligned parent)", ylabel="loss",
+             title=f"{_title(report)}: interpolation, mean +- std over {runs} run{'s' * (runs > 1)}")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def _figure() -> tuple[Figure, Axes]:
+    """An empty figure with one gridded axes, drawn without a GUI backend."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _title(report: Report) -> str:
+    """The sweep's folder and its parent (the date of a Hydra multirun)."""
+    return f"{report.root.parent.name}/{report.root.name}"
 
 
 def _lines(report: Report, x: str) -> Iterator[tuple[str, str, str, pd.DataFrame]]:

@@ -1,5 +1,6 @@
 """Finding a sweep's runs and loading them into a :class:`Report`: one row per run, the swept
-parameters, then ``stage/model/metric`` columns."""
+parameters, then ``stage/model/metric`` columns and, for runs that scored interpolation curves,
+``barrier/method`` columns; the curves themselves in a table of their own."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -15,6 +17,7 @@ from tfuse.errors import TfuseError
 
 STAGES = ("one_shot", "one_shot_val", "finetuned", "finetuned_val")
 SHARDS = {"one_shot": "by_shard", "finetuned": "by_shard_finetuned"}  # stage -> results key of own/rest scores
+BARRIERS = ("barrier", "barrier_at_half", "midpoint_barrier")  # interpolation's loss barriers; lower is better
 _MISSING = object()
 
 
@@ -29,13 +32,15 @@ class Run:
 
 @dataclass(frozen=True)
 class Report:
-    """One row per run: ``run``, the swept parameters, then ``stage/model/metric`` columns."""
+    """One row per run: ``run``, the swept parameters, then ``stage/model/metric`` and
+    ``barrier/method`` columns; and the interpolation curves (see :func:`interpolation_table`)."""
 
     root: Path
     table: pd.DataFrame
     params: list[str]
     metrics: list[str]
     metric: str | None  # the metric plotted and printed; None when the runs report no metric
+    interpolation: pd.DataFrame
 
 
 def build_report(root: Path, metric: str | None = None) -> Report:
@@ -43,8 +48,8 @@ def build_report(root: Path, metric: str | None = None) -> Report:
     runs = find_runs(root)
     params = swept_params(runs)
     table = runs_table(runs, params)
-    metrics = unique(column.rsplit("/", 1)[1] for column in table.columns[1 + len(params):])
-    return Report(root, table, params, metrics, _choose_metric(root, metrics, metric))
+    metrics = unique(column.rsplit("/", 1)[1] for column in table.columns[1 + len(params):] if not is_barrier(column))
+    return Report(root, table, params, metrics, _choose_metric(root, metrics, metric), interpolation_table(runs))
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -80,7 +85,7 @@ def runs_table(runs: list[Run], params: list[str]) -> pd.DataFrame:
     """The report rows, sorted by the swept parameters."""
     scores = [_flatten(run.results) for run in runs]
     columns = unique(column for score in scores for column in score)
-    columns.sort(key=lambda column: STAGES.index(column.split("/", 1)[0]))
+    columns.sort(key=lambda column: (*STAGES, *BARRIERS).index(column.split("/", 1)[0]))
     rows = [
         {"run": run.name, **{key: run.overrides.get(key) for key in params}, **score}
         for run, score in zip(runs, scores)
@@ -89,6 +94,29 @@ def runs_table(runs: list[Run], params: list[str]) -> pd.DataFrame:
     if params:
         table = table.sort_values(params, key=_sort_key, kind="stable", na_position="last")
     return table.reset_index(drop=True)
+
+
+def interpolation_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, method and lambda: ``loss`` on the interpolation curve, averaged over the
+    non-anchor parents. Runs whose lambdas differ from the first such run's are left out, as their
+    points do not line up; no rows when no run has interpolation."""
+    rows, lambdas = [], None
+    for run in runs:
+        entry = _dict(run.results.get("interpolation"))
+        lambdas = lambdas or entry.get("lambdas")
+        if not entry or entry.get("lambdas") != lambdas:
+            continue
+        for method, result in _dict(entry.get("methods")).items():
+            curves = [curve["loss"] for curve in _dict(result.get("curves")).values()]
+            if curves:
+                rows += [{"run": run.name, "method": method, "lambda": lam, "loss": loss}
+                         for lam, loss in zip(lambdas, np.mean(curves, axis=0))]
+    return pd.DataFrame(rows, columns=["run", "method", "lambda", "loss"])
+
+
+def is_barrier(column: str) -> bool:
+    """True for the ``barrier/method`` columns (not a metric of a stage)."""
+    return column.split("/", 1)[0] in BARRIERS
 
 
 def is_numeric(column: pd.Series) -> bool:
@@ -139,13 +167,15 @@ def _parse_value(raw: str) -> Any:
 
 def _flatten(results: dict[str, Any]) -> dict[str, float]:
     """``{"stage/model/metric": value}`` for every numeric metric of the known stages; non-IID runs
-    add ``own_i`` and ``rest_i``: accuracy on parent i's own classes and on the others."""
+    add ``own_i`` and ``rest_i``: accuracy on parent i's own classes and on the others; runs with
+    interpolation curves add ``{"barrier/method": value}``, per-parent barriers averaged over the
+    non-anchor parents."""
     flat = {
         f"{stage}/{model}/{name}": float(value)
         for stage in STAGES
         for model, metrics in _dict(results.get(stage)).items()
         for name, value in _dict(metrics).items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        if _is_number(value)
     }
     for stage, key in SHARDS.items():
         for model, parts in _dict(results.get(key)).items():
@@ -153,6 +183,12 @@ def _flatten(results: dict[str, Any]) -> dict[str, float]:
                 for side in ("own", "rest"):
                     if part.get(side) is not None:
                         flat[f"{stage}/{model}/{side}_{i}"] = float(part[side])
+    for method, result in _dict(_dict(results.get("interpolation")).get("methods")).items():
+        for name in BARRIERS:
+            value = _dict(result).get(name)
+            values = list(value.values()) if isinstance(value, dict) else [value]
+            if values and all(map(_is_number, values)):
+                flat[f"{name}/{method}"] = float(np.mean(values))
     return flat
 
 
@@ -179,6 +215,11 @@ def _differs(values: list[Any]) -> bool:
 def _natural_key(path: Path) -> list[tuple[int, Any]]:
     """Sort key placing job 2 before job 10."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"[/.]", path.as_posix())]
+
+
+def _is_number(value: Any) -> bool:
+    """True for ints and floats (booleans are not scores)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _dict(value: Any) -> dict[str, Any]:

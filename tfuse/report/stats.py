@@ -1,5 +1,6 @@
 """Statistics over a report's runs: mean and spread over seeds per setting, the paired difference
-OT - VF, selection by validation score, per-shard scores of non-IID runs and McNemar's test."""
+OT - VF, selection by validation score, per-shard scores of non-IID runs, the interpolation
+curves' mean and spread, and McNemar's test."""
 from __future__ import annotations
 
 import math
@@ -104,6 +105,20 @@ def shard_scores(report: Report) -> pd.DataFrame | None:
                         row[f"{side} {i}"] = _mean_std(100 * mean, 100 * std)
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def interpolation_bands(report: Report) -> pd.DataFrame | None:
+    """Per method and lambda: the interpolation loss's ``mean`` and ``std`` (sample standard
+    deviation) over the runs and ``line``, the straight line between the mean endpoints (lambdas
+    ascending, as fuse writes them); None when no run has interpolation curves."""
+    if report.interpolation.empty:
+        return None
+    bands = report.interpolation.groupby(["method", "lambda"], sort=False)["loss"].agg(["mean", "std"]).reset_index()
+    ends = bands.groupby("method", sort=False)["mean"]
+    lambdas = bands["lambda"]
+    share = (lambdas - lambdas.min()) / (lambdas.max() - lambdas.min())
+    bands["line"] = (1 - share) * ends.transform("first") + share * ends.transform("last")
+    return bands
 
 
 def mcnemar(labels: Iterable[int], first: Iterable[int], second: Iterable[int]) -> float:

@@ -133,12 +133,14 @@ def ot_fuse(
     if settings.signs and plan.signed:
         info["sign_flips"] = [sign_flips(m, plan.signed) for i, m in enumerate(maps) if i != anchor or settings.iterations > 1]
     own = settings.iterations == 1  # the anchor, never moved, is its own aligned self: no copy of it
-    fits = repair_fused(
-        reference,
-        lambda: [models[i] if own and i == anchor else with_state(models[anchor], aligned[i], graph) for i in range(len(models))],
-        weights, graph, settings, repair_calibration or calibration, model_inputs, timings, info, cache, competence,
-    )
-    return FusionOutcome(reference, maps, timings, fits, info)
+    del aligned  # rebuilt from the maps when asked for: the outcome keeps no aligned copies
+    targets = lambda: [  # noqa: E731
+        models[i] if own and i == anchor
+        else with_state(models[anchor], align(parameters(models[i], graph), graph, plan, maps[i].raw), graph)
+        for i in range(len(models))]
+    fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs,
+                        timings, info, cache, competence)
+    return FusionOutcome(reference, maps, timings, fits, info, targets)
 
 
 def _statistics(

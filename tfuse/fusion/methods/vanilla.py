@@ -30,4 +30,4 @@ class Vanilla(Method):
             model, lambda: models, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs,
             timings, info, calibration.cache, calibration.competence,
         )
-        return FusionOutcome(model, [{} for _ in models], timings, fits, info)
+        return FusionOutcome(model, [{} for _ in models], timings, fits, info, lambda: list(models))

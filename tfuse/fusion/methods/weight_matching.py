@@ -65,12 +65,16 @@ class WeightMatching(Method):
         weights = settings.weights(len(models))
         fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
         info: dict = {"sweeps": sweeps}
+        del aligned  # rebuilt from the maps when asked for: the outcome keeps no aligned copies
+        targets = lambda: [  # noqa: E731
+            models[i] if i == anchor
+            else with_state(models[anchor], align(parameters(models[i], graph), graph, plan, maps[i]), graph)
+            for i in range(len(models))]
         fits = repair_fused(
-            fused, lambda: [with_state(models[anchor], aligned[i], graph) for i in range(len(models))], weights,
-            graph, settings, calibration.repair_batches(), calibration.model_inputs, timings, info, calibration.cache,
-            calibration.competence,
+            fused, targets, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs, timings,
+            info, calibration.cache, calibration.competence,
         )
-        return FusionOutcome(fused, maps, timings, fits, info)
+        return FusionOutcome(fused, maps, timings, fits, info, targets)
 
 
 def match_weights(
