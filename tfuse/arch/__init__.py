@@ -5,6 +5,7 @@ A family is a module that satisfies ``Family`` (``tfuse.arch.base``); a text fam
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from tfuse.arch import hf_bert, hf_gpt2, hf_llama, hf_vit
 from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily, is_local
 from tfuse.checkpoint import check_loaded
 from tfuse.errors import TfuseError
+from tfuse.fusion.fold import fold_gains
+from tfuse.fusion.graph import FlowGraph
 
 FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
 TEXT_FAMILY = "hf_bert"  # the family whose checkpoints text data reads its tokenizer from
@@ -44,6 +47,19 @@ def family_for(model: nn.Module) -> Family:
         if fam.owns(model):
             return fam
     raise TfuseError(f"no model family owns a {type(model).__name__}; tfuse knows the families {', '.join(FAMILIES)}")
+
+
+def folded(model: nn.Module) -> tuple[nn.Module, FlowGraph]:
+    """A copy of ``model`` computing the same function with its norm gains folded into the layers
+    reading them (``fusion.maps=orthogonal``), and its graph. An output embedding tied to the
+    input one is untied first: the head takes the final norm's gain, the table does not."""
+    model = copy.deepcopy(model)
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(config, "tie_word_embeddings", False):
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        config.tie_word_embeddings = False
+    return model, fold_gains(model, family_for(model).graph(model))
 
 
 def is_causal(name: str) -> bool:

@@ -87,6 +87,7 @@ def graph(model: GPT2LMHeadModel) -> FlowGraph:
     g.norm("transformer.ln_f", last)
     if "lm_head.weight" in {n for n, _ in model.named_parameters()}:  # untied
         g.param("lm_head.weight", None, In(last))
+    g.graph.rotations = "centred"  # pre-LN: every LayerNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
     return g.graph
 

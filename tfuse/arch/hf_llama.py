@@ -102,6 +102,7 @@ def graph(model: nn.Module) -> FlowGraph:
     if "lm_head.weight" in names:  # untied: the head reads the normalised last point
         g.param("lm_head.weight", None, In(last))
     g.graph.signed = signed
+    g.graph.rotations = "rms"  # pre-norm: every RMSNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
     return g.graph
 

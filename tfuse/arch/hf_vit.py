@@ -58,6 +58,7 @@ def graph(model: ViTForImageClassification) -> FlowGraph:
     g.norm("vit.layernorm", last)
     g.linear("classifier", None, last)
     grid = cfg.image_size // cfg.patch_size
+    g.graph.rotations = "centred"  # pre-LN: every LayerNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=0, grid=(grid, grid), prefix=1)
     return g.graph
 

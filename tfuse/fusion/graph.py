@@ -24,6 +24,11 @@ An architecture describes itself as plain data (``FlowGraph``); the engine never
 * ``signed`` lists the spaces whose symmetry includes sign flips: a neuron negated everywhere it
   is written and read leaves the function unchanged (no LayerNorm centres it, no nonlinearity
   reads it alone). Axes that keep their sign under a flip say ``Out(space, magnitude=True)``.
+* ``norms`` says which normalisation writes each space it normalises (its gain, shift, and
+  whether it centres), and ``rotations`` whether the stream admits rotations once every norm is
+  folded into the layers reading it (``fold.py``): ``rms`` any rotation (RMSNorm), ``centred``
+  those that fix the all-ones direction (LayerNorm), None none (a post-LN stream, whose norms
+  sit on the stream itself).
 * ``transposed`` names the linear modules that store their weight as (in, out) (GPT-2's
   ``Conv1D``), for the repair.
 * ``views`` says how a parameter stored fused (timm's ``qkv``: rows ``[q; k; v]``) splits into
@@ -129,6 +134,15 @@ class Attention:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """A normalisation's gain and shift (None: RMSNorm's none), and whether it centres."""
+
+    gain: str
+    bias: str | None
+    centred: bool
+
+
+@dataclass(frozen=True)
 class TokenLayout:
     """Where the special tokens sit, for the token filters (``cls``, ``window``)."""
 
@@ -151,6 +165,8 @@ class FlowGraph:
     blocks: list[str] = field(default_factory=list)  # module paths of the repeated blocks, in order
     signed: set[str] = field(default_factory=set)  # spaces whose neurons may also flip sign (RMSNorm streams)
     transposed: set[str] = field(default_factory=set)  # linear modules that store weights (in, out): x @ W + b
+    norms: dict[str, Norm] = field(default_factory=dict)  # space -> the normalisation writing it
+    rotations: str | None = None  # "rms" | "centred": the stream rotates once the norms are folded
 
     def to_virtual(self, state: dict) -> dict:
         """Real parameter dict -> the virtual one ``params`` describes (fused ones split)."""
@@ -214,12 +230,14 @@ class GraphBuilder:
         if bias:
             self.param(f"{prefix}.bias", Out(out) if out else None)
 
-    def norm(self, prefix: str, space: str, bias: bool = True) -> None:
+    def norm(self, prefix: str, space: str, bias: bool = True, centred: bool | None = None) -> None:
         """A LayerNorm's gain and shift live in the space it normalises (an RMSNorm's gain, without
-        a shift, keeps its sign under a signed map)."""
+        a shift, keeps its sign under a signed map). ``centred`` (default: ``bias``): a LayerNorm."""
         self.param(f"{prefix}.weight", Out(space, magnitude=not bias))
         if bias:
             self.param(f"{prefix}.bias", Out(space))
+        self.graph.norms[space] = Norm(f"{prefix}.weight", f"{prefix}.bias" if bias else None,
+                                       bias if centred is None else centred)
 
     def probe(
         self, space: str, module: str, where: str = "output", part: tuple[int, int] | None = None,

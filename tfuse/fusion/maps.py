@@ -11,7 +11,7 @@ from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.residual import RESIDUALS
 from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan, Rule
 from tfuse.fusion.statistics import PairStats
-from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, solve
+from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, procrustes, solve
 
 
 class MapSettings(CostSettings, SolverSettings, Protocol):
@@ -20,6 +20,7 @@ class MapSettings(CostSettings, SolverSettings, Protocol):
     cost: str
     normalize_cost: str
     signs: bool
+    maps: str
 
 
 def compute_maps(
@@ -35,7 +36,9 @@ def compute_maps(
 ) -> MutableMapping[str, torch.Tensor]:
     """Every resolved space's map (n_parent x n_reference), in forward order. With
     ``fusion.signs``, the maps of spaces the graph lets flip sign are signed: matched on the
-    magnitude of agreement, each pair carrying the sign it agrees with. ``rules`` (default: the
+    magnitude of agreement, each pair carrying the sign it agrees with. With ``fusion.maps=
+    orthogonal``, the stream's map is a rotation (Procrustes on its cross-products; the parents'
+    norm gains folded first: ``fold.py``). ``rules`` (default: the
     plan's) are solved into ``maps``, which holds the maps solved before them."""
     maps = {} if maps is None else maps
     kind = COSTS[settings.cost]
@@ -51,7 +54,9 @@ def compute_maps(
         return normalize(raw, settings.normalize_cost, rule.name), sign
 
     for rule in plan.rules if rules is None else rules:
-        if isinstance(rule, OTRule):
+        if isinstance(rule, OTRule) and settings.maps == "orthogonal" and rule.name == graph.stream:
+            maps[rule.name] = procrustes(stats[rule.name].cross, graph.rotations == "centred", rule.name)
+        elif isinstance(rule, OTRule):
             matrix, sign = signed_cost(rule)
             coupling = solve(matrix, settings, rule.name)
             maps[rule.name] = coupling if sign is None else coupling * sign

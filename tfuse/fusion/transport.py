@@ -1,6 +1,9 @@
-"""Transport maps between the neurons of one space: exact OT, entropic OT, and head-aware maps.
+"""Transport maps between the neurons of one space: exact OT, entropic OT, head-aware maps, and
+the orthogonal Procrustes map of a stream that admits rotations.
 
-Maps are couplings T (n_a x n_b) with uniform marginals 1/n_a and 1/n_b (total mass 1).
+Maps are couplings T (n_a x n_b) with uniform marginals 1/n_a and 1/n_b (total mass 1); an
+orthogonal map R is stored as ``R / n``, which the alignment applies exactly as it applies a
+permutation's coupling.
 """
 from __future__ import annotations
 
@@ -35,6 +38,25 @@ SOLVERS: Registry[Solver] = Registry("solver")
 _FLOAT32_SINKHORN_RANGE = 80.0
 _PLAIN_SINKHORN_RANGE = 200.0
 _STOP = 1e-7  # the plain iterations stop when the column marginal is this close (L2), as POT's stopThr
+
+
+def procrustes(cross: torch.Tensor, centred: bool, space: str) -> torch.Tensor:
+    """The orthogonal R minimising ``||A R - B||`` from ``cross = A^T B`` (the parent's samples A,
+    the reference's B, neurons as columns): ``U V^T`` of its SVD; ``centred``: the best R that
+    fixes the all-ones direction (a LayerNorm stream), solved on its orthogonal complement. As a
+    map: ``R / n``."""
+    n = cross.shape[0]
+    if cross.shape[0] != cross.shape[1]:
+        raise TfuseError(f"fusion.maps=orthogonal rotates space '{space}', whose widths differ ({tuple(cross.shape)}); "
+                         "use fusion.maps=permutation")
+    c = cross.double()
+    if not centred:
+        u, _, vh = torch.linalg.svd(c)
+        return u @ vh / n
+    ones = torch.ones(n, 1, dtype=c.dtype, device=c.device)
+    basis = torch.linalg.qr(torch.cat([ones, torch.eye(n, dtype=c.dtype, device=c.device)[:, :-1]], dim=1))[0][:, 1:]
+    u, _, vh = torch.linalg.svd(basis.T @ c @ basis)
+    return (basis @ (u @ vh) @ basis.T + ones @ ones.T / n) / n
 
 
 def solve(cost: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tfuse.arch import check_heads, check_same_architecture, family_for, model_dtype
+from tfuse.arch import check_heads, check_same_architecture, family_for, folded, model_dtype
 from tfuse.errors import TfuseError
 from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.engine import FusionOutcome
@@ -134,7 +134,11 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
             if setup.lazy is not None:
                 outcome = fuse_streamed(name, setup, graph, baseline.anchor, calibration, settings)
             else:
-                outcome = METHODS[name].fuse(setup.models, graph, baseline.anchor, calibration, settings)
+                models_for, graph_for = setup.models, graph
+                if name != "vanilla" and getattr(settings, "maps", "permutation") == "orthogonal":
+                    models_for, graphs = map(list, zip(*(folded(m) for m in setup.models)))
+                    graph_for = graphs[baseline.anchor]
+                outcome = METHODS[name].fuse(models_for, graph_for, baseline.anchor, calibration, settings)
         if stage == "fuse":
             clock.seconds.update({f"fuse.{k}": v for k, v in outcome.timings.items()})
         models[name], outcomes[name] = outcome.model, outcome

@@ -25,6 +25,8 @@ from tfuse.fusion.settings import FusionSettings
 from tfuse.fusion.statistics import Statistics, collect_statistics
 from tfuse.fusion.transport import SOLVERS
 
+MAPS = ("permutation", "orthogonal")  # fusion.maps: what moves the stream (orthogonal: a rotation, gains folded)
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -34,7 +36,7 @@ class OTSettings(FusionSettings):
 
     CHOICES: ClassVar[dict[str, Collection[str]]] = {
         **FusionSettings.CHOICES, "cost": COSTS, "solver": SOLVERS, "metric": METRICS,
-        "normalize_cost": NORMALIZERS, "residual": RESIDUALS, "qk": QK_MODES,
+        "normalize_cost": NORMALIZERS, "residual": RESIDUALS, "qk": QK_MODES, "maps": MAPS,
     }
 
     cost: str = "activations"
@@ -48,6 +50,7 @@ class OTSettings(FusionSettings):
     residual: str = "mean"
     qk: str = "separate"
     signs: bool = False  # signed maps where the graph allows flips (RMSNorm streams, SwiGLU up/down, values)
+    maps: str = "permutation"  # orthogonal: the stream rotated (Procrustes), the parents' norm gains folded first
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
@@ -60,6 +63,9 @@ class OTSettings(FusionSettings):
             raise TfuseError(f"fusion.reg={self.reg} must be positive for fusion.solver=sinkhorn")
         if self.iterations < 1:
             raise TfuseError(f"fusion.iterations={self.iterations} must be at least 1")
+        if self.maps == "orthogonal" and (self.residual != "global" or not COSTS[self.cost].needs_statistics or self.stream):
+            raise TfuseError("fusion.maps=orthogonal rotates the whole stream by one map from its activations: it needs "
+                             "fusion.residual=global and fusion.cost=activations, without fusion.stream")
         if RESIDUALS[self.residual].needs_magnitudes and not COSTS[self.cost].needs_statistics:
             raise TfuseError(
                 f"fusion.residual={self.residual} weighs the stream by activation magnitudes; "
