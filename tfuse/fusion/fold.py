@@ -24,8 +24,8 @@ def fold_gains(model: nn.Module, graph: FlowGraph) -> FlowGraph:
     """Fold every norm's gain of ``model`` (in place) into the layers reading it; returns the
     folded model's graph, in which the gains (now ones) are fixed: no map moves them."""
     if graph.rotations is None:
-        raise TfuseError("fusion.maps=orthogonal: this family's stream does not admit rotations (its norms sit on the "
-                         "stream itself, post-LN); use fusion.maps=permutation")
+        raise TfuseError("fusion.maps=orthogonal: this family's stream does not admit rotations (norms on the stream "
+                         "itself, post-LN, or per-channel scales on it); use fusion.maps=permutation")
     state = graph.to_virtual({n: p.detach() for n, p in model.named_parameters()})
     folded: dict[str, torch.Tensor] = {}
     for space, norm in graph.norms.items():
