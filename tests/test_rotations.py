@@ -1,6 +1,7 @@
 """fusion.maps=orthogonal: norm gains folded keep the function; a copy whose stream is rotated
-(any rotation under RMSNorm, one fixing the all-ones direction under LayerNorm), on top of every
-permutation the graph claims, is recovered exactly; post-LN streams are refused."""
+(any rotation under RMSNorm, one fixing the all-ones direction under LayerNorm) and whose value
+dimensions are rotated inside every key/value head, on top of every permutation the graph
+claims, is recovered exactly; post-LN streams are refused."""
 import pytest
 import torch
 from transformers import (
@@ -55,19 +56,38 @@ def outputs(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
+def rotation(d: int, gen: torch.Generator, centred: bool = False) -> torch.Tensor:
+    """A random orthogonal matrix; ``centred``: one that fixes the all-ones direction."""
+    if not centred:
+        return torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    ones = torch.ones(d, 1, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, :-1]], 1))[0][:, 1:]
+    return basis @ rotation(d - 1, gen) @ basis.T + ones @ ones.T / d
+
+
+def width(graph, state, space: str) -> int:
+    name, axis = next((n, i) for n, axes in graph.params.items() for i, ax in enumerate(axes)
+                      if ax is not None and ax.space == space)
+    return state[name].shape[axis]
+
+
 def rotated(model, graph, seed: int):
     """``model`` with its stream rotated at random (fixing the all-ones direction when the
-    stream is LayerNorm's), through the engine's own alignment."""
-    d = parameters(model, graph)[next(n for n, a in graph.params.items() if any(
-        ax is not None and ax.space.startswith(graph.stream) for ax in a))].shape[-1]
+    stream is LayerNorm's), and the value dimensions of every key/value head with the output
+    projection's columns that read them, through the engine's own alignment."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
-    if graph.rotations == "centred":
-        ones = torch.ones(d, 1, dtype=torch.float64)
-        basis = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, :-1]], 1))[0][:, 1:]
-        q = basis @ torch.linalg.qr(torch.randn(d - 1, d - 1, generator=gen, dtype=torch.float64))[0] @ basis.T + ones @ ones.T / d
+    state = parameters(model, graph)
     plan = make_plan(graph, OTSettings(residual="global", qk="head_aware"))
-    return with_state(model, align(parameters(model, graph), graph, plan, {graph.stream: q / d}), graph)
+    d = width(graph, state, graph.stream_points()[0])
+    maps = {graph.stream: rotation(d, gen, graph.rotations == "centred") / d}
+    for att in graph.attention:
+        kv, n_v = att.kv_heads or att.heads, width(graph, state, att.v)
+        blocks = [rotation(n_v // kv, gen) for _ in range(kv)]
+        maps[plan.where[att.v][0]] = torch.block_diag(*blocks) / n_v
+        if att.o is not None:  # every query head reads its group's value head
+            maps[plan.where[att.o][0]] = torch.block_diag(*(blocks[a * kv // att.heads] for a in range(att.heads))) / (
+                n_v * att.heads // kv)
+    return with_state(model, align(state, graph, plan, maps), graph)
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))

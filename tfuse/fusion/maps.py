@@ -38,7 +38,7 @@ def compute_maps(
     ``fusion.signs``, the maps of spaces the graph lets flip sign are signed: matched on the
     magnitude of agreement, each pair carrying the sign it agrees with. With ``fusion.maps=
     orthogonal``, the stream's map is a rotation (Procrustes on its cross-products; the parents'
-    norm gains folded first: ``fold.py``). ``rules`` (default: the
+    norm gains folded first: ``fold.py``), and so are the value dimensions of matched heads. ``rules`` (default: the
     plan's) are solved into ``maps``, which holds the maps solved before them."""
     maps = {} if maps is None else maps
     kind = COSTS[settings.cost]
@@ -53,6 +53,9 @@ def compute_maps(
         raw, sign = kind.matrix(rule.name, inputs, signed=True)
         return normalize(raw, settings.normalize_cost, rule.name), sign
 
+    def cross(rule: OTRule) -> torch.Tensor | None:
+        return stats[rule.name].cross if settings.maps == "orthogonal" else None
+
     for rule in plan.rules if rules is None else rules:
         if isinstance(rule, OTRule) and settings.maps == "orthogonal" and rule.name == graph.stream:
             maps[rule.name] = procrustes(stats[rule.name].cross, graph.rotations == "centred", rule.name)
@@ -63,13 +66,13 @@ def compute_maps(
         elif isinstance(rule, GroupedHeadRule):
             cost_v, sign_v = signed_cost(rule.v)
             found = grouped_head_aware(cost(rule.q), cost(rule.k), cost_v, sign_v, rule.heads, rule.kv_heads,
-                                       rule.rope, settings, rule.q.name)
+                                       rule.rope, settings, rule.q.name, cross(rule.v))
             for name, t in zip((rule.q.name, rule.k.name, rule.v.name, rule.o), found):
                 if name is not None:
                     maps[name] = t
         elif isinstance(rule, HeadRule):
             maps[rule.qk.name], maps[rule.v.name] = head_aware(
-                cost(rule.qk), cost(rule.v), rule.heads, settings, rule.qk.name
+                cost(rule.qk), cost(rule.v), rule.heads, settings, rule.qk.name, cross(rule.v)
             )
         else:
             maps[rule.name] = RESIDUALS[rule.policy].combine(rule, maps[rule.skip], maps[rule.branch], magnitude)

@@ -134,14 +134,17 @@ def _sinkhorn_knopp(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: f
 
 
 def head_aware(
-    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: SolverSettings, space: str
+    cost_qk: torch.Tensor, cost_v: torch.Tensor, heads: int, settings: SolverSettings, space: str,
+    cross_v: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for the query/key and value spaces that never split a head.
 
     First every head of A is matched with every head of B inside (Q and K share one map, V its
     own); the value of those inner problems is the cost between heads. Then a map between heads
     decides how much of head h goes to head g, and the full map is the sum of inner maps weighted
-    by it, so its marginals stay uniform.
+    by it, so its marginals stay uniform. With ``cross_v`` (the value dimensions' cross-products,
+    ``fusion.maps=orthogonal``), each pair of heads' value map is their Procrustes rotation
+    (nothing after the values is elementwise: the output projection reads them linearly).
     """
     da, db = cost_qk.shape[0] // heads, cost_qk.shape[1] // heads
     inner_qk, inner_v = {}, {}
@@ -155,6 +158,8 @@ def head_aware(
                 inner[h, g] = plan
                 head_cost[h, g] += (plan * block).sum()
     head_plan = solve(head_cost / max(float(head_cost.max()), 1e-30), settings, f"{space} heads")
+    if cross_v is not None:
+        inner_v = _rotations(inner_v, cross_v, da, db, f"{space} values")
     full = []
     for inner in (inner_qk, inner_v):
         t = torch.zeros(heads * da, heads * db, dtype=torch.float64, device=cost_qk.device)
@@ -162,6 +167,13 @@ def head_aware(
             t[h * da:(h + 1) * da, g * db:(g + 1) * db] = head_plan[h, g] * plan
         full.append(t)
     return full[0], full[1]
+
+
+def _rotations(inner: dict, cross: torch.Tensor, da: int, db: int, space: str) -> dict:
+    """Every inner map of a pair of heads (or groups) ``(h, g)`` replaced by the Procrustes
+    rotation of their value dimensions' cross-products."""
+    return {(h, g): procrustes(cross[h * da:(h + 1) * da, g * db:(g + 1) * db], False, f"{space} {h}->{g}")
+            for h, g in inner}
 
 
 def _unit(block: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:
@@ -172,7 +184,7 @@ def _unit(block: torch.Tensor, settings: SolverSettings, space: str) -> torch.Te
 
 def grouped_head_aware(
     cost_q: torch.Tensor, cost_k: torch.Tensor, cost_v: torch.Tensor, sign_v: torch.Tensor | None,
-    heads: int, kv_heads: int, rope: bool, settings: SolverSettings, space: str,
+    heads: int, kv_heads: int, rope: bool, settings: SolverSettings, space: str, cross_v: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Maps of the query, key, value and output-projection spaces of grouped attention.
 
@@ -183,7 +195,9 @@ def grouped_head_aware(
     G by a coupling to those of G' over their blocks' costs under the Q/K map. The groups' cost
     is the sum of the three values; one coupling between groups weighs every inner one, so the
     marginals stay uniform. The output projection reads (query head, value dimension): its map
-    is the query heads' coupling times the value dimensions'."""
+    is the query heads' coupling times the value dimensions'. With ``cross_v``
+    (``fusion.maps=orthogonal``), the value dimensions of each pair of groups map by their
+    Procrustes rotation instead."""
     r = heads // kv_heads
     dka, dkb = cost_k.shape[0] // kv_heads, cost_k.shape[1] // kv_heads
     dva, dvb = cost_v.shape[0] // kv_heads, cost_v.shape[1] // kv_heads
@@ -211,6 +225,8 @@ def grouped_head_aware(
             inner_k[g, h], inner_q[g, h] = qk, q
             inner_v[g, h] = v if sign_v is None else v * sign_v[va, vb]
     groups = _unit(group_cost, settings, f"{space} groups")
+    if cross_v is not None:
+        inner_v = _rotations(inner_v, cross_v, dva, dvb, f"{space} values")
 
     def assemble(inner: dict, rows: int, cols: int) -> torch.Tensor:
         t = torch.zeros(kv_heads * rows, kv_heads * cols, dtype=torch.float64, device=dev)
