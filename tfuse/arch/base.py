@@ -6,6 +6,7 @@ decoder-only language models) (modules match protocols
 structurally: nothing is subclassed)."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -64,6 +65,10 @@ class Family(Protocol):
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model`` is one of this family's."""
 
+    def widened(self, model: nn.Module, units: int) -> nn.Module:
+        """A model like ``model`` whose MLPs have ``units`` hidden units (weights to be filled:
+        ``fusion.width``)."""
+
 
 @runtime_checkable
 class TokenizedFamily(Family, Protocol):
@@ -117,3 +122,15 @@ def checkpoint_config(path: str, label: str, model_types: tuple[str, ...], famil
             f"({what}); give parents of one family, or set model.family to the family that owns {cls}"
         )
     return config
+
+
+def widened_hf(model: nn.Module, key: str, units: int) -> nn.Module:
+    """``widened`` for a transformers model whose config names its MLP width ``key``: the same
+    class and config, that width set, in the model's dtype and device, with its tokenizer."""
+    config = copy.deepcopy(model.config)
+    setattr(config, key, units)
+    first = next(model.parameters())
+    wide = type(model)(config).to(device=first.device, dtype=first.dtype).eval()
+    if hasattr(model, "tfuse_tokenizer"):
+        wide.tfuse_tokenizer = model.tfuse_tokenizer
+    return wide

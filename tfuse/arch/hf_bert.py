@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
-from tfuse.arch.base import checkpoint_config
+from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
@@ -106,6 +106,10 @@ def graph(model: nn.Module) -> FlowGraph:
             g.param(f"{head}.decoder.bias", None)
     g.graph.tokens = TokenLayout(cls=0, grid=None, prefix=1)
     return g.graph
+
+
+def widened(model: nn.Module, units: int) -> nn.Module:
+    return widened_hf(model, "intermediate_size", units)
 
 
 def owns(model) -> bool:

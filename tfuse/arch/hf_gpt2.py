@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tfuse.arch.base import checkpoint_config
+from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
@@ -90,6 +90,10 @@ def graph(model: GPT2LMHeadModel) -> FlowGraph:
     g.graph.rotations = "centred"  # pre-LN: every LayerNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
     return g.graph
+
+
+def widened(model: nn.Module, units: int) -> nn.Module:
+    return widened_hf(model, "n_inner", units)
 
 
 def owns(model) -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-from tfuse.arch.base import checkpoint_config
+from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
@@ -105,6 +105,10 @@ def graph(model: nn.Module) -> FlowGraph:
     g.graph.rotations = "rms"  # pre-norm: every RMSNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
     return g.graph
+
+
+def widened(model: nn.Module, units: int) -> nn.Module:
+    return widened_hf(model, "intermediate_size", units)
 
 
 def owns(model) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from tfuse.arch.base import SHARD_SIZE, checkpoint_config, checkpoint_json
+from tfuse.arch.base import SHARD_SIZE, checkpoint_config, checkpoint_json, widened_hf
 from tfuse.data.images import Normalization
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
@@ -61,6 +61,10 @@ def graph(model: ViTForImageClassification) -> FlowGraph:
     g.graph.rotations = "centred"  # pre-LN: every LayerNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=0, grid=(grid, grid), prefix=1)
     return g.graph
+
+
+def widened(model: torch.nn.Module, units: int) -> torch.nn.Module:
+    return widened_hf(model, "intermediate_size", units)
 
 
 def owns(model) -> bool:

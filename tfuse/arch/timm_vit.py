@@ -134,6 +134,11 @@ def graph(model: VisionTransformer) -> FlowGraph:
     return g.graph
 
 
+def widened(model: torch.nn.Module, units: int) -> torch.nn.Module:
+    raise TfuseError("fusion.width: a timm ViT's MLP width follows its mlp_ratio, which tfuse does not rebuild; "
+                     "use fusion.width=1, or an HF ViT (model=hf_vit)")
+
+
 def owns(model) -> bool:
     return isinstance(model, VisionTransformer)
 

@@ -17,6 +17,7 @@ from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.methods import METHODS, Method
+from tfuse.fusion.partial import Widths, group_costs, mlp_spaces, widen
 from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
 from tfuse.fusion.residual import RESIDUALS
@@ -51,6 +52,7 @@ class OTSettings(FusionSettings):
     qk: str = "separate"
     signs: bool = False  # signed maps where the graph allows flips (RMSNorm streams, SwiGLU up/down, values)
     maps: str = "permutation"  # orthogonal: the stream rotated (Procrustes), the parents' norm gains folded first
+    width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
@@ -66,6 +68,9 @@ class OTSettings(FusionSettings):
         if self.maps == "orthogonal" and (self.residual != "global" or not COSTS[self.cost].needs_statistics or self.stream):
             raise TfuseError("fusion.maps=orthogonal rotates the whole stream by one map from its activations: it needs "
                              "fusion.residual=global and fusion.cost=activations, without fusion.stream")
+        if self.width != 1 and (self.iterations != 1 or self.stream):
+            raise TfuseError(f"fusion.width={self.width} keeps units apart after one alignment: it needs "
+                             "fusion.iterations=1, without fusion.stream")
         if RESIDUALS[self.residual].needs_magnitudes and not COSTS[self.cost].needs_statistics:
             raise TfuseError(
                 f"fusion.residual={self.residual} weighs the stream by activation magnitudes; "
@@ -80,8 +85,13 @@ class OT(Method):
     allows_widths = True
 
     def fuse(self, models, graph, anchor, calibration, settings):
+        widened = None
+        if settings.width != 1:
+            from tfuse.arch import family_for  # the family builds the wider model; the engine names no layer
+
+            widened = lambda units: family_for(models[anchor]).widened(models[anchor], units)  # noqa: E731
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
-                       calibration.total, calibration.repair, calibration.cache, calibration.competence)
+                       calibration.total, calibration.repair, calibration.cache, calibration.competence, widened)
 
 
 def ot_fuse(
@@ -95,8 +105,10 @@ def ot_fuse(
     repair_calibration: Callable[[], Iterable[Batch]] | None = None,
     cache: StatisticsCache | None = None,
     competence: Callable | None = None,
+    widened: Callable[[int], nn.Module] | None = None,
 ) -> FusionOutcome:
-    """Fuse ``models`` into the anchor's architecture.
+    """Fuse ``models`` into the anchor's architecture (with ``fusion.width``, the anchor's with
+    wider MLPs: ``widened(units)``, ``partial.py``).
 
     Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
     parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
@@ -144,9 +156,36 @@ def ot_fuse(
         models[i] if own and i == anchor
         else with_state(models[anchor], align(parameters(models[i], graph), graph, plan, maps[i].raw), graph)
         for i in range(len(models))]
+    if settings.width != 1:
+        reference, targets = _partial(models, graph, plan, settings, stats, anchor, maps, weights, widened, info)
     fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs,
                         timings, info, cache, competence)
     return FusionOutcome(reference, maps, timings, fits, info, targets)
+
+
+def _partial(models, graph, plan, settings, stats, anchor, maps, weights, widened, info):
+    """``fusion.width``: the fused model with wider MLPs (``partial.py``), and its repair targets,
+    the aligned parents widened alike (function kept)."""
+    if widened is None:
+        raise TfuseError("fusion.width: no way to build the wider model was given")
+    movers = [i for i in range(len(models)) if i != anchor]
+    pairs = {i: stats.pairs[k] for k, i in enumerate(movers)} if stats else None
+    states = [parameters(m, graph) for m in models]
+    costs = {s: group_costs(s, settings, pairs, states, anchor, graph, plan, maps) for s in mlp_spaces(graph, plan)}
+    if not costs:
+        raise TfuseError("fusion.width: the flow graph has no MLP units to keep apart")
+
+    def wide() -> tuple[list, Widths]:
+        aligned = [states[i] if i == anchor else align(states[i], graph, plan, maps[i].raw) for i in range(len(models))]
+        return widen(aligned, graph, plan, costs, settings.width)
+
+    parents, shape = wide()
+    template = widened(shape.width)
+    fused = with_state(template, average(parents, weights), graph)
+    del parents
+    info["width"] = {"factor": settings.width, "units": shape.units, "merged": shape.merged, "width": shape.width,
+                     "parameters": sum(p.numel() for p in fused.parameters())}
+    return fused, lambda: [with_state(template, s, graph) for s in wide()[0]]
 
 
 def _statistics(

@@ -1,0 +1,113 @@
+"""fusion.width: partial fusion keeps the MLP units it does not merge. Width N keeps every unit of
+every parent (each MLP the alpha-weighted sum of the aligned parents'), width 1 is plain fusion,
+and the aligned parents widened for the repair keep their function."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from tfuse.arch import family
+from tfuse.errors import TfuseError
+from tfuse.fusion.methods import Calibration
+from tfuse.fusion.methods.ot import OT, OTSettings, ot_fuse
+from tfuse.fusion.partial import widths
+
+VOCAB = 61
+UNITS = 48
+BUILDERS = {
+    "hf_llama": (lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=UNITS, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)), lambda m, i: m.model.layers[i].mlp),
+    "hf_gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                                   n_inner=UNITS)), lambda m, i: m.transformer.h[i].mlp),
+}
+
+
+def parents(fam: str):
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out.append(BUILDERS[fam][0]().eval())
+    return out
+
+
+def batches():
+    gen = torch.Generator().manual_seed(5)
+    data = [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(6)]
+    return lambda: iter(data)
+
+
+def settings(width: float) -> OTSettings:
+    return OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=24, batch_size=4,
+                      width=width, alpha=[0.3, 0.7])
+
+
+def fused_with(fam: str, width: float):
+    models = parents(fam)
+    calibration = Calibration(batches(), lambda b: b)
+    return models, OT().fuse(models, family(fam).graph(models[0]), 0, calibration, settings(width))
+
+
+@pytest.mark.parametrize("fam", list(BUILDERS))
+def test_width_n_keeps_every_unit_of_every_parent(fam):
+    models, outcome = fused_with(fam, 2.0)
+    assert outcome.info["width"] == {"factor": 2.0, "units": UNITS, "merged": 0, "width": 2 * UNITS,
+                                     "parameters": sum(p.numel() for p in outcome.model.parameters())}
+    wide = outcome.aligned()
+    mlp = BUILDERS[fam][1]
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for layer in range(2):
+            want = 0.3 * mlp(wide[0], layer)(x) + 0.7 * mlp(wide[1], layer)(x)
+            torch.testing.assert_close(mlp(outcome.model, layer)(x), want, atol=1e-5, rtol=1e-5)
+        for parent, aligned in zip(models, wide):  # widened without changing the function
+            batch = next(batches()())
+            torch.testing.assert_close(aligned(**batch).logits, parent(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fam", list(BUILDERS))
+def test_width_one_is_plain_fusion(fam):
+    models, outcome = fused_with(fam, 1.0)
+    plain = ot_fuse(models, family(fam).graph(models[0]), settings(1.0), 0, batches(), lambda b: b)
+    assert "width" not in outcome.info
+    for (name, w), v in zip(outcome.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(w, v, msg=name)
+
+
+def test_a_middle_width_merges_the_cheapest_groups(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    models, outcome = fused_with("hf_llama", 1.5)
+    merged, width = widths(1.5, UNITS, 2)
+    assert (merged, width) == (24, 72) and outcome.info["width"]["width"] == 72
+    assert outcome.model.config.intermediate_size == 72
+    outcome.model.save_pretrained(tmp_path / "fused")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    batch = next(batches()())
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, outcome.model(**batch).logits)
+
+
+def test_widths_outside_one_to_n_are_one_line():
+    with pytest.raises(TfuseError, match="between 1 .* and 2"):
+        fused_with("hf_llama", 2.5)
+    with pytest.raises(TfuseError, match="fusion.iterations=1"):
+        OTSettings(width=1.5, iterations=2)
+
+
+def test_the_cheapest_groups_are_merged_and_the_rest_kept_per_parent():
+    from types import SimpleNamespace
+
+    from tfuse.fusion.graph import FlowGraph, In, Out
+    from tfuse.fusion.partial import widen
+
+    graph = FlowGraph(params={"up": (Out("h"), None), "down": (None, In("h"))}, probes={})
+    plan = SimpleNamespace(where={"h": ("h", 0)})
+    states = [{"up": torch.tensor([[1.0], [2.0], [3.0]]) + 10 * p, "down": torch.tensor([[1.0, 2.0, 3.0]]) + 10 * p}
+              for p in (0, 1)]
+    wide, shape = widen(states, graph, plan, {"h": torch.tensor([0.5, 0.1, 0.9])}, 5 / 3)  # 3 units -> 5: one merged
+    assert (shape.merged, shape.width) == (1, 5)
+    # slots: unit 1 merged (the cheapest), then units 0 and 2 of parent 0, then of parent 1
+    assert wide[0]["up"][:, 0].tolist() == [2.0, 1.0, 3.0, 11.0, 13.0]
+    assert wide[1]["up"][:, 0].tolist() == [12.0, 1.0, 3.0, 11.0, 13.0]
+    assert wide[0]["down"][0].tolist() == [2.0, 1.0, 3.0, 0.0, 0.0]
+    assert wide[1]["down"][0].tolist() == [12.0, 0.0, 0.0, 11.0, 13.0]
