@@ -12,6 +12,7 @@ from tfuse.arch import check_heads, check_same_architecture, family_for, folded,
 from tfuse.errors import TfuseError
 from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.engine import FusionOutcome
+from tfuse.fusion.learned import Objective
 from tfuse.fusion.methods import METHODS, Calibration, settings_from_config
 from tfuse.fusion.stream import stream_fuse
 from tfuse.parents import obtain_parents, parent_shards
@@ -124,6 +125,8 @@ def fuse_parents(setup: Setup, baseline: Baseline, clock: Stopwatch) -> Fused:
             "parents": [p.source for p in setup.parents],  # a text family's tokenizer comes with them
         }),
         getattr(task, "competence", None),
+        Objective(lambda: task.train_batches(settings.batch_size, settings.seed), task.loss,
+                  lambda model: task.evaluate(model, "val")["loss"]),
     )
     control = [] if setup.widths_differ or not settings.control else ["vanilla"]
     names = control + ([settings.method] if settings.method != "vanilla" else [])

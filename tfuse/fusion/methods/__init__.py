@@ -20,6 +20,7 @@ from torch import nn
 from tfuse.fusion.cache import StatisticsCache
 from tfuse.fusion.engine import FusionOutcome
 from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.learned import Objective
 from tfuse.fusion.registry import Registry
 from tfuse.fusion.settings import FusionSettings
 
@@ -30,7 +31,8 @@ Batch = dict[str, torch.Tensor]
 class Calibration:
     """The data a method may read: a fresh pass over the statistics' batches, the repair's
     batches (default: the same), how a batch becomes model inputs, the batches in a pass, the
-    statistics cache, and how a model scores each calibration example (per-sample repair targets)."""
+    statistics cache, how a model scores each calibration example (per-sample repair targets),
+    and the task's objective (learned alignment)."""
 
     batches: Callable[[], Iterable[Batch]] | None
     model_inputs: Callable[[Batch], Batch]
@@ -38,6 +40,7 @@ class Calibration:
     repair: Callable[[], Iterable[Batch]] | None = None
     cache: StatisticsCache | None = None  # where statistics of identical passes are kept
     competence: Callable[[nn.Module, Batch], tuple[torch.Tensor | None, torch.Tensor]] | None = None  # per example: p(label) (None unlabelled), top p
+    objective: Objective | None = None  # the task's loss, training and validation data (learned alignment)
 
     def repair_batches(self) -> Callable[[], Iterable[Batch]] | None:
         return self.repair or self.batches

@@ -17,6 +17,7 @@ from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.methods import METHODS, Method
+from tfuse.fusion.learned import Objective, learn_maps
 from tfuse.fusion.partial import Widths, group_costs, mlp_spaces, widen
 from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
@@ -53,6 +54,9 @@ class OTSettings(FusionSettings):
     signs: bool = False  # signed maps where the graph allows flips (RMSNorm streams, SwiGLU up/down, values)
     maps: str = "permutation"  # orthogonal: the stream rotated (Procrustes), the parents' norm gains folded first
     width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
+    learn_steps: int = 0  # learned alignment: steps training the maps on the interpolated model's loss
+    learn_lr: float = 0.1  # Adam, on the permutations' scores (margin 5 at the start) and the rotations' generators
+    learn_eval: int = 50  # validation of the midpoint every this many steps (the best maps are kept)
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
@@ -68,6 +72,9 @@ class OTSettings(FusionSettings):
         if self.maps == "orthogonal" and (self.residual != "global" or not COSTS[self.cost].needs_statistics or self.stream):
             raise TfuseError("fusion.maps=orthogonal rotates the whole stream by one map from its activations: it needs "
                              "fusion.residual=global and fusion.cost=activations, without fusion.stream")
+        if self.learn_steps and (self.iterations != 1 or self.stream or self.learn_eval < 1):
+            raise TfuseError(f"fusion.learn_steps={self.learn_steps} refines the maps into the anchor: it needs "
+                             "fusion.iterations=1 and fusion.learn_eval >= 1, without fusion.stream")
         if self.width != 1 and (self.iterations != 1 or self.stream):
             raise TfuseError(f"fusion.width={self.width} keeps units apart after one alignment: it needs "
                              "fusion.iterations=1, without fusion.stream")
@@ -91,7 +98,8 @@ class OT(Method):
 
             widened = lambda units: family_for(models[anchor]).widened(models[anchor], units)  # noqa: E731
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
-                       calibration.total, calibration.repair, calibration.cache, calibration.competence, widened)
+                       calibration.total, calibration.repair, calibration.cache, calibration.competence, widened,
+                       calibration.objective)
 
 
 def ot_fuse(
@@ -106,9 +114,11 @@ def ot_fuse(
     cache: StatisticsCache | None = None,
     competence: Callable | None = None,
     widened: Callable[[int], nn.Module] | None = None,
+    objective: Objective | None = None,
 ) -> FusionOutcome:
     """Fuse ``models`` into the anchor's architecture (with ``fusion.width``, the anchor's with
-    wider MLPs: ``widened(units)``, ``partial.py``).
+    wider MLPs: ``widened(units)``, ``partial.py``). With ``fusion.learn_steps``, the maps are
+    then refined on ``objective`` (``learned.py``).
 
     Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
     parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
@@ -148,6 +158,8 @@ def ot_fuse(
         reference = with_state(models[anchor], fused, graph)
         movers = list(range(len(models)))
     info: dict = {"statistics": sources}
+    if settings.learn_steps:
+        reference = _learn(models, graph, plan, settings, anchor, maps, weights, objective, info, timings)
     if settings.signs and plan.signed:
         info["sign_flips"] = [sign_flips(m, plan.signed) for i, m in enumerate(maps) if i != anchor or settings.iterations > 1]
     own = settings.iterations == 1  # the anchor, never moved, is its own aligned self: no copy of it
@@ -161,6 +173,24 @@ def ot_fuse(
     fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs,
                         timings, info, cache, competence)
     return FusionOutcome(reference, maps, timings, fits, info, targets)
+
+
+def _learn(models, graph, plan, settings, anchor, maps, weights, objective, info, timings) -> nn.Module:
+    """``fusion.learn_steps``: every moved parent's maps refined (``learned.py``, in place in
+    ``maps``); the fused model they give."""
+    if objective is None:
+        raise TfuseError("fusion.learn_steps trains the maps on the task's loss, which this caller does not give")
+    anchor_state = parameters(models[anchor], graph)
+    info["learned"] = []
+    with timed(timings, "learn", models[anchor]):
+        for i in (i for i in range(len(models)) if i != anchor):
+            maps[i], learned = learn_maps(models[anchor], anchor_state, parameters(models[i], graph), graph, plan, maps[i],
+                                          objective, settings.learn_steps, settings.learn_lr, settings.learn_eval,
+                                          settings.seed + i, settings.maps == "orthogonal")
+            info["learned"].append(learned)
+    aligned = [anchor_state if i == anchor else align(parameters(m, graph), graph, plan, maps[i].raw)
+               for i, m in enumerate(models)]
+    return with_state(models[anchor], average(aligned, weights), graph)
 
 
 def _partial(models, graph, plan, settings, stats, anchor, maps, weights, widened, info):

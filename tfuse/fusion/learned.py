@@ -1,0 +1,169 @@
+"""Learned alignment (``fusion.learn_steps``): the maps alignment found, refined on the task loss
+of the interpolated model (generalized linear mode connectivity, 2025).
+
+For each moved parent, the model ``(1 - lam) anchor + lam aligned(parent)``, lam drawn from
+[0.4, 0.6] at every step, is trained through its maps only:
+
+* the stream's rotation (``fusion.maps=orthogonal``) as ``R0 exp(A - A^T)``, A starting at 0;
+* every hard permutation of a space outside attention (the stream under permutation maps, the
+  MLP units) by a straight-through estimate: forward, the assignment that maximises learned
+  scores (Hungarian; the scores start at the found permutation); backward, the gradient of their
+  Sinkhorn relaxation. A signed map keeps its signs.
+
+Heads keep their maps. Every ``learn_eval`` steps and at the end, the midpoint's (lam 0.5)
+validation loss is measured with the hard maps; the best maps, the starting ones included, are
+kept: learning never raises the validation loss it starts from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from tfuse.errors import TfuseError
+from tfuse.fusion.apply import State, align
+from tfuse.fusion.compact import CompactMaps, HardMap
+from tfuse.fusion.engine import with_state
+from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.rules import OTRule, Plan
+
+Batch = dict[str, torch.Tensor]
+SCORE = 5.0  # the starting permutation's score margin: its Sinkhorn relaxation starts close to it
+SINKHORN_STEPS = 20
+
+
+@dataclass
+class Objective:
+    """What learning reads from the task: endless training batches, a model's mean loss on one,
+    and a model's validation loss."""
+
+    batches: Callable[[], Iterator[Batch]]
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    validate: Callable[[nn.Module], float]
+
+
+class _Called(nn.Module):
+    """``template`` run with ``params`` in place of its own (gradients reach the maps)."""
+
+    def __init__(self, template: nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.template, self.params = template, params
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.template, self.params, args, kwargs)
+
+
+class _Maps:
+    """A parent's maps, the learnable ones as parameters (keyed by space)."""
+
+    def __init__(self, raw: dict, rotations: set[str], permutations: set[str]):
+        self.raw = raw
+        self.generators: dict[str, nn.Parameter] = {}
+        self.scores: dict[str, nn.Parameter] = {}
+        self.bases: dict[str, torch.Tensor] = {}
+        for space in rotations:
+            t = raw[space]
+            self.bases[space] = t.float() * t.shape[0]
+            self.generators[space] = nn.Parameter(torch.zeros_like(self.bases[space]))
+        for space in permutations:
+            m: HardMap = raw[space]
+            start = torch.zeros(m.shape)
+            start[m.source, torch.arange(m.shape[1])] = SCORE
+            self.scores[space] = nn.Parameter(start)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.generators.values(), *self.scores.values()]
+
+    def current(self, hard: bool = False) -> dict:
+        """The maps (dense where learned): straight-through permutations unless ``hard``."""
+        out = dict(self.raw)
+        for space, g in self.generators.items():
+            n = g.shape[0]
+            out[space] = self.bases[space] @ torch.linalg.matrix_exp(g - g.T) / n
+        for space, s in self.scores.items():
+            n = s.shape[0]
+            rows, cols = linear_sum_assignment(s.detach().cpu().numpy(), maximize=True)
+            p = torch.zeros_like(s)
+            p[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
+            if not hard:
+                p = p + _sinkhorn(s) - _sinkhorn(s).detach()
+            sign = self.raw[space].sign
+            out[space] = (p if sign is None else p * sign.to(p.dtype)[None, :]) / n
+        return out
+
+
+def _sinkhorn(scores: torch.Tensor) -> torch.Tensor:
+    """The doubly stochastic relaxation of an assignment's scores (log domain)."""
+    log = scores
+    for _ in range(SINKHORN_STEPS):
+        log = log - log.logsumexp(1, keepdim=True)
+        log = log - log.logsumexp(0, keepdim=True)
+    return log.exp()
+
+
+def learnable(plan: Plan, graph: FlowGraph, maps: CompactMaps, orthogonal: bool) -> tuple[set[str], set[str]]:
+    """(rotations, permutations) to learn: the stream's rotation (``orthogonal``), every hard map
+    of a space solved alone (no head structure). Soft maps (Sinkhorn's) are kept as found."""
+    alone = {r.name for r in plan.rules if isinstance(r, OTRule)}
+    rotations = {graph.stream} & alone & set(maps.raw) if orthogonal else set()
+    permutations = {s for s in alone - rotations if isinstance(maps.raw.get(s), HardMap)}
+    return rotations, permutations
+
+
+def learn_maps(
+    template: nn.Module, anchor: State, parent: State, graph: FlowGraph, plan: Plan, maps: CompactMaps,
+    objective: Objective, steps: int, lr: float, every: int, seed: int, orthogonal: bool = False,
+) -> tuple[CompactMaps, dict]:
+    """``maps`` (the parent's, into the anchor's basis) refined for ``steps`` steps; the kept maps
+    and what learning did (validation losses, which maps were kept, passes spent)."""
+    rotations, permutations = learnable(plan, graph, maps, orthogonal)
+    if not rotations | permutations:
+        raise TfuseError("fusion.learn_steps refines hard maps (fusion.solver=emd) and the stream's rotation "
+                         "(fusion.maps=orthogonal); these maps are soft (Sinkhorn's): set one of those")
+    module = _Maps(maps.raw, rotations, permutations)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    batches = objective.batches()
+    template.eval()
+
+    def mixed(current: dict, lam: float) -> dict[str, torch.Tensor]:
+        aligned = align(parent, graph, plan, current)
+        return graph.to_real({n: (1 - lam) * anchor[n] + lam * aligned[n] for n in anchor})
+
+    def validate(current: dict) -> float:
+        with torch.no_grad():
+            return objective.validate(with_state(template, mixed(current, 0.5)))
+
+    best, best_maps = validate(maps.raw), maps
+    losses, evaluations = [best], 1
+    for step in range(1, steps + 1):
+        lam = 0.4 + 0.2 * float(torch.rand((), generator=generator))
+        loss = objective.loss(_Called(template, mixed(module.current(), lam)), next(batches))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                hard = module.current(hard=True)
+            value = validate(hard)
+            losses.append(value)
+            evaluations += 1
+            if value < best:
+                best, best_maps = value, _compact(hard)
+    info = {"steps": steps, "val_loss": losses, "kept": "start" if best_maps is maps else "learned",
+            "learned_spaces": sorted(rotations | permutations),
+            "passes": {"forward": steps, "backward": steps, "validation": evaluations}}
+    return best_maps, info
+
+
+def _compact(current: dict) -> CompactMaps:
+    out = CompactMaps()
+    for space, t in current.items():
+        if isinstance(t, HardMap):
+            out.raw[space] = t
+        else:
+            out[space] = t.double()
+    return out
