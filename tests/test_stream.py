@@ -224,6 +224,16 @@ def test_compact_keeps_only_signed_permutations_hard():
     assert not isinstance(soft, HardMap) and soft.dtype == torch.float32
 
 
+def whole_and_streamed(saved, fam: str, st, **kw):
+    """The same fusion of ``fam``'s three parents on eight batches, of whole models and streamed."""
+    models, dirs = saved[fam]
+    graph = family(fam).graph
+    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x, **kw)
+    parents = lazies(dirs, fam)
+    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0, **kw)
+    return whole, streamed
+
+
 @pytest.mark.parametrize("solver", ["cheaper", "cross_grams"])
 @pytest.mark.parametrize("fam", list(BUILDERS))
 def test_the_streamed_repair_equals_the_stored_target_repair(monkeypatch, saved, fam, solver):
@@ -236,12 +246,8 @@ def test_the_streamed_repair_equals_the_stored_target_repair(monkeypatch, saved,
     if solver == "cross_grams":
         monkeypatch.setattr(blockwise, "for_stage", lambda layers, ridge, targets, weights: crossgram.CrossGram(
             layers, ridge, targets, weights))
-    models, dirs = saved[fam]
     st = dataclasses.replace(settings(fam, "global"), repair="lstsq", repair_samples=32)
-    graph = family(fam).graph
-    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x)
-    parents = lazies(dirs, fam)
-    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0)
+    whole, streamed = whole_and_streamed(saved, fam, st)
     fits = {f.layer: [f.before, f.after] for f in whole.repair}
     got = {f.layer: [f.before, f.after] for f in streamed.repair}
     assert set(got) == set(fits) and ("lm_head" in fits) == (fam == "hf_llama")
@@ -274,15 +280,11 @@ def test_per_sample_targets_stream_as_in_the_stored_target_repair(monkeypatch, s
     if solver == "cross_grams":
         monkeypatch.setattr(blockwise, "for_stage", lambda layers, ridge, targets, weights: crossgram.CrossGram(
             layers, ridge, targets, weights))
-    models, dirs = saved[fam]
+    models, _ = saved[fam]
     st = dataclasses.replace(settings(fam, "global"), repair="lstsq", repair_samples=32, repair_targets="label")
-    graph = family(fam).graph
-    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x, competence=competence)
-    plain = ot_fuse(models, graph(models[0]), dataclasses.replace(st, repair_targets="mean"), 1, batches(fam, n=8),
-                    lambda x: x)
-    parents = lazies(dirs, fam)
-    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0,
-                           competence=competence)
+    whole, streamed = whole_and_streamed(saved, fam, st, competence=competence)
+    plain = ot_fuse(models, family(fam).graph(models[0]), dataclasses.replace(st, repair_targets="mean"), 1,
+                    batches(fam, n=8), lambda x: x)
     fits = {f.layer: [f.before, f.after] for f in whole.repair}
     assert max(abs(f.before - fits[f.layer][0]) for f in plain.repair) > 1e-4  # the per-sample weights matter here
     got = {f.layer: [f.before, f.after] for f in streamed.repair}
@@ -298,12 +300,8 @@ def test_per_sample_targets_stream_as_in_the_stored_target_repair(monkeypatch, s
 
 @pytest.mark.parametrize("fam", ["hf_gpt2", "hf_llama"])
 def test_the_streamed_rescale_equals_the_whole_model_rescale(saved, fam):
-    models, dirs = saved[fam]
     st = dataclasses.replace(settings(fam, "global"), repair="rescale", repair_samples=32)
-    graph = family(fam).graph
-    whole = ot_fuse(models, graph(models[0]), st, 1, batches(fam, n=8), lambda x: x)
-    parents = lazies(dirs, fam)
-    streamed = stream_fuse(parents, graph(parents[0].model), st, 1, batches(fam, n=8), lambda x: x, memory_bytes=0)
+    whole, streamed = whole_and_streamed(saved, fam, st)
     fused = dict(streamed.model.named_parameters())
     for name, w in whole.model.named_parameters():
         torch.testing.assert_close(fused[name], w, atol=1e-4 * float(w.abs().max()), rtol=1e-4)
