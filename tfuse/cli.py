@@ -10,8 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from tfuse.config_keys import check_overrides, describe_preset, override_key
+from tfuse.config_keys import check_overrides, describe_preset, override_key, preset
 from tfuse.errors import TfuseError
+from tfuse.families import OWNERS, checkpoint_json, family_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_EXPERIMENT = "vit_mnist"
@@ -32,18 +33,27 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    default = None
+    default, found = None, None
     if not any(a.lstrip("+").startswith("experiment=") for a in overrides):
-        default = "bert_mlm" if "model=hf_bert" in overrides else DEFAULT_EXPERIMENT  # text data for BERTs
+        given = _overrides(overrides)
+        chosen = next((o.split("=", 1)[1] for o in given if override_key(o) in ("model", "model.family")), None)
+        found = checkpoint_family(given) if command == "fuse" and chosen is None else None
+        family = chosen or found
+        default = OWNERS[family].experiment if family in OWNERS else DEFAULT_EXPERIMENT  # data that fits the family
         at = _first_override(overrides)
-        overrides = [*overrides[:at], f"+experiment={default}", *overrides[at:]]
+        extra = [f"model={found}"] if found and found != _preset_model(default) else []
+        overrides = [*overrides[:at], f"+experiment={default}", *extra, *overrides[at:]]
     given = _overrides(overrides)
+    if command == "fuse" and any(override_key(o) == "parents" and not o.endswith("=null") for o in given):
+        overrides = _for_checkpoints(overrides, given)
+        given = _overrides(overrides)
     if not any(a in CHECK_SKIPS or a.split("=", 1)[0] in CHECK_SKIPS for a in overrides):
         check_overrides(given, fusion=command == "fuse")  # an unknown key: one line, before anything runs
     if default and command == "fuse" and any(override_key(o) == "parents" and not o.endswith("=null") for o in given):
         settings = describe_preset("experiment", default, {override_key(o) for o in given})
+        family = f" ({found}, read from their config.json)" if found else ""
         Console(stderr=True, soft_wrap=True).print(
-            f"tfuse fuse: parents=[...] without +experiment: fusing with {default}'s settings ({settings}); "
+            f"tfuse fuse: parents=[...]{family} without +experiment: fusing with {default}'s settings ({settings}); "
             "pass +experiment=NAME to choose", markup=False, highlight=False)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -64,6 +74,55 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
 
     sys.argv = [f"tfuse {command}", *overrides]
     app()
+
+
+def checkpoint_family(overrides: list[str]) -> str | None:
+    """The family every ``parents=[...]`` checkpoint's config.json names (one line when they name
+    none that tfuse knows, or several); None without parents or a readable config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [o for o in overrides if override_key(o) == "parents" and not o.endswith("=null")]
+    if not given:
+        return None
+    sources = OverridesParser.create().parse_overrides(given[-1:])[0].value()
+    if not isinstance(sources, list):
+        return None
+    families = {}
+    for i, source in enumerate(sources):
+        found = checkpoint_json(str(source).partition("@")[0], "config.json")
+        if found is not None:
+            families[family_of(found[1], f"parents[{i}] '{source}'")] = i
+    if len(families) > 1:
+        raise TfuseError(f"parents=[...] are checkpoints of different families ({', '.join(families)}); fuse parents "
+                         "of one family")
+    return next(iter(families), None)
+
+
+def _for_checkpoints(overrides: list[str], given: list[str]) -> list[str]:
+    """Checkpoints are trained already: an experiment's partition of the training data, and the
+    weights by shard size it implies, do not apply to them unless the command line sets them (a
+    line says what was dropped)."""
+    name = next(o.split("=", 1)[1] for o in given if override_key(o) == "experiment")
+    body, groups = preset("experiment", name)
+    keys = {override_key(o) for o in given}
+    dropped = []
+    if groups.get("partition", "iid") != "iid" and "partition" not in keys and not any(k.startswith("partition.") for k in keys):
+        dropped.append("partition=iid")
+    if (body.get("fusion") or {}).get("alpha") == "shard" and "fusion.alpha" not in keys:
+        dropped.append("fusion.alpha=null")
+    if not dropped:
+        return overrides
+    Console(stderr=True, soft_wrap=True).print(
+        f"tfuse fuse: parents=[...] are trained already: {name}'s data partition does not apply to them ({' '.join(dropped)})",
+        markup=False, highlight=False)
+    at = _first_override(overrides)
+    return [*overrides[:at], *given, *dropped, *overrides[at + len(given):]]
+
+
+def _preset_model(experiment: str) -> str | None:
+    """The model family an experiment preset selects."""
+    _, groups = preset("experiment", experiment)
+    return groups.get("model")
 
 
 def wide_console() -> Console:

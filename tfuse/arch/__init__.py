@@ -13,9 +13,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from tfuse.arch import hf_bert, hf_gpt2, hf_llama, hf_vit
-from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily, is_local
+from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily
 from tfuse.checkpoint import check_loaded
 from tfuse.errors import TfuseError
+from tfuse.families import is_local
 from tfuse.fusion.fold import fold_gains
 from tfuse.fusion.graph import FlowGraph
 

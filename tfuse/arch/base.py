@@ -15,36 +15,11 @@ import torch
 from torch import nn
 
 from tfuse.errors import TfuseError
+from tfuse.families import OWNERS
 from tfuse.fusion.graph import FlowGraph
 
 
 SHARD_SIZE = "2GB"  # saved models come in safetensors shards of this size at most, with their index
-
-
-def is_local(source: str) -> bool:
-    """Whether a parent's source names a local path (else a hub id ``org/name``)."""
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
-
-
-def checkpoint_json(source: str, name: str, revision: str | None = None) -> tuple[Path, dict] | None:
-    """A JSON file of a checkpoint (a local directory, or a hub id's, downloaded or from the hub
-    cache) and its content; None when it has none or cannot be reached (loading the weights then
-    says why)."""
-    if is_local(source):
-        file = Path(source).expanduser() / name
-        if not file.is_file():
-            return None
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            file = Path(hf_hub_download(source, name, revision=revision))
-        except Exception:  # huggingface_hub raises several kinds: absent, offline, gated
-            return None
-    try:
-        return file, json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise TfuseError(f"{file}: not readable JSON ({err}); fix or remove it") from err
 
 
 @runtime_checkable
@@ -104,9 +79,9 @@ class TextFamily(TokenizedFamily, Protocol):
         """A sequence classifier around ``model``'s encoder; the new layers from ``seed``."""
 
 
-def checkpoint_config(path: str, label: str, model_types: tuple[str, ...], family: str, what: str) -> dict:
+def checkpoint_config(path: str, label: str, family: str) -> dict:
     """The directory's config.json, after checking that its ``model_type`` is one of the family's
-    (one line naming the model class otherwise)."""
+    (``families.OWNERS``; one line naming the model class otherwise)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise TfuseError(f"{label}: '{path}' has no config.json; give a directory written by save_pretrained")
@@ -115,11 +90,12 @@ def checkpoint_config(path: str, label: str, model_types: tuple[str, ...], famil
     except (OSError, json.JSONDecodeError) as err:
         raise TfuseError(f"{config_file}: not readable JSON ({err}); fix or remove it") from err
     kind = config.get("model_type")
-    if kind not in model_types:
+    owner = OWNERS[family]
+    if kind not in owner.model_types:
         cls = (config.get("architectures") or [kind])[0]
         raise TfuseError(
             f"{label}: '{path}' holds a {cls} ({kind!r}) checkpoint, which model.family={family} does not own "
-            f"({what}); give parents of one family, or set model.family to the family that owns {cls}"
+            f"({owner.what}); give parents of one family, or set model.family to the family that owns {cls}"
         )
     return config
 

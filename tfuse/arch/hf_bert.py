@@ -147,7 +147,7 @@ def to_classifier(model: nn.Module, num_labels: int, seed: int) -> BertForSequen
 
 def check_directory(path: str, label: str) -> dict:
     """The checkpoint's config, after checking that it is a BERT (clear error otherwise)."""
-    return checkpoint_config(path, label, ("bert",), "hf_bert", "all parents must be BERTs of one tokenizer")
+    return checkpoint_config(path, label, "hf_bert")
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> nn.Module:

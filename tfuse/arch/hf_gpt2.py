@@ -102,7 +102,7 @@ def owns(model) -> bool:
 
 def check_directory(path: str, label: str) -> dict:
     """The checkpoint's config, after checking that it is a GPT-2."""
-    return checkpoint_config(path, label, ("gpt2",), "hf_gpt2", "GPT-2 causal LMs")
+    return checkpoint_config(path, label, "hf_gpt2")
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> GPT2LMHeadModel:

@@ -30,7 +30,6 @@ from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
 
 CLASSES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 causal_lm = True
 
 
@@ -117,7 +116,7 @@ def owns(model) -> bool:
 
 def check_directory(path: str, label: str) -> dict:
     """The checkpoint's config, after checking that it is a LLaMA-family causal LM."""
-    return checkpoint_config(path, label, MODEL_TYPES, "hf_llama", "LLaMA, Mistral and Qwen2 causal LMs")
+    return checkpoint_config(path, label, "hf_llama")
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> nn.Module:

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from tfuse.arch.base import SHARD_SIZE, checkpoint_config, checkpoint_json, widened_hf
+from tfuse.arch.base import SHARD_SIZE, checkpoint_config, widened_hf
 from tfuse.data.images import Normalization
+from tfuse.families import checkpoint_json
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
 
@@ -73,7 +74,7 @@ def owns(model) -> bool:
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> ViTForImageClassification:
     if Path(path).is_dir():
-        checkpoint_config(path, f"checkpoint '{path}'", ("vit",), "hf_vit", "ViT image classifiers")
+        checkpoint_config(path, f"checkpoint '{path}'", "hf_vit")
     return ViTForImageClassification.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
 
 

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 
-from tfuse.arch.base import checkpoint_json
 from tfuse.data.images import Normalization
 from tfuse.errors import TfuseError
+from tfuse.families import checkpoint_json
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Linear, Out, Probe, TokenLayout
 
 # model-config keys passed to timm.create_model when set (null: the architecture's default)

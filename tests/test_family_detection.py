@@ -1,0 +1,72 @@
+"""`tfuse fuse parents=[...]` without model= reads the family from the checkpoints' config.json and
+fuses with that family's preset; a checkpoint no family owns, or parents of two families, end in
+one line."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tfuse
+
+
+def checkpoint(folder: Path, config: dict) -> str:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+
+
+@pytest.mark.parametrize("config, family, experiment", [
+    (LLAMA, "hf_llama", "llama_plays"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "hf_llama", "llama_plays"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "hf_gpt2", "gpt_plays"),
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "hf_bert", "bert_mlm"),
+    ({"architecture": "vit_tiny_patch16_224", "num_classes": 10}, "timm_vit", "vit_mnist"),
+])
+def test_the_family_comes_from_the_checkpoint(tmp_path: Path, config: dict, family: str, experiment: str):
+    a, b = (checkpoint(tmp_path / name, config) for name in "ab")
+    proc = tfuse("fuse", f"parents=[{a},{b}]", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"({family}, read from their config.json) without +experiment: fusing with {experiment}'s settings" in proc.stderr
+    assert f"family: {family}" in proc.stdout
+
+
+def test_a_model_given_on_the_command_line_wins(tmp_path: Path):
+    a, b = (checkpoint(tmp_path / name, LLAMA) for name in "ab")
+    proc = tfuse("fuse", f"parents=[{a},{b}]", "model=hf_gpt2", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0 and "family: hf_gpt2" in proc.stdout and "read from their config.json" not in proc.stderr
+
+
+@pytest.mark.parametrize("configs, says", [
+    ([{"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}] * 2,
+     "holds a GPTNeoXForCausalLM (model_type 'gpt_neox'), which no tfuse family owns"),
+    ([LLAMA, {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}], "checkpoints of different families"),
+])
+def test_checkpoints_no_family_or_two_families_own_are_one_line(tmp_path: Path, configs: list, says: str):
+    a, b = (checkpoint(tmp_path / name, c) for name, c in zip("ab", configs))
+    proc = tfuse("fuse", f"parents=[{a},{b}]", cwd=tmp_path)
+    assert proc.returncode == 2 and says in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+VIT = {"model_type": "vit", "architectures": ["ViTForImageClassification"]}
+
+
+@pytest.mark.parametrize("experiment, dropped", [
+    ("vit_mnist_skew", "(partition=iid)"),
+    ("vit_mnist_dirichlet", "(partition=iid fusion.alpha=null)"),
+])
+def test_a_presets_partition_does_not_apply_to_checkpoints(tmp_path: Path, experiment: str, dropped: str):
+    a, b = (checkpoint(tmp_path / name, VIT) for name in "ab")
+    proc = tfuse("fuse", f"+experiment={experiment}", f"parents=[{a},{b}]", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{experiment}'s data partition does not apply to them {dropped}" in proc.stderr
+    assert "kind: iid" in proc.stdout and "alpha: shard" not in proc.stdout
+
+
+def test_a_partition_given_on_the_command_line_is_kept(tmp_path: Path):
+    a, b = (checkpoint(tmp_path / name, VIT) for name in "ab")
+    proc = tfuse("fuse", "+experiment=vit_mnist_skew", f"parents=[{a},{b}]", "partition=skew", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0 and "does not apply" not in proc.stderr and "kind: skew" in proc.stdout
