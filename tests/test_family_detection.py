@@ -70,3 +70,41 @@ def test_a_partition_given_on_the_command_line_is_kept(tmp_path: Path):
     a, b = (checkpoint(tmp_path / name, VIT) for name in "ab")
     proc = tfuse("fuse", "+experiment=vit_mnist_skew", f"parents=[{a},{b}]", "partition=skew", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0 and "does not apply" not in proc.stderr and "kind: skew" in proc.stdout
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"vocab_size": 70}, "different vocabularies"),
+    ({"num_hidden_layers": 3}, "different depths"),
+    ({"head_dim": 16}, "different head dimensions"),
+    ({"rope_theta": 5e5}, "different RoPE settings"),
+])
+def test_parents_that_cannot_be_fused_are_one_line(change: dict, says: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tfuse.arch import check_same_architecture
+    from tfuse.errors import TfuseError
+
+    base = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    models = [LlamaForCausalLM(LlamaConfig(**base)), LlamaForCausalLM(LlamaConfig(**{**base, **change}))]
+    with pytest.raises(TfuseError, match=says):
+        check_same_architecture(models, allow_widths=True)
+
+
+def test_parents_with_different_tokenizers_are_one_line(tmp_path: Path):
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tfuse.arch import check_same_architecture
+    from tfuse.arch.tokenized import attach_tokenizer
+    from tfuse.errors import TfuseError
+
+    def tokenizer(words):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(
+            {w: i for i, w in enumerate(words)}, unk_token=words[0])))
+
+    config = GPT2Config(vocab_size=3, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    same = [attach_tokenizer(GPT2LMHeadModel(config), tokenizer(["a", "b", "c"])) for _ in range(2)]
+    check_same_architecture(same, allow_widths=False)
+    other = attach_tokenizer(GPT2LMHeadModel(config), tokenizer(["a", "c", "b"]))
+    with pytest.raises(TfuseError, match="different tokenizers"):
+        check_same_architecture([same[0], other], allow_widths=False)

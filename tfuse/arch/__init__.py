@@ -14,6 +14,7 @@ from torch import nn
 
 from tfuse.arch import hf_bert, hf_gpt2, hf_llama, hf_vit
 from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily
+from tfuse.arch.tokenized import tokenizer_of
 from tfuse.checkpoint import check_loaded
 from tfuse.errors import TfuseError
 from tfuse.families import is_local
@@ -155,8 +156,18 @@ def parents_preprocessing(sources: list[str], family_name: str):
     return first
 
 
+# config facts that parents must share: what their weights mean depends on them
+SHARED_CONFIG = {
+    "vocab_size": "vocabularies", "num_hidden_layers": "depths", "n_layer": "depths",
+    "rope_parameters": "RoPE settings (rope_theta, rope_scaling)", "rope_theta": "RoPE bases (rope_theta)",
+    "rope_scaling": "RoPE scalings (rope_scaling)", "position_embedding_type": "position embeddings",
+}
+
+
 def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None:
-    """Parents must share a family and parameter names; shapes too unless ``allow_widths``."""
+    """Parents must share a family, the config facts their weights depend on (vocabulary and
+    tokenizer, depth, RoPE and, under RoPE, the head dimension: it keeps Q/K pairs in place) and
+    parameter names; shapes too unless ``allow_widths``."""
     first = dict(models[0].named_parameters())
     for i, model in enumerate(models[1:], start=1):
         if type(model) is not type(models[0]):
@@ -164,6 +175,7 @@ def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None
                 f"parents 0 and {i} are different architectures ({type(models[0]).__name__} vs "
                 f"{type(model).__name__}); fuse models of one family"
             )
+        _check_config(models[0], model, i)
         other = dict(model.named_parameters())
         for name in list(first) + [n for n in other if n not in first]:
             if name not in first or name not in other:
@@ -177,6 +189,22 @@ def check_same_architecture(models: list[nn.Module], allow_widths: bool) -> None
                     f"parents 0 and {i} differ in architecture: parameter '{name}' has shape "
                     f"{tuple(first[name].shape)} vs {tuple(other[name].shape)}"
                 )
+
+
+def _check_config(first: nn.Module, other: nn.Module, i: int) -> None:
+    a, b = getattr(first, "config", None), getattr(other, "config", None)
+    if a is None or b is None:
+        return
+    rope = any(getattr(a, k, None) for k in ("rope_parameters", "rope_theta", "rope_scaling"))
+    for key, what in {**SHARED_CONFIG, **({"head_dim": "head dimensions under RoPE"} if rope else {})}.items():
+        mine, theirs = getattr(a, key, None), getattr(b, key, None)
+        if mine != theirs:
+            raise TfuseError(f"parents 0 and {i} have different {what} ({key} {mine!r} vs {theirs!r}): their weights "
+                             "mean different things and cannot be fused; give parents trained alike")
+    tokens = [tokenizer_of(m) for m in (first, other)]
+    if None not in tokens and tokens[0].get_vocab() != tokens[1].get_vocab():
+        raise TfuseError(f"parents 0 and {i} have different tokenizers (their vocabularies differ): token ids mean "
+                         "different things; give parents trained with one tokenizer")
 
 
 def check_heads(models: list[nn.Module], anchor: int = 0) -> None:
