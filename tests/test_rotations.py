@@ -11,11 +11,8 @@ from transformers import (
 
 from tfuse.arch import folded
 from tfuse.errors import TfuseError
-from tfuse.fusion.apply import align
-from tfuse.fusion.engine import parameters, with_state
 from tfuse.fusion.methods.ot import OTSettings, ot_fuse
-from tfuse.fusion.plan import make_plan
-from tfuse.symmetry import symmetric_copy
+from tfuse.symmetry import rotated_copy, symmetric_copy
 
 VOCAB = 61
 BUILDERS = {
@@ -56,40 +53,6 @@ def outputs(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
-def rotation(d: int, gen: torch.Generator, centred: bool = False) -> torch.Tensor:
-    """A random orthogonal matrix; ``centred``: one that fixes the all-ones direction."""
-    if not centred:
-        return torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
-    ones = torch.ones(d, 1, dtype=torch.float64)
-    basis = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, :-1]], 1))[0][:, 1:]
-    return basis @ rotation(d - 1, gen) @ basis.T + ones @ ones.T / d
-
-
-def width(graph, state, space: str) -> int:
-    name, axis = next((n, i) for n, axes in graph.params.items() for i, ax in enumerate(axes)
-                      if ax is not None and ax.space == space)
-    return state[name].shape[axis]
-
-
-def rotated(model, graph, seed: int):
-    """``model`` with its stream rotated at random (fixing the all-ones direction when the
-    stream is LayerNorm's), and the value dimensions of every key/value head with the output
-    projection's columns that read them, through the engine's own alignment."""
-    gen = torch.Generator().manual_seed(seed)
-    state = parameters(model, graph)
-    plan = make_plan(graph, OTSettings(residual="global", qk="head_aware"))
-    d = width(graph, state, graph.stream_points()[0])
-    maps = {graph.stream: rotation(d, gen, graph.rotations == "centred") / d}
-    for att in graph.attention:
-        kv, n_v = att.kv_heads or att.heads, width(graph, state, att.v)
-        blocks = [rotation(n_v // kv, gen) for _ in range(kv)]
-        maps[plan.where[att.v][0]] = torch.block_diag(*blocks) / n_v
-        if att.o is not None:  # every query head reads its group's value head
-            maps[plan.where[att.o][0]] = torch.block_diag(*(blocks[a * kv // att.heads] for a in range(att.heads))) / (
-                n_v * att.heads // kv)
-    return with_state(model, align(state, graph, plan, maps), graph)
-
-
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_folding_the_gains_keeps_the_function(kind):
     model = built(kind)
@@ -105,7 +68,7 @@ def test_folding_the_gains_keeps_the_function(kind):
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_a_rotated_and_permuted_copy_is_recovered_exactly(kind):
     model, graph = folded(built(kind))
-    copy = rotated(symmetric_copy(model, graph, seed=1, signs=kind.startswith("llama")), graph, seed=2)
+    copy = rotated_copy(symmetric_copy(model, graph, seed=1, signs=kind.startswith("llama")), graph, seed=2)
     for batch in inputs(kind):
         torch.testing.assert_close(outputs(copy, batch), outputs(model, batch), atol=1e-4, rtol=1e-4)
     assert max((a - b).abs().max() for a, b in zip(copy.parameters(), model.parameters()) if a.dim() > 1) > 0.1
@@ -122,7 +85,7 @@ def test_the_fused_model_is_a_normal_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, graph = folded(built("llama_tied"))
-    copy = rotated(model, graph, seed=3)
+    copy = rotated_copy(model, graph, seed=3)
     settings = OTSettings(maps="orthogonal", residual="global", solver="emd", tokens="all", samples=24, batch_size=8,
                           qk="head_aware")
     batches = inputs("llama_tied")

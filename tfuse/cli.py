@@ -23,6 +23,7 @@ commands:
   train    train one parent from scratch;            e.g. tfuse train +experiment=vit_mnist seed=3
   report   gather a multirun's results into tables;  e.g. tfuse report outputs/multirun/DATE/TIME
   paper    the paper's claims (and the non-IID ones) from scripts/paper_tables.sh's sweeps; e.g. tfuse paper outputs/paper
+  check-family  the self-test of a model family's flow graph;  e.g. tfuse check-family model=hf_llama [parents=[DIR,...]]
 
 `tfuse fuse --cfg job` prints the resolved config; `-m` sweeps (Hydra multirun).
 """
@@ -79,12 +80,10 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
 def checkpoint_family(overrides: list[str]) -> str | None:
     """The family every ``parents=[...]`` checkpoint's config.json names (one line when they name
     none that tfuse knows, or several); None without parents or a readable config."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     given = [o for o in overrides if override_key(o) == "parents" and not o.endswith("=null")]
     if not given:
         return None
-    sources = OverridesParser.create().parse_overrides(given[-1:])[0].value()
+    sources = override_value(given[-1])
     if not isinstance(sources, list):
         return None
     families = {}
@@ -198,6 +197,44 @@ def _paper(args: list[str]) -> None:
     write_paper_report(Path(ns.dir), wide_console())
 
 
+def _check_family(args: list[str]) -> None:
+    """``tfuse check-family [model=FAMILY] [parents=[DIR,...]]``: the self-test on each parent, or
+    on the family's tiny random model; exit 1 when a check fails."""
+    from rich.table import Table
+
+    from tfuse.arch import family, load_parent
+    from tfuse.selftest import self_test
+
+    unknown = [a for a in args if override_key(a) not in ("model", "parents")]
+    if unknown:
+        raise TfuseError(f"check-family: unknown argument {unknown[0]!r}; give model=FAMILY and/or parents=[DIR,...]")
+    name = next((a.split("=", 1)[1] for a in args if override_key(a) == "model"), None) or checkpoint_family(args)
+    if name is None:
+        raise TfuseError(f"check-family: give model=FAMILY ({', '.join(OWNERS)}) or parents=[DIR,...]")
+    fam = family(name)
+    given = [a for a in args if override_key(a) == "parents"]
+    sources = override_value(given[-1]) if given else []
+    models = [(s, load_parent(str(s), name, f"parents[{i}]")) for i, s in enumerate(sources)] or [(f"{name}.tiny()", fam.tiny())]
+    console, failed = wide_console(), False
+    for label, model in models:
+        table = Table(title=f"check-family {name}: {label}", title_justify="left")
+        for column in ("check", "result", "detail"):
+            table.add_column(column)
+        for check in self_test(model, fam.graph):
+            failed |= not check.passed
+            table.add_row(check.name, "ok" if check.passed else "FAILED", check.detail)
+        console.print(table)
+    if failed:
+        sys.exit(1)
+
+
+def override_value(override: str):
+    """The value of a Hydra override (``parents=[a,b]`` -> ``['a', 'b']``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([override])[0].value()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -214,8 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             _report(rest)
         elif command == "paper":
             _paper(rest)
+        elif command == "check-family":
+            _check_family(rest)
         else:
-            raise TfuseError(f"unknown command {command!r}; allowed: fuse, train, report, paper")
+            raise TfuseError(f"unknown command {command!r}; allowed: fuse, train, report, paper, check-family")
     except TfuseError as err:
         fail(command, err)
 

@@ -170,3 +170,38 @@ def symmetric_copy(model: nn.Module, graph: FlowGraph, seed: int = 0, signs: boo
         sign = flip(len(perm)) if all(s in graph.signed for s in group) else None
         relabel.update({space: (perm, sign) for space in group})
     return relabelled(model, graph, relabel)
+
+
+def rotation(d: int, generator: torch.Generator, centred: bool = False) -> torch.Tensor:
+    """A random orthogonal matrix (float64); ``centred``: one that fixes the all-ones direction."""
+    if not centred:
+        return torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))[0]
+    ones = torch.ones(d, 1, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, :-1]], 1))[0][:, 1:]
+    return basis @ rotation(d - 1, generator) @ basis.T + ones @ ones.T / d
+
+
+def rotated_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` (its norm gains folded: ``arch.folded``) with its stream rotated at
+    random (fixing the all-ones direction when its norms centre), and the value dimensions of
+    every key/value head with the output projection's columns that read them, through the
+    engine's own alignment."""
+    from tfuse.fusion.methods.ot import OTSettings
+    from tfuse.fusion.plan import make_plan
+
+    if graph.rotations is None or graph.norms:
+        raise TfuseError("rotated_copy: the stream must admit rotations, with its norm gains folded (arch.folded)")
+    generator = torch.Generator().manual_seed(seed)
+    state = parameters(model, graph)
+    sizes = space_sizes(graph, state)
+    plan = make_plan(graph, OTSettings(residual="global", qk="head_aware"))
+    d = sizes[graph.stream_points()[0]]
+    maps = {graph.stream: rotation(d, generator, graph.rotations == "centred") / d}
+    for att in graph.attention:
+        kv, n_v = att.kv_heads or att.heads, sizes[att.v]
+        blocks = [rotation(n_v // kv, generator) for _ in range(kv)]
+        maps[plan.where[att.v][0]] = torch.block_diag(*blocks) / n_v
+        if att.o is not None:  # every query head reads its group's value head
+            maps[plan.where[att.o][0]] = torch.block_diag(*(blocks[a * kv // att.heads] for a in range(att.heads))) / (
+                n_v * att.heads // kv)
+    return with_state(model, align(state, graph, plan, maps), graph)

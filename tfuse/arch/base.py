@@ -40,6 +40,9 @@ class Family(Protocol):
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model`` is one of this family's."""
 
+    def tiny(self) -> nn.Module:
+        """A small seeded random model of the family (``tfuse check-family`` without parents)."""
+
     def widened(self, model: nn.Module, units: int) -> nn.Module:
         """A model like ``model`` whose MLPs have ``units`` hidden units (weights to be filled:
         ``fusion.width``)."""

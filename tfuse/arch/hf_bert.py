@@ -112,6 +112,13 @@ def widened(model: nn.Module, units: int) -> nn.Module:
     return widened_hf(model, "intermediate_size", units)
 
 
+def tiny() -> nn.Module:
+    """A small random model of the family (``tfuse check-family``)."""
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=48, max_position_embeddings=32))
+
+
 def owns(model) -> bool:
     return isinstance(model, tuple(CLASSES.values()))
 

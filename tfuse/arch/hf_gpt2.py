@@ -96,6 +96,13 @@ def widened(model: nn.Module, units: int) -> nn.Module:
     return widened_hf(model, "n_inner", units)
 
 
+def tiny() -> GPT2LMHeadModel:
+    """A small random model of the family (``tfuse check-family``)."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+                                      eos_token_id=0))
+
+
 def owns(model) -> bool:
     return isinstance(model, GPT2LMHeadModel)
 

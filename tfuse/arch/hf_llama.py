@@ -110,6 +110,14 @@ def widened(model: nn.Module, units: int) -> nn.Module:
     return widened_hf(model, "intermediate_size", units)
 
 
+def tiny() -> LlamaForCausalLM:
+    """A small random model of the family (``tfuse check-family``): GQA 4/2, RoPE, untied, Q/K/V biases."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                        attention_bias=True))
+
+
 def owns(model) -> bool:
     return isinstance(model, CLASSES)
 

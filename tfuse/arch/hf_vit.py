@@ -68,6 +68,14 @@ def widened(model: torch.nn.Module, units: int) -> torch.nn.Module:
     return widened_hf(model, "intermediate_size", units)
 
 
+def tiny() -> ViTForImageClassification:
+    """A small random model of the family (``tfuse check-family``)."""
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=48, image_size=8, patch_size=4, num_channels=3,
+                                               num_labels=3))
+
+
 def owns(model) -> bool:
     return isinstance(model, ViTForImageClassification)
 

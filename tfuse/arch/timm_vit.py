@@ -139,6 +139,12 @@ def widened(model: torch.nn.Module, units: int) -> torch.nn.Module:
                      "use fusion.width=1, or an HF ViT (model=hf_vit)")
 
 
+def tiny() -> VisionTransformer:
+    """A small random model of the family (``tfuse check-family``)."""
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=1.5, num_classes=3)
+
+
 def owns(model) -> bool:
     return isinstance(model, VisionTransformer)
 

@@ -1,0 +1,49 @@
+"""The self-test every family gets: each family's tiny model passes it, and a graph that claims a
+symmetry the model does not have, or leaves a parameter out, fails it by name."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from conftest import tfuse
+from tfuse.arch import FAMILIES, family
+from tfuse.selftest import self_test
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_passes_its_self_test(name):
+    fam = family(name)
+    checks = self_test(fam.tiny(), fam.graph)
+    assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+    assert len(checks) >= 4
+
+
+def test_a_claimed_symmetry_the_model_lacks_fails():
+    """GELU is not odd: a GPT-2 graph that lets its MLP units flip sign is caught."""
+    fam = family("hf_gpt2")
+
+    def wrong(model):
+        graph = fam.graph(model)
+        return dataclasses.replace(graph, signed=graph.signed | {s for s in graph.spaces() if s.endswith(".mlp")})
+
+    checks = {c.name: c for c in self_test(fam.tiny(), wrong)}
+    failed = checks["a copy under the graph's symmetries computes the same outputs"]
+    assert not failed.passed and "output difference" in failed.detail
+
+
+def test_a_parameter_the_graph_leaves_out_is_named():
+    fam = family("hf_llama")
+
+    def partial(model):
+        graph = fam.graph(model)
+        return dataclasses.replace(graph, params={n: a for n, a in graph.params.items() if "layers.1.mlp.up_proj" not in n})
+
+    checks = self_test(fam.tiny(), partial)
+    assert len(checks) == 1 and not checks[0].passed and "model.layers.1.mlp.up_proj.weight" in checks[0].detail
+
+
+def test_the_command(tmp_path: Path):
+    ok = tfuse("check-family", "model=hf_gpt2", cwd=tmp_path)
+    assert ok.returncode == 0 and "fused with that copy, the model comes back" in ok.stdout and "FAILED" not in ok.stdout
+    bad = tfuse("check-family", "model=hf_gpt2", "seed=3", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown argument 'seed=3'" in bad.stderr
