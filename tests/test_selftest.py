@@ -47,3 +47,15 @@ def test_the_command(tmp_path: Path):
     assert ok.returncode == 0 and "fused with that copy, the model comes back" in ok.stdout and "FAILED" not in ok.stdout
     bad = tfuse("check-family", "model=hf_gpt2", "seed=3", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown argument 'seed=3'" in bad.stderr
+
+
+def test_qwen3_passes_the_llama_familys_self_test():
+    """Qwen3: the LLaMA layout with per-head q_norm / k_norm whose gain every head shares."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    checks = self_test(model, family("hf_llama").graph)
+    assert all(c.passed for c in checks), [c for c in checks if not c.passed]

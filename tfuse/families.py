@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from tfuse.errors import TfuseError
 
-GUIDE = "README.md, 'Model families'"
+GUIDE = "docs/adding-a-family.md"
 
 
 class Owner(NamedTuple):
@@ -22,7 +22,7 @@ OWNERS: dict[str, Owner] = {
     "hf_vit": Owner(("vit",), "vit_mnist", "ViT image classifiers"),
     "hf_bert": Owner(("bert",), "bert_mlm", "BERT encoders"),
     "hf_gpt2": Owner(("gpt2",), "gpt_plays", "GPT-2 causal LMs"),
-    "hf_llama": Owner(("llama", "mistral", "qwen2"), "llama_plays", "LLaMA, Mistral and Qwen2 causal LMs"),
+    "hf_llama": Owner(("llama", "mistral", "qwen2", "qwen3"), "llama_plays", "LLaMA, Mistral, Qwen2 and Qwen3 causal LMs"),
     "timm_vit": Owner((), "vit_mnist", "timm ViTs (config.json with 'architecture')"),
 }
 

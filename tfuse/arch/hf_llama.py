@@ -1,6 +1,6 @@
-"""Hugging Face LLaMA-family causal LMs (``LlamaForCausalLM``; ``MistralForCausalLM`` and
-``Qwen2ForCausalLM`` share its module layout): pre-norm blocks with RMSNorm, RoPE, SwiGLU and
-grouped-query attention, described as a flow graph.
+"""Hugging Face LLaMA-family causal LMs (``LlamaForCausalLM``; ``MistralForCausalLM``,
+``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` share its module layout): pre-norm blocks with
+RMSNorm, RoPE, SwiGLU and grouped-query attention, described as a flow graph.
 
 Symmetries the graph claims:
 
@@ -13,7 +13,10 @@ Symmetries the graph claims:
   key/value group moves with its query heads, which may reorder inside the group; value
   dimensions permute (and flip) with the output projection's columns of every query head of the
   group (``{name}.attn.o``);
-* tied input and output embeddings: the table is transported once, its columns in the stream.
+* tied input and output embeddings: the table is transported once, its columns in the stream;
+* Qwen3's ``q_norm`` / ``k_norm``: an RMSNorm over each head's Q/K dimensions whose gain every
+  head shares; heads move as wholes and RoPE keeps those dimensions in place, so the gain never
+  moves (its axis is fixed).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+)
 
 from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
@@ -29,7 +34,7 @@ from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, 
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
 
-CLASSES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+CLASSES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
 causal_lm = True
 
 
@@ -77,6 +82,9 @@ def graph(model: nn.Module) -> FlowGraph:
             bias = f"{attn}.{proj}.bias" in names
             g.linear(f"{attn}.{proj}", space, before, bias=bias)
             g.probe(space, f"{attn}.{proj}", linear=Linear(source, f"{attn}.{proj}.weight", f"{attn}.{proj}.bias" if bias else None))
+        for norm in ("q_norm", "k_norm"):  # Qwen3: one gain over head_dim, shared by every head
+            if f"{attn}.{norm}.weight" in names:
+                g.param(f"{attn}.{norm}.weight", None)
         reads = g.graph.attention[-1].o or v
         attn_out = f"{name}.attn_out"
         g.linear(f"{attn}.o_proj", attn_out, reads, bias=f"{attn}.o_proj.bias" in names)
