@@ -59,3 +59,37 @@ def test_qwen3_passes_the_llama_familys_self_test():
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     checks = self_test(model, family("hf_llama").graph)
     assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+
+
+@pytest.mark.parametrize("head", ["mlm", "classification"])
+def test_roberta_passes_the_bert_familys_self_test(head):
+    """RoBERTa: BERT's post-LN layout under other names (lm_head; a dense-tanh classifier on the first token)."""
+    import torch
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=40, num_labels=3)
+    model = (RobertaForMaskedLM if head == "mlm" else RobertaForSequenceClassification)(config)
+    checks = self_test(model, family("hf_bert").graph)
+    assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+
+
+def test_robertas_mlm_logits_and_classifier_come_from_its_own_head():
+    import torch
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+
+    from tfuse.arch import hf_bert
+
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                             intermediate_size=48, max_position_embeddings=40)).eval()
+    inputs = {"input_ids": torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(1))}
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[0, 2] = keep[1, 5] = True
+    with torch.no_grad():
+        torch.testing.assert_close(hf_bert.masked_logits(model, inputs, keep), model(**inputs).logits[keep])
+    clf = hf_bert.to_classifier(model, 3, seed=0)
+    assert isinstance(clf, RobertaForSequenceClassification)
+    for name, p in model.roberta.named_parameters():
+        assert torch.equal(dict(clf.roberta.named_parameters())[name], p)

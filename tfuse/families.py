@@ -20,7 +20,7 @@ class Owner(NamedTuple):
 
 OWNERS: dict[str, Owner] = {
     "hf_vit": Owner(("vit",), "vit_mnist", "ViT image classifiers"),
-    "hf_bert": Owner(("bert",), "bert_mlm", "BERT encoders"),
+    "hf_bert": Owner(("bert", "roberta", "xlm-roberta"), "bert_mlm", "BERT, RoBERTa and XLM-R encoders"),
     "hf_gpt2": Owner(("gpt2",), "gpt_plays", "GPT-2 causal LMs"),
     "hf_llama": Owner(("llama", "mistral", "qwen2", "qwen3"), "llama_plays", "LLaMA, Mistral, Qwen2 and Qwen3 causal LMs"),
     "timm_vit": Owner((), "vit_mnist", "timm ViTs (config.json with 'architecture')"),

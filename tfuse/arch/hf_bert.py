@@ -1,5 +1,7 @@
-"""Hugging Face BERT (``BertForMaskedLM``, ``BertForSequenceClassification``, bare ``BertModel``):
-post-LN blocks, described as a flow graph for the generic engine.
+"""Hugging Face BERT (``BertForMaskedLM``, ``BertForSequenceClassification``, bare ``BertModel``)
+and the RoBERTa and XLM-R classes of the same layout (their MLM head is ``lm_head``, their
+classifier a dense and tanh on the first token; position ids offset by the padding id, which the
+model computes itself): post-LN blocks, described as a flow graph for the generic engine.
 
 Post-LN: ``x -> LN(x + attn(x)) -> LN(. + mlp(.))``. A block's LayerNorm sits on the residual
 point itself, so its gain and shift live in that stream point and the probe is the LayerNorm's
@@ -23,7 +25,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+from transformers import (
+    BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, RobertaForMaskedLM,
+    RobertaForSequenceClassification, RobertaModel, XLMRobertaForMaskedLM, XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
+)
 
 from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
@@ -32,8 +38,19 @@ from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's TextFamily functions
 
-CLASSES = {cls.__name__: cls for cls in (BertForMaskedLM, BertForSequenceClassification, BertModel)}
+# per layout: (masked LM, sequence classifier, bare encoder)
+LAYOUTS = ((BertForMaskedLM, BertForSequenceClassification, BertModel),
+           (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel),
+           (XLMRobertaForMaskedLM, XLMRobertaForSequenceClassification, XLMRobertaModel))
+CLASSES = {cls.__name__: cls for layout in LAYOUTS for cls in layout}
 HEADS = {"mlm": BertForMaskedLM, "classification": BertForSequenceClassification, "none": BertModel}
+MASKED = tuple(layout[0] for layout in LAYOUTS)
+ROBERTA_CLASSIFIERS = tuple(layout[1] for layout in LAYOUTS[1:])  # a dense + tanh head on the first token
+BARE = tuple(layout[2] for layout in LAYOUTS)
+CLASSIFIERS = {cls: layout[1] for layout in LAYOUTS for cls in layout}  # the classifier of each layout
+BERT_HEAD = ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.bias",
+             "cls.predictions.decoder")
+ROBERTA_HEAD = ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder")
 
 
 def build(cfg, task) -> nn.Module:
@@ -61,7 +78,7 @@ def build(cfg, task) -> nn.Module:
 
 def graph(model: nn.Module) -> FlowGraph:
     cfg = model.config
-    base = "" if isinstance(model, BertModel) else "bert."
+    base = "" if isinstance(model, BARE) else f"{model.base_model_prefix}."
     g = GraphBuilder()
     s0 = g.point(0)
     emb = f"{base}embeddings"
@@ -93,17 +110,21 @@ def graph(model: nn.Module) -> FlowGraph:
         g.probe("pooler", f"{base}pooler.activation")  # (batch, width): one sample per sequence
     if isinstance(model, BertForSequenceClassification):
         g.linear("classifier", None, "pooler")  # classes are never permuted
-    if isinstance(model, BertForMaskedLM):
-        head = "cls.predictions"
+    if isinstance(model, ROBERTA_CLASSIFIERS):  # dense (and tanh) on the first token, then the classes
+        g.linear("classifier.dense", "pooler", last)
+        g.probe("pooler", "classifier.dense")  # (batch, width)
+        g.linear("classifier.out_proj", None, "pooler")
+    if isinstance(model, MASKED):
+        dense, norm, bias, decoder = _mlm_head(model)
         # The decoder is tied to the word embeddings, whose columns live in stream.0: the
         # transform must write that same space for the tied matrix to read it.
-        g.linear(f"{head}.transform.dense", s0, last)
-        g.norm(f"{head}.transform.LayerNorm", s0)
-        g.param(f"{head}.bias", None)
-        if f"{head}.decoder.weight" in names:  # untied checkpoint
-            g.param(f"{head}.decoder.weight", None, In(s0))
-        if f"{head}.decoder.bias" in names:
-            g.param(f"{head}.decoder.bias", None)
+        g.linear(dense, s0, last)
+        g.norm(norm, s0)
+        g.param(bias, None)
+        if f"{decoder}.weight" in names:  # untied checkpoint
+            g.param(f"{decoder}.weight", None, In(s0))
+        if f"{decoder}.bias" in names:
+            g.param(f"{decoder}.bias", None)
     g.graph.tokens = TokenLayout(cls=0, grid=None, prefix=1)
     return g.graph
 
@@ -124,30 +145,35 @@ def owns(model) -> bool:
 
 
 def has_head(model: nn.Module) -> bool:
-    return not isinstance(model, BertModel)
+    return not isinstance(model, BARE)
 
 
 def masked_logits(model: nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
     """The MLM head's logits at the ``keep`` positions only (rows in ``hidden[keep]`` order): the
     head is per token, so this equals ``model(**inputs).logits[keep]`` without the vocabulary-wide
     projection of the other 85% of the tokens."""
-    if not isinstance(model, BertForMaskedLM):
-        raise TfuseError(f"{type(model).__name__} has no masked-LM head; MLM needs BertForMaskedLM")
-    hidden = model.bert(**inputs).last_hidden_state
-    return model.cls(hidden[keep])
+    if not isinstance(model, MASKED):
+        raise TfuseError(f"{type(model).__name__} has no masked-LM head; MLM needs BertForMaskedLM or RobertaForMaskedLM")
+    hidden = model.base_model(**inputs).last_hidden_state
+    return getattr(model, _mlm_head(model)[0].split(".")[0])(hidden[keep])
 
 
-def to_classifier(model: nn.Module, num_labels: int, seed: int) -> BertForSequenceClassification:
+def _mlm_head(model: nn.Module) -> tuple[str, str, str, str]:
+    """The MLM head's transform dense, its LayerNorm, the output bias, the decoder (tied to the word table)."""
+    return BERT_HEAD if isinstance(model, BertForMaskedLM) else ROBERTA_HEAD
+
+
+def to_classifier(model: nn.Module, num_labels: int, seed: int) -> nn.Module:
     """A sequence classifier around ``model``'s encoder; pooler/classifier from a fixed seed."""
+    cls = CLASSIFIERS[type(model)]
     config = copy.deepcopy(model.config)
-    config.num_labels, config.architectures = num_labels, ["BertForSequenceClassification"]
+    config.num_labels, config.architectures = num_labels, [cls.__name__]
     config.id2label = {i: str(i) for i in range(num_labels)}
     config.label2id = {str(i): i for i in range(num_labels)}
     torch.manual_seed(seed)
-    clf = BertForSequenceClassification(config)
-    encoder = model if isinstance(model, BertModel) else model.bert
-    result = clf.bert.load_state_dict(encoder.state_dict(), strict=False)
-    if result.unexpected_keys or any(not k.startswith("pooler.") for k in result.missing_keys):
+    clf = cls(config)
+    result = clf.base_model.load_state_dict(model.base_model.state_dict(), strict=False)
+    if any(not k.startswith("pooler.") for k in result.missing_keys + result.unexpected_keys):
         raise TfuseError(f"encoder weights do not fit a classifier: {result.missing_keys[:3]} {result.unexpected_keys[:3]}")
     return attach_tokenizer(clf.to(next(model.parameters()).device), tokenizer_of(model))
 
