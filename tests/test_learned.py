@@ -49,6 +49,9 @@ def test_learned_maps_lower_the_midpoints_validation_loss(pair, maps):
     assert learned["kept"] == "learned" and min(after) < start - 0.05
     assert learned["passes"] == {"forward": 30, "backward": 30, "validation": 4}
     assert ("stream" in learned["learned_spaces"]) and any("mlp" in s for s in learned["learned_spaces"])
+    with torch.no_grad():  # learned maps are symmetries still: the aligned parent computes the parent's outputs
+        aligned = outcome.aligned()[1](pixel_values=task.x).logits
+        torch.testing.assert_close(aligned, models[1](pixel_values=task.x).logits, atol=1e-3, rtol=1e-3)
 
 
 def test_maps_that_raise_the_validation_loss_are_not_kept(pair):

@@ -111,3 +111,15 @@ def test_the_cheapest_groups_are_merged_and_the_rest_kept_per_parent():
     assert wide[1]["up"][:, 0].tolist() == [12.0, 1.0, 3.0, 11.0, 13.0]
     assert wide[0]["down"][0].tolist() == [2.0, 1.0, 3.0, 0.0, 0.0]
     assert wide[1]["down"][0].tolist() == [12.0, 0.0, 0.0, 11.0, 13.0]
+
+
+def test_only_the_mlps_are_widened_not_a_classifiers_pooler():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tfuse.fusion.partial import mlp_spaces
+    from tfuse.fusion.plan import make_plan
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=48))
+    graph = family("hf_bert").graph(model)
+    assert mlp_spaces(graph, make_plan(graph, OTSettings(residual="global"))) == ["layers.0.mlp", "layers.1.mlp"]

@@ -4,11 +4,14 @@ of the interpolated model (generalized linear mode connectivity, 2025).
 For each moved parent, the model ``(1 - lam) anchor + lam aligned(parent)``, lam drawn from
 [0.4, 0.6] at every step, is trained through its maps only:
 
-* the stream's rotation (``fusion.maps=orthogonal``) as ``R0 exp(A - A^T)``, A starting at 0;
-* every hard permutation of a space outside attention (the stream under permutation maps, the
-  MLP units) by a straight-through estimate: forward, the assignment that maximises learned
-  scores (Hungarian; the scores start at the found permutation); backward, the gradient of their
-  Sinkhorn relaxation. A signed map keeps its signs.
+* the stream's rotation (``fusion.maps=orthogonal``) as ``R0 exp(S)``, ``S = A - A^T`` from
+  A = 0 (a centred stream: ``S`` projected off the all-ones direction, which every step then
+  keeps fixed, as LayerNorm needs);
+* every unsigned hard permutation of a space outside attention (the stream under permutation
+  maps, the MLP units) by a straight-through estimate: forward, the assignment that maximises
+  learned scores (Hungarian; the scores start at the found permutation, by a margin that puts
+  most of each row's Sinkhorn mass on it); backward, the gradient of their Sinkhorn relaxation.
+  Signed maps keep their maps (a new pairing would need its own sign).
 
 Heads keep their maps. Every ``learn_eval`` steps and at the end, the midpoint's (lam 0.5)
 validation loss is measured with the hard maps; the best maps, the starting ones included, are
@@ -16,6 +19,8 @@ kept: learning never raises the validation loss it starts from.
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -23,6 +28,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from tfuse.checkpoint import aliases_of
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align
 from tfuse.fusion.compact import CompactMaps, HardMap
@@ -31,7 +37,7 @@ from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.rules import OTRule, Plan
 
 Batch = dict[str, torch.Tensor]
-SCORE = 5.0  # the starting permutation's score margin: its Sinkhorn relaxation starts close to it
+MARGIN = 5.0  # the starting permutation's score is log(n) + MARGIN: its relaxation starts with ~99% of each row
 SINKHORN_STEPS = 20
 
 
@@ -45,33 +51,49 @@ class Objective:
     validate: Callable[[nn.Module], float]
 
 
-class _Called(nn.Module):
-    """``template`` run with ``params`` in place of its own (gradients reach the maps)."""
-
-    def __init__(self, template: nn.Module, params: dict[str, torch.Tensor]):
-        super().__init__()
-        self.template, self.params = template, params
-
-    def forward(self, *args, **kwargs):
-        return torch.func.functional_call(self.template, self.params, args, kwargs)
+@contextmanager
+def _holding(model: nn.Module, params: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """``model`` itself with ``params`` standing in for its parameters (and their ties) while the
+    block runs, so that the task's loss code sees the model it expects and gradients reach the maps."""
+    modules = dict(model.named_modules())
+    swapped = []
+    for name, names in aliases_of(model).items():
+        if name not in params:
+            continue
+        for alias in names:
+            owner, _, attr = alias.rpartition(".")
+            module = modules[owner]
+            swapped.append((module, attr, module._parameters.pop(attr)))
+            setattr(module, attr, params[name])
+    try:
+        yield model
+    finally:
+        for module, attr, original in swapped:
+            delattr(module, attr)
+            module._parameters[attr] = original
 
 
 class _Maps:
     """A parent's maps, the learnable ones as parameters (keyed by space)."""
 
-    def __init__(self, raw: dict, rotations: set[str], permutations: set[str]):
+    def __init__(self, raw: dict, rotations: set[str], permutations: set[str], centred: bool):
         self.raw = raw
         self.generators: dict[str, nn.Parameter] = {}
         self.scores: dict[str, nn.Parameter] = {}
         self.bases: dict[str, torch.Tensor] = {}
+        self.centring: dict[str, torch.Tensor] = {}
         for space in rotations:
             t = raw[space]
-            self.bases[space] = t.float() * t.shape[0]
+            n = t.shape[0]
+            self.bases[space] = t.float() * n
             self.generators[space] = nn.Parameter(torch.zeros_like(self.bases[space]))
+            if centred:  # I - 11^T / n
+                self.centring[space] = torch.eye(n, device=t.device) - torch.full((n, n), 1.0 / n, device=t.device)
         for space in permutations:
             m: HardMap = raw[space]
-            start = torch.zeros(m.shape)
-            start[m.source, torch.arange(m.shape[1])] = SCORE
+            n = m.shape[1]
+            start = torch.zeros(m.shape, device=m.source.device)
+            start[m.source, torch.arange(n, device=m.source.device)] = math.log(n) + MARGIN
             self.scores[space] = nn.Parameter(start)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -81,17 +103,18 @@ class _Maps:
         """The maps (dense where learned): straight-through permutations unless ``hard``."""
         out = dict(self.raw)
         for space, g in self.generators.items():
-            n = g.shape[0]
-            out[space] = self.bases[space] @ torch.linalg.matrix_exp(g - g.T) / n
+            skew = g - g.T
+            if space in self.centring:
+                skew = self.centring[space] @ skew @ self.centring[space]
+            out[space] = self.bases[space] @ torch.linalg.matrix_exp(skew) / g.shape[0]
         for space, s in self.scores.items():
-            n = s.shape[0]
             rows, cols = linear_sum_assignment(s.detach().cpu().numpy(), maximize=True)
             p = torch.zeros_like(s)
-            p[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
+            p[torch.as_tensor(rows, device=s.device), torch.as_tensor(cols, device=s.device)] = 1.0
             if not hard:
-                p = p + _sinkhorn(s) - _sinkhorn(s).detach()
-            sign = self.raw[space].sign
-            out[space] = (p if sign is None else p * sign.to(p.dtype)[None, :]) / n
+                soft = _sinkhorn(s)
+                p = p + soft - soft.detach()
+            out[space] = p / s.shape[0]
         return out
 
 
@@ -109,7 +132,7 @@ def learnable(plan: Plan, graph: FlowGraph, maps: CompactMaps, orthogonal: bool)
     of a space solved alone (no head structure). Soft maps (Sinkhorn's) are kept as found."""
     alone = {r.name for r in plan.rules if isinstance(r, OTRule)}
     rotations = {graph.stream} & alone & set(maps.raw) if orthogonal else set()
-    permutations = {s for s in alone - rotations if isinstance(maps.raw.get(s), HardMap)}
+    permutations = {s for s in alone - rotations if isinstance(maps.raw.get(s), HardMap) and maps.raw[s].sign is None}
     return rotations, permutations
 
 
@@ -123,7 +146,7 @@ def learn_maps(
     if not rotations | permutations:
         raise TfuseError("fusion.learn_steps refines hard maps (fusion.solver=emd) and the stream's rotation "
                          "(fusion.maps=orthogonal); these maps are soft (Sinkhorn's): set one of those")
-    module = _Maps(maps.raw, rotations, permutations)
+    module = _Maps(maps.raw, rotations, permutations, graph.rotations == "centred")
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     batches = objective.batches()
@@ -141,7 +164,8 @@ def learn_maps(
     losses, evaluations = [best], 1
     for step in range(1, steps + 1):
         lam = 0.4 + 0.2 * float(torch.rand((), generator=generator))
-        loss = objective.loss(_Called(template, mixed(module.current(), lam)), next(batches))
+        with _holding(template, mixed(module.current(), lam)) as model:
+            loss = objective.loss(model, next(batches))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

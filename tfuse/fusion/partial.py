@@ -21,7 +21,7 @@ import torch
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, normalize
-from tfuse.fusion.graph import FlowGraph, In
+from tfuse.fusion.graph import FlowGraph, In, Out
 from tfuse.fusion.rules import OTRule, Plan
 
 
@@ -36,12 +36,14 @@ class Widths:
 
 
 def mlp_spaces(graph: FlowGraph, plan: Plan) -> list[str]:
-    """The resolved spaces of the MLPs' hidden units: OT rules outside the stream, attention
-    and the residual branches."""
+    """The resolved spaces of the MLPs' hidden units: outside attention, read by a layer that
+    writes a residual branch (a pooler or a classifier's hidden layer is not widened)."""
     attention = {s for att in graph.attention for s in (att.q, att.k, att.v, att.o) if s}
     branches = {r.branch for r in graph.residuals}
-    other = {plan.where[s][0] for s in attention | branches | set(graph.stream_points()) if s in plan.where}
-    return [r.name for r in plan.rules if isinstance(r, OTRule) and r.name not in other]
+    hidden = {ax.space for axes in graph.params.values() if any(isinstance(b, Out) and b.space in branches for b in axes)
+              for ax in axes if isinstance(ax, In) and ax.space not in attention}
+    resolved = {plan.where[s][0] for s in hidden if s in plan.where}
+    return [r.name for r in plan.rules if isinstance(r, OTRule) and r.name in resolved]
 
 
 def group_costs(space: str, settings, stats, states: Sequence[State], anchor: int, graph: FlowGraph, plan: Plan,

@@ -18,7 +18,7 @@ from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import compute_maps
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.learned import Objective, learn_maps
-from tfuse.fusion.partial import Widths, group_costs, mlp_spaces, widen
+from tfuse.fusion.partial import Widths, group_costs, mlp_spaces, widen, widths
 from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
 from tfuse.fusion.residual import RESIDUALS
@@ -72,6 +72,9 @@ class OTSettings(FusionSettings):
         if self.maps == "orthogonal" and (self.residual != "global" or not COSTS[self.cost].needs_statistics or self.stream):
             raise TfuseError("fusion.maps=orthogonal rotates the whole stream by one map from its activations: it needs "
                              "fusion.residual=global and fusion.cost=activations, without fusion.stream")
+        if self.learn_steps < 0 or not self.learn_lr > 0 or self.width < 1:
+            raise TfuseError(f"fusion.learn_steps={self.learn_steps} must be >= 0, fusion.learn_lr={self.learn_lr} "
+                             f"positive and fusion.width={self.width} at least 1")
         if self.learn_steps and (self.iterations != 1 or self.stream or self.learn_eval < 1):
             raise TfuseError(f"fusion.learn_steps={self.learn_steps} refines the maps into the anchor: it needs "
                              "fusion.iterations=1 and fusion.learn_eval >= 1, without fusion.stream")
@@ -126,6 +129,8 @@ def ot_fuse(
     With ``cache`` (and ``fusion.cache``), statistics computed before for the same key are reused.
     """
     check_parents(models, graph, anchor)
+    if settings.width != 1:
+        widths(settings.width, 1, len(models))  # an impossible width ends the run before the statistics
     weights = settings.weights(len(models))
     plan = make_plan(graph, settings)
     if COSTS[settings.cost].needs_statistics:
