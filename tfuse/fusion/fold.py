@@ -26,6 +26,10 @@ def fold_gains(model: nn.Module, graph: FlowGraph) -> FlowGraph:
     if graph.rotations is None:
         raise TfuseError("fusion.maps=orthogonal: this family's stream does not admit rotations (norms on the stream "
                          "itself, post-LN, or per-channel scales on it); use fusion.maps=permutation")
+    shared = sorted(space for space, norm in graph.norms.items() if norm is None)
+    if shared:
+        raise TfuseError(f"fusion.maps=orthogonal: two norms write space '{shared[0]}', so their readers cannot be told "
+                         "apart; give each norm a space of its own in the flow graph")
     state = graph.to_virtual({n: p.detach() for n, p in model.named_parameters()})
     folded: dict[str, torch.Tensor] = {}
     for space, norm in graph.norms.items():

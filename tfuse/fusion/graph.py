@@ -165,7 +165,7 @@ class FlowGraph:
     blocks: list[str] = field(default_factory=list)  # module paths of the repeated blocks, in order
     signed: set[str] = field(default_factory=set)  # spaces whose neurons may also flip sign (RMSNorm streams)
     transposed: set[str] = field(default_factory=set)  # linear modules that store weights (in, out): x @ W + b
-    norms: dict[str, Norm] = field(default_factory=dict)  # space -> the normalisation writing it
+    norms: dict[str, Norm | None] = field(default_factory=dict)  # space -> the normalisation writing it (None: two)
     rotations: str | None = None  # "rms" | "centred": the stream rotates once the norms are folded
 
     def to_virtual(self, state: dict) -> dict:
@@ -236,8 +236,8 @@ class GraphBuilder:
         self.param(f"{prefix}.weight", Out(space, magnitude=not bias))
         if bias:
             self.param(f"{prefix}.bias", Out(space))
-        self.graph.norms[space] = Norm(f"{prefix}.weight", f"{prefix}.bias" if bias else None,
-                                       bias if centred is None else centred)
+        norm = Norm(f"{prefix}.weight", f"{prefix}.bias" if bias else None, bias if centred is None else centred)
+        self.graph.norms[space] = None if space in self.graph.norms else norm  # two norms on one space: ambiguous
 
     def probe(
         self, space: str, module: str, where: str = "output", part: tuple[int, int] | None = None,
