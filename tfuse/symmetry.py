@@ -23,6 +23,7 @@ from tfuse.fusion.apply import State, align
 from tfuse.fusion.engine import parameters, with_state
 from tfuse.fusion.graph import FlowGraph, Out
 from tfuse.fusion.rules import Plan
+from tfuse.fusion.transport import centred_basis
 
 Relabel = tuple[torch.Tensor, torch.Tensor | None]  # neuron j of the copy is the original's index[j], times sign[j]
 
@@ -176,9 +177,8 @@ def rotation(d: int, generator: torch.Generator, centred: bool = False) -> torch
     """A random orthogonal matrix (float64); ``centred``: one that fixes the all-ones direction."""
     if not centred:
         return torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))[0]
-    ones = torch.ones(d, 1, dtype=torch.float64)
-    basis = torch.linalg.qr(torch.cat([ones, torch.eye(d, dtype=torch.float64)[:, :-1]], 1))[0][:, 1:]
-    return basis @ rotation(d - 1, generator) @ basis.T + ones @ ones.T / d
+    basis = centred_basis(d)
+    return basis @ rotation(d - 1, generator) @ basis.T + 1.0 / d
 
 
 def rotated_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Module:

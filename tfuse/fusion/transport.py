@@ -53,10 +53,15 @@ def procrustes(cross: torch.Tensor, centred: bool, space: str) -> torch.Tensor:
     if not centred:
         u, _, vh = torch.linalg.svd(c)
         return u @ vh / n
-    ones = torch.ones(n, 1, dtype=c.dtype, device=c.device)
-    basis = torch.linalg.qr(torch.cat([ones, torch.eye(n, dtype=c.dtype, device=c.device)[:, :-1]], dim=1))[0][:, 1:]
+    basis = centred_basis(n, c.dtype, c.device)
     u, _, vh = torch.linalg.svd(basis.T @ c @ basis)
-    return (basis @ (u @ vh) @ basis.T + ones @ ones.T / n) / n
+    return (basis @ (u @ vh) @ basis.T + 1.0 / n) / n
+
+
+def centred_basis(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """An orthonormal basis (n x (n - 1)) of the directions orthogonal to all-ones."""
+    ones = torch.ones(n, 1, dtype=dtype, device=device)
+    return torch.linalg.qr(torch.cat([ones, torch.eye(n, dtype=dtype, device=device)[:, :-1]], dim=1))[0][:, 1:]
 
 
 def solve(cost: torch.Tensor, settings: SolverSettings, space: str) -> torch.Tensor:
