@@ -1,17 +1,20 @@
 """Compute the transport maps of one parent against the reference, rule by rule."""
 from __future__ import annotations
 
-from typing import MutableMapping, Protocol, Sequence
+from typing import Collection, MutableMapping, Protocol, Sequence
 
 import torch
 
+from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, CostSettings, normalize
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.residual import RESIDUALS
-from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan, Rule
+from tfuse.fusion.rules import CombineRule, GroupedHeadRule, HeadRule, OTRule, Plan, Rule
 from tfuse.fusion.statistics import PairStats
 from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, procrustes, solve
+
+ALIGNABLE = ("stream", "heads", "mlp")  # fusion.align: the kinds of space OT aligns; the others keep the identity
 
 
 class MapSettings(CostSettings, SolverSettings, Protocol):
@@ -21,6 +24,7 @@ class MapSettings(CostSettings, SolverSettings, Protocol):
     normalize_cost: str
     signs: bool
     maps: str
+    align: Collection[str]
 
 
 def compute_maps(
@@ -38,8 +42,10 @@ def compute_maps(
     ``fusion.signs``, the maps of spaces the graph lets flip sign are signed: matched on the
     magnitude of agreement, each pair carrying the sign it agrees with. With ``fusion.maps=
     orthogonal``, the stream's map is a rotation (Procrustes on its cross-products; the parents'
-    norm gains folded first: ``fold.py``), and so are the value dimensions of matched heads. ``rules`` (default: the
-    plan's) are solved into ``maps``, which holds the maps solved before them."""
+    norm gains folded first: ``fold.py``), and so are the value dimensions of matched heads. The
+    spaces of a kind outside ``fusion.align`` (``ALIGNABLE``) keep the identity (an ablation: which
+    maps help). ``rules`` (default: the plan's) are solved into ``maps``, which holds the maps
+    solved before them."""
     maps = {} if maps is None else maps
     kind = COSTS[settings.cost]
     inputs = CostInputs(settings, stats, state, reference, graph, plan, maps)
@@ -76,4 +82,36 @@ def compute_maps(
             )
         else:
             maps[rule.name] = RESIDUALS[rule.policy].combine(rule, maps[rule.skip], maps[rule.branch], magnitude)
+        if not isinstance(rule, CombineRule) and _kind(rule, graph, plan) not in settings.align:
+            for name in _names(rule):
+                maps[name] = _identity(maps[name], name)
     return maps
+
+
+def _kind(rule: Rule, graph: FlowGraph, plan: Plan) -> str:
+    """``stream`` (a stream point or a branch written onto it), ``heads`` (attention's spaces) or
+    ``mlp`` (the rest)."""
+    if isinstance(rule, (HeadRule, GroupedHeadRule)):
+        return "heads"
+    resolved = lambda spaces: {plan.where[s][0] for s in spaces if s in plan.where}  # noqa: E731
+    if rule.name in resolved(s for att in graph.attention for s in (att.q, att.k, att.v, att.o) if s):
+        return "heads"
+    if graph.is_stream(rule.name) or rule.name in resolved(r.branch for r in graph.residuals):
+        return "stream"
+    return "mlp"
+
+
+def _names(rule: Rule) -> list[str]:
+    if isinstance(rule, GroupedHeadRule):
+        return [n for n in (rule.q.name, rule.k.name, rule.v.name, rule.o) if n is not None]
+    if isinstance(rule, HeadRule):
+        return [rule.qk.name, rule.v.name]
+    return [rule.name]
+
+
+def _identity(found: torch.Tensor, space: str) -> torch.Tensor:
+    if found.shape[0] != found.shape[1]:
+        raise TfuseError(f"fusion.align leaves space '{space}' unaligned, but its widths differ ({tuple(found.shape)}); "
+                         "align it (add its kind to fusion.align) or fuse parents of equal widths")
+    n = found.shape[0]
+    return torch.eye(n, dtype=torch.float64, device=found.device) / n

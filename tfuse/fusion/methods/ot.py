@@ -15,7 +15,7 @@ from tfuse.fusion.compact import CompactMaps, sign_flips
 from tfuse.fusion.cost import COSTS, METRICS, NORMALIZERS
 from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, timed, with_state
 from tfuse.fusion.graph import FlowGraph
-from tfuse.fusion.maps import compute_maps
+from tfuse.fusion.maps import ALIGNABLE, compute_maps
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.learned import Objective, learn_maps
 from tfuse.fusion.partial import Widths, group_costs, mlp_spaces, widen, widths
@@ -53,6 +53,7 @@ class OTSettings(FusionSettings):
     qk: str = "separate"
     signs: bool = False  # signed maps where the graph allows flips (RMSNorm streams, SwiGLU up/down, values)
     maps: str = "permutation"  # orthogonal: the stream rotated (Procrustes), the parents' norm gains folded first
+    align: Sequence[str] = ALIGNABLE  # the kinds of space aligned (stream, heads, mlp); the rest keep the identity
     width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
     learn_steps: int = 0  # learned alignment: steps training the maps on the interpolated model's loss
     learn_lr: float = 0.1  # Adam, on the permutations' scores (margin 5 at the start) and the rotations' generators
@@ -78,6 +79,14 @@ class OTSettings(FusionSettings):
         if self.learn_steps and (self.iterations != 1 or self.stream or self.learn_eval < 1):
             raise TfuseError(f"fusion.learn_steps={self.learn_steps} refines the maps into the anchor: it needs "
                              "fusion.iterations=1 and fusion.learn_eval >= 1, without fusion.stream")
+        self.align = tuple(self.align)
+        unknown = [kind for kind in self.align if kind not in ALIGNABLE]
+        if unknown:
+            raise TfuseError(f"fusion.align={list(self.align)}: {unknown[0]!r} is not a kind of space; choose from "
+                             f"{', '.join(ALIGNABLE)}")
+        if self.learn_steps and set(self.align) != set(ALIGNABLE):
+            raise TfuseError(f"fusion.align={list(self.align)} keeps some spaces unaligned, which fusion.learn_steps "
+                             "would align; learn with every space aligned")
         if self.width != 1 and (self.iterations != 1 or self.stream):
             raise TfuseError(f"fusion.width={self.width} keeps units apart after one alignment: it needs "
                              "fusion.iterations=1, without fusion.stream")
