@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from tfuse.arch import hf_bert
-from tfuse.data.tokenizer import shared_tokenizer, train_tokenizer
+from tfuse.arch import hf_bert, shared_tokenizer
+from tfuse.data.tokenizer import train_tokenizer
 from conftest import fuse_in_process, tfuse
 from tfuse.errors import TfuseError
 

@@ -156,6 +156,31 @@ def parents_preprocessing(sources: list[str], family_name: str):
     return first
 
 
+def shared_tokenizer(sources: list[str], family_name: str = TEXT_FAMILY):
+    """The one tokenizer all parent checkpoints of ``model.family`` carry (clear errors when
+    missing or different)."""
+    fam = tokenized_family(family_name)
+    tokenizers = []
+    for i, source in enumerate(sources):
+        name, revision = hub_revision(str(source))
+        label, path = f"parents[{i}]", Path(name).expanduser()
+        if path.is_dir():
+            fam.check_directory(str(path), label)
+        tok = fam.load_tokenizer(str(path) if path.is_dir() else name, revision)
+        if tok is None:
+            raise TfuseError(f"{label}: '{source}' carries no tokenizer; save it beside the weights (save_pretrained)")
+        tokenizers.append(tok)
+    first = tokenizers[0]
+    for i, tok in enumerate(tokenizers[1:], start=1):
+        if len(tok) != len(first) or tok.get_vocab() != first.get_vocab():
+            raise TfuseError(
+                f"parents[0] and parents[{i}] have different tokenizers (vocabularies of {len(first)} and "
+                f"{len(tok)} tokens{'' if len(tok) != len(first) else ', same size but different tokens'}); "
+                "token ids must mean the same in every parent: fuse models that share one tokenizer"
+            )
+    return first
+
+
 # config facts that parents must share: what their weights mean depends on them
 SHARED_CONFIG = {
     "vocab_size": "vocabularies", "num_hidden_layers": "depths", "n_layer": "depths",

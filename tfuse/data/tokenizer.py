@@ -1,8 +1,7 @@
 """Tokenizers: a BERT WordPiece or a causal LM's byte-level BPE trained on texts (offline and
-deterministic), and the one tokenizer that given parents share."""
+deterministic), and the framing of a causal LM's sequences. The tokenizer that given parents
+share is read by their family (``tfuse.arch.shared_tokenizer``): data sits below the families."""
 from __future__ import annotations
-
-from pathlib import Path
 
 from tfuse.errors import TfuseError
 
@@ -61,30 +60,3 @@ def causal_framing(tokenizer) -> None:
         tokenizer.bos_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-
-
-def shared_tokenizer(sources: list[str], family_name: str = "hf_bert"):
-    """The one tokenizer all parent checkpoints of ``model.family`` carry (clear errors when
-    missing or different)."""
-    from tfuse.arch import hub_revision, tokenized_family
-
-    fam = tokenized_family(family_name)
-    tokenizers = []
-    for i, source in enumerate(sources):
-        name, revision = hub_revision(str(source))
-        label, path = f"parents[{i}]", Path(name).expanduser()
-        if path.is_dir():
-            fam.check_directory(str(path), label)
-        tok = fam.load_tokenizer(str(path) if path.is_dir() else name, revision)
-        if tok is None:
-            raise TfuseError(f"{label}: '{source}' carries no tokenizer; save it beside the weights (save_pretrained)")
-        tokenizers.append(tok)
-    first = tokenizers[0]
-    for i, tok in enumerate(tokenizers[1:], start=1):
-        if len(tok) != len(first) or tok.get_vocab() != first.get_vocab():
-            raise TfuseError(
-                f"parents[0] and parents[{i}] have different tokenizers (vocabularies of {len(first)} and "
-                f"{len(tok)} tokens{'' if len(tok) != len(first) else ', same size but different tokens'}); "
-                "token ids must mean the same in every parent: fuse models that share one tokenizer"
-            )
-    return first

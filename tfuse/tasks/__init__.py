@@ -28,9 +28,8 @@ def build_task(data_cfg, eval_batch_size: int, device: str, parents=None, family
         )
         return ImageClassificationTask(data, eval_batch_size, device)
     if data_cfg.kind in ("text", "text_classification"):
-        from tfuse.arch import is_causal
+        from tfuse.arch import is_causal, shared_tokenizer
         from tfuse.data.text import load_text
-        from tfuse.data.tokenizer import shared_tokenizer
 
         family_name = family_name or "hf_bert"
         tokenizer = shared_tokenizer([str(p) for p in parents], family_name) if parents else None
