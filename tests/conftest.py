@@ -50,12 +50,14 @@ def tfuse(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def fuse_in_process(out: Path, *overrides: str) -> dict:
-    """``tfuse fuse OVERRIDES`` without the shell: the config composed as Hydra composes it, then
+    """``tfuse fuse OVERRIDES`` without the shell: the overrides completed as the CLI completes them
+    (the family read from the parents' config.json), the config composed as Hydra composes it, then
     run_fuse, which the CLI calls (its TfuseError is the CLI's one line; test_cli_errors.py checks
     that conversion from the shell). Give cache_dir and statistics_dir: the defaults are relative."""
     from rich.console import Console
 
+    from tfuse.cli import command_overrides
     from tfuse.config_keys import _compose
     from tfuse.pipeline import run_fuse
 
-    return run_fuse(_compose(list(overrides)), out, Console(quiet=True))
+    return run_fuse(_compose(command_overrides("fuse", list(overrides))), out, Console(quiet=True))

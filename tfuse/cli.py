@@ -29,11 +29,10 @@ commands:
 """
 
 
-def _hydra_app(command: str, overrides: list[str]) -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
-
+def command_overrides(command: str, overrides: list[str]) -> list[str]:
+    """The overrides ``tfuse fuse|train`` runs with: without ``+experiment``, the preset of the
+    family named by ``model=`` or read from the parents' config.json; a preset's data partition
+    set aside for checkpoints; unknown keys refused in one line, before anything runs."""
     default, found = None, None
     if not any(a.lstrip("+").startswith("experiment=") for a in overrides):
         given = _overrides(overrides)
@@ -56,6 +55,15 @@ def _hydra_app(command: str, overrides: list[str]) -> None:
         Console(stderr=True, soft_wrap=True).print(
             f"tfuse fuse: parents=[...]{family} without +experiment: fusing with {default}'s settings ({settings}); "
             "pass +experiment=NAME to choose", markup=False, highlight=False)
+    return overrides
+
+
+def _hydra_app(command: str, overrides: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    overrides = command_overrides(command, overrides)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
