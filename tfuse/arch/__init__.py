@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from tfuse.arch import hf_bert, hf_gpt2, hf_llama, hf_vit
+from tfuse.arch import hf_bert, hf_clip, hf_dinov2, hf_gemma, hf_gpt2, hf_gptneox, hf_llama, hf_phi3, hf_vit
 from tfuse.arch.base import CausalLMFamily, Family, TextFamily, TokenizedFamily
 from tfuse.arch.tokenized import tokenizer_of
 from tfuse.checkpoint import check_loaded
@@ -21,7 +21,9 @@ from tfuse.families import is_local
 from tfuse.fusion.fold import fold_gains
 from tfuse.fusion.graph import FlowGraph
 
-FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
+FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama, "hf_gemma": hf_gemma,
+                               "hf_gptneox": hf_gptneox, "hf_clip": hf_clip, "hf_dinov2": hf_dinov2,
+                               "hf_phi3": hf_phi3}
 TEXT_FAMILY = "hf_bert"  # the family whose checkpoints text data reads its tokenizer from
 # ``model.dtype``: "auto" keeps what a checkpoint stores (from_pretrained's own "auto")
 DTYPES: dict[str, torch.dtype | str] = {
@@ -186,6 +188,9 @@ SHARED_CONFIG = {
     "vocab_size": "vocabularies", "num_hidden_layers": "depths", "n_layer": "depths",
     "rope_parameters": "RoPE settings (rope_theta, rope_scaling)", "rope_theta": "RoPE bases (rope_theta)",
     "rope_scaling": "RoPE scalings (rope_scaling)", "position_embedding_type": "position embeddings",
+    "query_pre_attn_scalar": "attention scales", "attn_logit_softcapping": "attention logit caps",
+    "final_logit_softcapping": "final logit caps",
+    "use_parallel_residual": "block forms (parallel or serial residual)",
 }
 
 

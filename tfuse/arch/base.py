@@ -7,6 +7,7 @@ structurally: nothing is subclassed)."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -103,11 +104,13 @@ def checkpoint_config(path: str, label: str, family: str) -> dict:
     return config
 
 
-def widened_hf(model: nn.Module, key: str, units: int) -> nn.Module:
-    """``widened`` for a transformers model whose config names its MLP width ``key``: the same
-    class and config, that width set, in the model's dtype and device, with its tokenizer."""
+def widened_hf(model: nn.Module, key: str, units: int | float) -> nn.Module:
+    """``widened`` for a transformers model whose config names its MLP width ``key`` (dotted: in a
+    sub-config, e.g. ``vision_config.intermediate_size``): the same class and config, that width
+    set, in the model's dtype and device, with its tokenizer."""
     config = copy.deepcopy(model.config)
-    setattr(config, key, units)
+    *path, last = key.split(".")
+    setattr(functools.reduce(getattr, path, config), last, units)
     first = next(model.parameters())
     wide = type(model)(config).to(device=first.device, dtype=first.dtype).eval()
     if hasattr(model, "tfuse_tokenizer"):

@@ -7,14 +7,12 @@ table, which the LM head reads back (tied). LayerNorm centres the stream, so no 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tfuse.arch.base import checkpoint_config, widened_hf
-from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -113,7 +111,4 @@ def check_directory(path: str, label: str) -> dict:
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> GPT2LMHeadModel:
-    if Path(path).is_dir():
-        check_directory(path, f"checkpoint '{path}'")
-    model = GPT2LMHeadModel.from_pretrained(path, revision=revision, dtype=dtype)
-    return attach_tokenizer(model, load_tokenizer(path, revision))
+    return load_causal_lm(path, revision, dtype, "hf_gpt2", GPT2LMHeadModel)

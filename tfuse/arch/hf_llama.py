@@ -20,16 +20,14 @@ Symmetries the graph claims:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 )
 
 from tfuse.arch.base import checkpoint_config, widened_hf
-from tfuse.arch.tokenized import attach_tokenizer, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -75,35 +73,14 @@ def graph(model: nn.Module) -> FlowGraph:
         g.graph.blocks.append(block)
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
         g.norm(f"{block}.input_layernorm", before, bias=False)
-        attn = f"{block}.self_attn"
-        q, k, v = g.attention(f"{name}.attn", heads, kv_heads, rope=True)
-        source = Probe(f"{attn}.q_proj", "input")  # the normalised stream all three read
-        for space, proj in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
-            bias = f"{attn}.{proj}.bias" in names
-            g.linear(f"{attn}.{proj}", space, before, bias=bias)
-            g.probe(space, f"{attn}.{proj}", linear=Linear(source, f"{attn}.{proj}.weight", f"{attn}.{proj}.bias" if bias else None))
-        for norm in ("q_norm", "k_norm"):  # Qwen3: one gain over head_dim, shared by every head
-            if f"{attn}.{norm}.weight" in names:
-                g.param(f"{attn}.{norm}.weight", None)
-        reads = g.graph.attention[-1].o or v
-        attn_out = f"{name}.attn_out"
-        g.linear(f"{attn}.o_proj", attn_out, reads, bias=f"{attn}.o_proj.bias" in names)
-        g.probe(attn_out, f"{attn}.o_proj")
+        attn_out, values = attention_graph(g, f"{block}.self_attn", name, before, names, heads, kv_heads)
         g.residual(middle, before, attn_out)
         g.probe(middle, f"{block}.post_attention_layernorm", "input")
         g.norm(f"{block}.post_attention_layernorm", middle, bias=False)
-        mlp, hidden, mlp_out = f"{block}.mlp", f"{name}.mlp", f"{name}.mlp_out"
-        bias = f"{mlp}.up_proj.bias" in names
-        g.param(f"{mlp}.gate_proj.weight", Out(hidden, magnitude=True), In(middle))
-        if bias:
-            g.param(f"{mlp}.gate_proj.bias", Out(hidden, magnitude=True))
-        g.linear(f"{mlp}.up_proj", hidden, middle, bias=bias)
-        g.probe(hidden, f"{mlp}.down_proj", "input")
-        g.linear(f"{mlp}.down_proj", mlp_out, hidden, bias=bias)
-        g.probe(mlp_out, f"{mlp}.down_proj")
+        hidden, mlp_out = gated_mlp_graph(g, f"{block}.mlp", name, middle, names)
         g.residual(after, middle, mlp_out)
         g.probe(after, block)
-        signed |= {before, middle, after, attn_out, mlp_out, hidden, v} | ({reads} if reads != v else set())
+        signed |= {before, middle, after, attn_out, mlp_out, hidden} | values
     last = g.point(2 * cfg.num_hidden_layers)
     g.norm("model.norm", last, bias=False)
     if "lm_head.weight" in names:  # untied: the head reads the normalised last point
@@ -112,6 +89,45 @@ def graph(model: nn.Module) -> FlowGraph:
     g.graph.rotations = "rms"  # pre-norm: every RMSNorm reads the stream and feeds only its branch
     g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
     return g.graph
+
+
+def attention_graph(
+    g: GraphBuilder, attn: str, name: str, reads: str, names: set[str], heads: int, kv_heads: int,
+) -> tuple[str, set[str]]:
+    """The attention module at ``attn`` reading stream point ``reads`` (normalised): Q/K/V under
+    RoPE and GQA (biases where ``names`` has them), Qwen3-style ``q_norm``/``k_norm`` (one gain over
+    head_dim, shared by every head: fixed), ``o_proj`` writing ``{name}.attn_out``, all probed.
+    Returns that space and the value spaces, whose dimensions may flip sign."""
+    q, k, v = g.attention(f"{name}.attn", heads, kv_heads, rope=True)
+    source = Probe(f"{attn}.q_proj", "input")  # the normalised stream all three read
+    for space, proj in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
+        bias = f"{attn}.{proj}.bias" in names
+        g.linear(f"{attn}.{proj}", space, reads, bias=bias)
+        g.probe(space, f"{attn}.{proj}", linear=Linear(source, f"{attn}.{proj}.weight", f"{attn}.{proj}.bias" if bias else None))
+    for norm in ("q_norm", "k_norm"):
+        if f"{attn}.{norm}.weight" in names:
+            g.param(f"{attn}.{norm}.weight", None)
+    values = g.graph.attention[-1].o or v
+    attn_out = f"{name}.attn_out"
+    g.linear(f"{attn}.o_proj", attn_out, values, bias=f"{attn}.o_proj.bias" in names)
+    g.probe(attn_out, f"{attn}.o_proj")
+    return attn_out, {v, values}
+
+
+def gated_mlp_graph(g: GraphBuilder, mlp: str, name: str, reads: str, names: set[str]) -> tuple[str, str]:
+    """The gated MLP at ``mlp`` (``gate_proj`` and ``up_proj`` reading ``reads`` into one hidden
+    space, ``down_proj`` writing ``{name}.mlp_out``), probed. The gate's activation is not odd, so
+    its row keeps its sign under a flip. Returns the hidden space and ``{name}.mlp_out``."""
+    hidden, mlp_out = f"{name}.mlp", f"{name}.mlp_out"
+    bias = f"{mlp}.up_proj.bias" in names
+    g.param(f"{mlp}.gate_proj.weight", Out(hidden, magnitude=True), In(reads))
+    if bias:
+        g.param(f"{mlp}.gate_proj.bias", Out(hidden, magnitude=True))
+    g.linear(f"{mlp}.up_proj", hidden, reads, bias=bias)
+    g.probe(hidden, f"{mlp}.down_proj", "input")
+    g.linear(f"{mlp}.down_proj", mlp_out, hidden, bias=bias)
+    g.probe(mlp_out, f"{mlp}.down_proj")
+    return hidden, mlp_out
 
 
 def widened(model: nn.Module, units: int) -> nn.Module:
@@ -136,7 +152,4 @@ def check_directory(path: str, label: str) -> dict:
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> nn.Module:
-    if Path(path).is_dir():
-        check_directory(path, f"checkpoint '{path}'")
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
-    return attach_tokenizer(model, load_tokenizer(path, revision))
+    return load_causal_lm(path, revision, dtype, "hf_llama")

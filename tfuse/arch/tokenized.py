@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from tfuse.arch.base import SHARD_SIZE
+from tfuse.arch.base import SHARD_SIZE, checkpoint_config
 from tfuse.errors import TfuseError
 
 
@@ -48,3 +48,11 @@ def save(model: nn.Module, path: str) -> None:
     tokenizer = tokenizer_of(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def load_causal_lm(path: str, revision: str | None, dtype, family: str, cls=AutoModelForCausalLM) -> nn.Module:
+    """A causal LM from a checkpoint directory (refused in one line when ``family`` does not own
+    its ``model_type``) or a hub id, with the tokenizer saved beside it."""
+    if Path(path).is_dir():
+        checkpoint_config(path, f"checkpoint '{path}'", family)
+    return attach_tokenizer(cls.from_pretrained(path, revision=revision, dtype=dtype), load_tokenizer(path, revision))

@@ -32,9 +32,11 @@ An architecture describes itself as plain data (``FlowGraph``); the engine never
 * ``transposed`` names the linear modules that store their weight as (in, out) (GPT-2's
   ``Conv1D``), for the repair.
 * ``views`` says how a parameter stored fused (timm's ``qkv``: rows ``[q; k; v]``) splits into
-  equal *virtual* parameters along one axis. ``params`` describes the virtual ones, and the
-  engine works on the virtual parameter dict (``to_virtual`` / ``to_real``). A probe may likewise
-  observe part ``i`` of ``n`` of a module output's last dimension.
+  *virtual* parameters along one axis: equal ones, or in given proportions (Phi-3's ``qkv_proj``
+  under grouped-query attention: ``heads : kv_heads : kv_heads``), or interleaved per group
+  (GPT-NeoX's ``query_key_value``: each head's ``[q; k; v]`` rows in turn). ``params`` describes the
+  virtual ones, and the engine works on the virtual parameter dict (``to_virtual`` /
+  ``to_real``). A probe may likewise observe one such part of a module output's last dimension.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class In:
 
 
 Axis = Out | In | None
+Part = tuple[int, int | tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -71,16 +74,25 @@ class Probe:
 
     module: str
     where: str = "output"  # "output" | "input"
-    part: tuple[int, int] | None = None  # (i, n): the i-th of n equal slices of the last dimension
+    part: Part | None = None  # the i-th slice of the last dimension: (i, n) of n equal ones, (i, shares) in proportions
     linear: Linear | None = None  # the activations are an affine image of another probe's
+    groups: int = 1  # the ``part`` is taken in each of this many consecutive chunks (``Split.groups``)
 
     def select(self, x):
         """The observed slice of a module's input or output (all of it without ``part``)."""
         if self.part is None:
             return x
         i, n = self.part
-        width = x.shape[-1] // n
-        return x[..., i * width:(i + 1) * width]
+        grouped = x.unflatten(-1, (self.groups, -1)) if self.groups > 1 else x
+        sizes = part_sizes(grouped.shape[-1], (1,) * n if isinstance(n, int) else n)
+        start = sum(sizes[:i])
+        part = grouped[..., start:start + sizes[i]]
+        return part.flatten(-2) if self.groups > 1 else part
+
+
+def part_sizes(total: int, shares: tuple[int, ...]) -> list[int]:
+    """The sizes of ``total`` split in the proportions ``shares``."""
+    return [total * share // sum(shares) for share in shares]
 
 
 @dataclass(frozen=True)
@@ -94,10 +106,33 @@ class Linear:
 
 @dataclass(frozen=True)
 class Split:
-    """A real parameter stored fused: ``parts`` are equal virtual parameters along ``axis``."""
+    """A real parameter stored fused: ``parts`` are virtual parameters along ``axis``, equal or in
+    the proportions ``shares`` (one per part). With ``groups`` above one the axis holds ``groups``
+    consecutive chunks, each made of one slice of every part in turn (per-head interleaving)."""
 
     axis: int
     parts: tuple[str, ...]
+    shares: tuple[int, ...] | None = None
+    groups: int = 1
+
+    def split(self, w: torch.Tensor, name: str) -> list[torch.Tensor]:
+        """The virtual parts of the real parameter ``w`` (views of it when ``groups`` is one)."""
+        shares = self.shares or (1,) * len(self.parts)
+        if w.shape[self.axis] % (self.groups * sum(shares)):
+            raise TfuseError(f"parameter '{name}' axis {self.axis} (size {w.shape[self.axis]}) does not split into "
+                             f"{self.groups} group(s) of parts in the proportions {':'.join(map(str, shares))}")
+        if self.groups == 1:
+            return list(w.split(part_sizes(w.shape[self.axis], shares), dim=self.axis))
+        grouped = w.unflatten(self.axis, (self.groups, -1))
+        parts = grouped.split(part_sizes(grouped.shape[self.axis + 1], shares), dim=self.axis + 1)
+        return [part.flatten(self.axis, self.axis + 1) for part in parts]
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The real parameter from its virtual ``parts`` (``split``'s inverse)."""
+        if self.groups == 1:
+            return torch.cat(parts, dim=self.axis)
+        grouped = torch.cat([part.unflatten(self.axis, (self.groups, -1)) for part in parts], dim=self.axis + 1)
+        return grouped.flatten(self.axis, self.axis + 1)
 
 
 @dataclass(frozen=True)
@@ -116,7 +151,9 @@ class Attention:
     Grouped-query attention (``kv_heads`` below ``heads``): each key/value head serves
     ``heads / kv_heads`` consecutive query heads, and the output projection reads ``o``, the
     value heads as each query head sees them (``heads x`` the value head width). ``rope``: the
-    query/key dimensions inside a head are rotated in fixed pairs, so only whole heads move."""
+    query/key dimensions inside a head are rotated in fixed pairs, so only whole heads move;
+    ``rotary`` (partial RoPE): only each head's first ``rotary`` Q/K dimensions are, the others
+    move freely inside their head, jointly in Q and K."""
 
     name: str
     q: str
@@ -126,11 +163,22 @@ class Attention:
     kv_heads: int | None = None  # None: one per query head
     rope: bool = False
     o: str | None = None  # the space the output projection reads; None: ``v``
+    rotary: int | None = None  # under ``rope``: the Q/K dimensions pinned at each head's start (None: all)
+
+    def pinned(self, head_dim: int) -> int:
+        """The Q/K dimensions at the start of each head that never move (all under full RoPE)."""
+        return pinned_dims(self.rope, self.rotary, head_dim)
 
     @property
     def grouped(self) -> bool:
         """Whether the block needs the grouped head rule (GQA, or RoPE's fixed dimensions)."""
         return self.rope or (self.kv_heads or self.heads) != self.heads
+
+
+def pinned_dims(rope: bool, rotary: int | None, head_dim: int) -> int:
+    """The leading Q/K dimensions of a head that RoPE rotates in fixed pairs: all of them, the
+    first ``rotary`` under partial RoPE, none without RoPE."""
+    return (head_dim if rotary is None else min(rotary, head_dim)) if rope else 0
 
 
 @dataclass(frozen=True)
@@ -176,10 +224,7 @@ class FlowGraph:
             if view is None:
                 out[name] = w
                 continue
-            n = len(view.parts)
-            if w.shape[view.axis] % n:
-                raise TfuseError(f"parameter '{name}' axis {view.axis} (size {w.shape[view.axis]}) does not split into {n}")
-            out.update(zip(view.parts, w.chunk(n, dim=view.axis)))
+            out.update(zip(view.parts, view.split(w, name)))
         return out
 
     def to_real(self, state: dict) -> dict:
@@ -187,7 +232,7 @@ class FlowGraph:
         out = dict(state)
         for name, view in self.views.items():
             if all(part in out for part in view.parts):
-                out[name] = torch.cat([out.pop(part) for part in view.parts], dim=view.axis)
+                out[name] = view.join([out.pop(part) for part in view.parts])
         return out
 
     def real_names(self) -> set[str]:
@@ -240,14 +285,16 @@ class GraphBuilder:
         self.graph.norms[space] = None if space in self.graph.norms else norm  # two norms on one space: ambiguous
 
     def probe(
-        self, space: str, module: str, where: str = "output", part: tuple[int, int] | None = None,
-        linear: Linear | None = None,
+        self, space: str, module: str, where: str = "output", part: Part | None = None,
+        linear: Linear | None = None, groups: int = 1,
     ) -> None:
-        self.graph.probes[space] = Probe(module, where, part, linear)
+        self.graph.probes[space] = Probe(module, where, part, linear, groups)
 
-    def fused(self, name: str, axis: int, *parts: str) -> None:
-        """Real parameter ``name`` holds the virtual ``parts`` concatenated along ``axis``."""
-        self.graph.views[name] = Split(axis, parts)
+    def fused(self, name: str, axis: int, *parts: str, shares: tuple[int, ...] | None = None, groups: int = 1) -> None:
+        """Real parameter ``name`` holds the virtual ``parts`` concatenated along ``axis`` (equal,
+        or in the proportions ``shares``; with ``groups``, interleaved: one slice of each part per
+        group)."""
+        self.graph.views[name] = Split(axis, parts, shares, groups)
 
     def residual(self, out: str, skip: str, branch: str) -> None:
         self.graph.residuals.append(Residual(out, skip, branch))
@@ -280,10 +327,11 @@ class GraphBuilder:
         self.probe(out, probe or fc2)
         return out
 
-    def attention(self, name: str, heads: int, kv_heads: int | None = None, rope: bool = False) -> tuple[str, str, str]:
+    def attention(self, name: str, heads: int, kv_heads: int | None = None, rope: bool = False,
+                  rotary: int | None = None) -> tuple[str, str, str]:
         """Register an attention block; returns its query, key and value space names (with
-        grouped key/value heads, the output projection reads ``{name}.o``)."""
+        grouped key/value heads, the output projection reads ``{name}.o``; ``rotary``: partial RoPE)."""
         q, k, v = f"{name}.q", f"{name}.k", f"{name}.v"
         o = f"{name}.o" if (kv_heads or heads) != heads else None
-        self.graph.attention.append(Attention(name, q, k, v, heads, kv_heads, rope, o))
+        self.graph.attention.append(Attention(name, q, k, v, heads, kv_heads, rope, o, rotary))
         return q, k, v

@@ -72,7 +72,7 @@ def compute_maps(
         elif isinstance(rule, GroupedHeadRule):
             cost_v, sign_v = signed_cost(rule.v)
             found = grouped_head_aware(cost(rule.q), cost(rule.k), cost_v, sign_v, rule.heads, rule.kv_heads,
-                                       rule.rope, settings, rule.q.name, cross(rule.v))
+                                       rule.rope, settings, rule.q.name, cross(rule.v), rule.rotary)
             for name, t in zip((rule.q.name, rule.k.name, rule.v.name, rule.o), found):
                 if name is not None:
                     maps[name] = t

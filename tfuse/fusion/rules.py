@@ -34,8 +34,8 @@ class HeadRule:
 class GroupedHeadRule:
     """Grouped heads (GQA, RoPE): one map between key/value groups, maps between the query heads
     inside matched groups and between value dimensions inside matched heads; Q/K dimensions stay
-    in place under RoPE. The output projection's space ``o`` follows from the query-head and
-    value maps."""
+    in place under RoPE (its first ``rotary`` ones under partial RoPE). The output projection's
+    space ``o`` follows from the query-head and value maps."""
 
     q: OTRule
     k: OTRule
@@ -44,6 +44,7 @@ class GroupedHeadRule:
     heads: int
     kv_heads: int
     rope: bool
+    rotary: int | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class PlanBuilder:
         if att.heads % kv:
             raise TfuseError(f"attention '{att.name}': {att.heads} query heads do not divide into {kv} key/value groups")
         rule = GroupedHeadRule(OTRule(att.q, ((att.q,),)), OTRule(att.k, ((att.k,),)), OTRule(att.v, ((att.v,),)),
-                               att.o, att.heads, kv, att.rope)
+                               att.o, att.heads, kv, att.rope, att.rotary)
         self.rules[att.q] = rule
         for space in (att.q, att.k, att.v, att.o):
             if space is not None:

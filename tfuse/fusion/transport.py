@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.cost import all_finite
+from tfuse.fusion.graph import pinned_dims
 from tfuse.fusion.registry import Registry
 
 
@@ -190,12 +191,14 @@ def _unit(block: torch.Tensor, settings: SolverSettings, space: str) -> torch.Te
 def grouped_head_aware(
     cost_q: torch.Tensor, cost_k: torch.Tensor, cost_v: torch.Tensor, sign_v: torch.Tensor | None,
     heads: int, kv_heads: int, rope: bool, settings: SolverSettings, space: str, cross_v: torch.Tensor | None = None,
+    rotary: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Maps of the query, key, value and output-projection spaces of grouped attention.
 
     A key/value group is a key head, a value head and the ``heads / kv_heads`` query heads that
     read them. For every pair of groups (G of the parent, G' of the reference): the Q/K
-    dimensions map by the identity under RoPE (else by the key block's coupling), the value
+    dimensions map by the identity under RoPE (else by the key block's coupling; under partial
+    RoPE, the first ``rotary`` by the identity and the others by their block's), the value
     dimensions by their own coupling (signed where ``sign_v`` is given), and the query heads of
     G by a coupling to those of G' over their blocks' costs under the Q/K map. The groups' cost
     is the sum of the three values; one coupling between groups weighs every inner one, so the
@@ -210,7 +213,18 @@ def grouped_head_aware(
         raise TfuseError(f"attention '{space}': head widths {dka} and {dkb} differ, but RoPE keeps every Q/K "
                          "dimension of a head in place; fuse parents with one head_dim")
     dev = cost_q.device
-    eye = torch.eye(dka, dtype=torch.float64, device=dev) / dka
+    pinned = pinned_dims(rope, rotary, dka)
+
+    def qk_map(k_block: torch.Tensor, pair: str) -> torch.Tensor:
+        """The Q/K dimensions' coupling for one pair of groups: the pinned ones stay in place."""
+        if not pinned:
+            return _unit(k_block, settings, f"{space} keys {pair}")
+        t = torch.zeros(dka, dka, dtype=torch.float64, device=dev)
+        t[:pinned, :pinned] = torch.eye(pinned, dtype=torch.float64, device=dev) / dka
+        if pinned < dka:
+            free = _unit(k_block[pinned:, pinned:], settings, f"{space} free keys {pair}")
+            t[pinned:, pinned:] = free * (dka - pinned) / dka
+        return t
     inner_k, inner_v, inner_q = {}, {}, {}
     group_cost = torch.zeros(kv_heads, kv_heads, dtype=torch.float64, device=dev)
     for g in range(kv_heads):
@@ -218,7 +232,7 @@ def grouped_head_aware(
             ka, kb = slice(g * dka, (g + 1) * dka), slice(h * dkb, (h + 1) * dkb)
             va, vb = slice(g * dva, (g + 1) * dva), slice(h * dvb, (h + 1) * dvb)
             k_block, v_block = cost_k[ka, kb].double(), cost_v[va, vb].double()
-            qk = eye if rope else _unit(k_block, settings, f"{space} keys {g}->{h}")
+            qk = qk_map(k_block, f"{g}->{h}")
             v = _unit(v_block, settings, f"{space} values {g}->{h}")
             q_cost = torch.zeros(r, r, dtype=torch.float64, device=dev)
             for i in range(r):

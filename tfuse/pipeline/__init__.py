@@ -1,11 +1,13 @@
 """`tfuse fuse` and `tfuse train`. A fusion run is a sequence of stages, each a function of the
 previous ones' output: prepare (settings, task, parents) -> score_parents (and the anchor) ->
 fuse_parents (the method and its vanilla control) -> interpolate (eval.interpolation's loss
-barriers) -> finetune_all (with controls) -> collect_results -> save_models.
+barriers) -> finetune_all (with controls) -> collect_results -> lm-evaluation-harness
+(eval.lm_eval) -> save_models.
 
 The stages are in :mod:`.stages`, except interpolate (:mod:`.interpolation`), finetune_all
-(:mod:`.finetune`) and save_models (:mod:`.save`); what they hand on in :mod:`.state`; per-class scores in :mod:`.scores`, the
-printed tables in :mod:`.tables`, device, seeds and clock in :mod:`.runtime`."""
+(:mod:`.finetune`), lm-evaluation-harness (:mod:`.harness`) and save_models (:mod:`.save`); what
+they hand on in :mod:`.state`; per-class scores in :mod:`.scores`, the printed tables in
+:mod:`.tables`, device, seeds and clock in :mod:`.runtime`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,11 +22,12 @@ from tfuse.fusion.settings import FusionSettings
 from tfuse.io import write_json
 from tfuse.parents import partition_of, save_parent, train_parent
 from tfuse.pipeline.finetune import finetune_all, finetune_options
+from tfuse.pipeline.harness import Harness, harness_scores
 from tfuse.pipeline.interpolation import interpolate, lambdas_of
 from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
 from tfuse.pipeline.save import save_models
 from tfuse.pipeline.stages import collect_results, fuse_parents, prepare, score_parents
-from tfuse.pipeline.tables import barrier_table, continuation_table, results_table
+from tfuse.pipeline.tables import barrier_table, continuation_table, harness_table, results_table
 from tfuse.tasks import build_task
 
 
@@ -35,6 +38,7 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         raise TfuseError(f"'{out_dir}' already holds results.json; choose another hydra.run.dir")
     finetune_options(cfg)  # a bad finetune or interpolation value ends the run before the fusion, not after
     lambdas_of(cfg)
+    harness = Harness.from_config(cfg)
     clock = Stopwatch()
     setup = prepare(cfg, clock)
     baseline = score_parents(setup, clock)
@@ -44,6 +48,9 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
     results = collect_results(setup, baseline, fused, tuned, clock, out_dir)
     if interpolation is not None:
         results["interpolation"] = interpolation
+    if harness is not None:
+        with clock.stage("lm_eval"):
+            results["lm_eval"] = harness_scores(harness, setup, fused, tuned)
     setup.release()
     results["fusion_settings"] = settings_in_force(setup.settings)
     if cfg.get("downstream") and cfg.downstream.get("task"):
@@ -57,6 +64,8 @@ def run_fuse(cfg: DictConfig, out_dir: Path, console: Console) -> dict:
         console.print(continuation_table(results["continuations"]))
     if "interpolation" in results:
         console.print(barrier_table(results["interpolation"]))
+    if "lm_eval" in results:
+        console.print(harness_table(results["lm_eval"]))
     console.print(sources_summary(results["fusion_settings"]), markup=False, highlight=False, soft_wrap=True)
     return results
 

@@ -1,4 +1,5 @@
-"""The tables a fusion run prints: every model's scores, and a causal LM's continuations."""
+"""The tables a fusion run prints: every model's scores, and a causal LM's continuations and
+lm-evaluation-harness scores."""
 from __future__ import annotations
 
 from rich.table import Table
@@ -53,6 +54,32 @@ def barrier_table(found: dict) -> Table:
             if half:
                 row.append(f"{method['barrier_at_half'][parent]:.4f}")
             table.add_row(*row, f"{method['midpoint_barrier']:.4f}" + (" (repaired)" if method["repaired"] else ""))
+    return table
+
+
+def harness_table(found: dict) -> Table:
+    """lm-evaluation-harness's scores (``results["lm_eval"]``): models as rows, each task's metrics
+    (not their standard errors) one-shot and finetuned as columns."""
+    stages = [s for s in ("one_shot", "finetuned") if found[s]]
+    names = [*found["one_shot"], *(n for n in found["finetuned"] if n not in found["one_shot"])]
+    columns = sorted({(task, metric) for scores in found[stages[0]].values() for task, metrics in scores.items()
+                      for metric in metrics if "_stderr" not in metric})
+    title = f"lm-evaluation-harness {found['version']} on {', '.join(found['tasks'])} (limit {found['limit']})"
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    tasks = len({task for task, _ in columns}) > 1
+    for stage in stages:
+        for task, metric in columns:
+            table.add_column(" ".join([stage.replace("_", "-"), *([task] if tasks else []), metric]), justify="right")
+    for name in names:
+        row = [label_of(name)]
+        for stage in stages:
+            scores = found[stage].get(name, {})
+            row += [_fmt(metric, scores[task][metric]) if metric in scores.get(task, {}) else ""
+                    for task, metric in columns]
+        table.add_row(*row)
+    for name, why in found["not_applicable"].items():
+        table.add_row(label_of(name), f"n/a: {why}", *[""] * (len(table.columns) - 2))
     return table
 
 

@@ -202,6 +202,6 @@ def _grouped_assignment(rule: GroupedHeadRule, similarity: dict[str, torch.Tenso
     ``max S - S`` with exact OT (whose couplings are permutations here)."""
     cost = {name: s.max() - s for name, s in similarity.items()}
     maps = grouped_head_aware(cost[rule.q.name], cost[rule.k.name], cost[rule.v.name], None, rule.heads,
-                              rule.kv_heads, rule.rope, SYMMETRIES, rule.q.name)
+                              rule.kv_heads, rule.rope, SYMMETRIES, rule.q.name, rotary=rule.rotary)
     names = (rule.q.name, rule.k.name, rule.v.name, rule.o)
     return {name: t.argmax(0) for name, t in zip(names, maps) if name is not None}

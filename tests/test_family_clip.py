@@ -1,0 +1,101 @@
+"""The hf_clip family (CLIPForImageClassification): its graph's claims (stream and head
+permutations; no signs, no rotations: LayerNorms centre, ``pre_layrnorm`` sits on the stream),
+recovery of a transformed copy through the CLI from checkpoint directories, and its refusals."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPForImageClassification, CLIPVisionConfig, CLIPVisionModel
+
+from tfuse.arch import hf_clip
+from tfuse.errors import TfuseError
+from tfuse.families import family_of
+from tfuse.selftest import off_init, self_test
+from tfuse.symmetry import symmetric_copy
+from conftest import tfuse, tiny_vit
+
+
+def clip(seed: int = 0, side: int = 28, channels: int = 1) -> CLIPForImageClassification:
+    """A tiny CLIP classifier for the default experiment's MNIST digits (28x28, one channel)."""
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=side,
+                  patch_size=side // 2, num_channels=channels)
+    return off_init(CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=10)), seed)  # gains off 1
+
+
+def failed(checks) -> list[str]:
+    return [c.name for c in checks if not c.passed]
+
+
+def test_the_self_test_passes() -> None:
+    checks = self_test(hf_clip.tiny(), hf_clip.graph)
+    assert not failed(checks) and len(checks) == 4  # no rotation checks: the graph claims none
+
+
+def test_a_wrong_claim_fails(monkeypatch) -> None:
+    """LayerNorm centres the stream: no sign flips. And ``pre_layrnorm`` is a second norm on
+    stream point 0, whose gain sits on the stream itself: no fold takes it, so no rotations."""
+    true_graph = hf_clip.graph
+
+    def signed(model):
+        graph = true_graph(model)
+        graph.signed |= set(graph.stream_points()) | {r.branch for r in graph.residuals}
+        return graph
+
+    assert "a copy under the graph's symmetries computes the same outputs" in failed(self_test(hf_clip.tiny(), signed))
+
+    def rotating(model):
+        graph = true_graph(model)
+        graph.rotations = "centred"
+        return graph
+
+    monkeypatch.setattr(hf_clip, "graph", rotating)  # folded() reads the family's graph too
+    with pytest.raises(TfuseError, match="two norms write space 'stream.0'"):
+        self_test(hf_clip.tiny(), hf_clip.graph)
+
+
+def test_the_cli_recovers_a_transformed_copy_from_checkpoint_directories(tmp_path: Path) -> None:
+    model = clip()
+    twin = symmetric_copy(model, hf_clip.graph(model), seed=3)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert not torch.equal(twin.classifier.weight, model.classifier.weight)  # the classifier reads the permuted stream
+        torch.testing.assert_close(twin(pixel_values=x).logits, model(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "run"
+    hf_clip.save(model, str(a))
+    hf_clip.save(twin, str(b))
+    proc = tfuse("fuse", f"parents=[{a},{b}]", "fusion.solver=emd", "fusion.repair=none", "finetune.steps=0",
+                 "data.max_train=64", "fusion.samples=32", f"hydra.run.dir={out}", f"cache_dir={tmp_path / 'cache'}",
+                 f"statistics_dir={tmp_path / 'stats'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(hf_clip, read from their config.json)" in proc.stderr  # no model=: the family came from config.json
+    fused = hf_clip.load(str(out / "fused")).eval()
+    for name, w in fused.named_parameters():
+        torch.testing.assert_close(w, dict(model.named_parameters())[name], atol=1e-5, rtol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(pixel_values=x).logits, model(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_are_detected_and_foreign_or_headless_ones_refused(tmp_path: Path) -> None:
+    hf_clip.save(clip(side=8, channels=3), str(tmp_path / "clip"))
+    assert family_of(json.loads((tmp_path / "clip" / "config.json").read_text()), "clip") == "hf_clip"
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    with pytest.raises(TfuseError, match=r"holds a ViTForImageClassification \('vit'\) checkpoint, which "
+                                         r"model.family=hf_clip does not own") as err:
+        hf_clip.load(str(tmp_path / "vit"))
+    assert "\n" not in str(err.value)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
+                                     image_size=8, patch_size=4)).save_pretrained(tmp_path / "bare")
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "config.json").write_text(json.dumps({"model_type": "clip", "architectures": ["CLIPModel"]}))
+    for headless, cls in (("bare", "CLIPVisionModel"), ("pair", "CLIPModel")):
+        with pytest.raises(TfuseError, match=rf"holds a {cls}, not a CLIPForImageClassification: .*\(a linear probe\)") as err:
+            hf_clip.load(str(tmp_path / headless))
+        assert "\n" not in str(err.value)
+
+
+def test_widened_sets_the_mlp_width_of_the_vision_config() -> None:
+    wide = hf_clip.widened(hf_clip.tiny(), 80)
+    assert all(layer.mlp.fc1.out_features == 80 for layer in wide.vision_model.encoder.layers)
+    assert wide.config.vision_config.intermediate_size == 80 and hf_clip.tiny().config.vision_config.intermediate_size == 48
