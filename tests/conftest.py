@@ -61,3 +61,38 @@ def fuse_in_process(out: Path, *overrides: str) -> dict:
     from tfuse.pipeline import run_fuse
 
     return run_fuse(_compose(command_overrides("fuse", list(overrides))), out, Console(quiet=True))
+
+
+
+def headless_fuses_back(family, encoders: list, held: str, tmp_path: Path, *overrides: str) -> dict:
+    """Headless image encoders (an original, then transformed copies) saved as their own
+    checkpoints (``save_pretrained``, class ``held``) and fused with hard OT and no repair on
+    scikit-learn's digits, the family read from their config.json: each parent got a ridge probe,
+    every copy's probe is the original's transformed alike (the same logits), and the fused model
+    is the original encoder with the original's probe. The results."""
+    from omegaconf import OmegaConf
+
+    from tfuse.config_keys import CONFIG_DIR
+    from tfuse.tasks import build_task
+
+    folders = [tmp_path / f"parent{i}" for i in range(len(encoders))]
+    for encoder, folder in zip(encoders, folders):
+        encoder.save_pretrained(folder)
+    results = fuse_in_process(
+        tmp_path / "run", f"parents=[{','.join(map(str, folders))}]", "data=digits", "data.max_train=300",
+        "fusion.solver=emd", "fusion.repair=none", "finetune.steps=0", "fusion.samples=32", f"cache_dir={tmp_path / 'cache'}",
+        f"statistics_dir={tmp_path / 'stats'}", *overrides)
+    assert [p.get("head") for p in results["parents"]] == [f"headless {held}: a ridge probe on 300 training images"] * len(folders)
+    task = build_task(OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / "digits.yaml"), {"max_train": 300}), 256, "cpu")
+    probed = [family.load(str(folder)) for folder in folders]
+    for model in probed:
+        assert model.tfuse_headless == held
+        family.fit_head(model, task)
+    x = task.data.test[0][:64]
+    for model in probed[1:]:
+        assert not torch.allclose(model.classifier.weight, probed[0].classifier.weight)
+        torch.testing.assert_close(logits(model, x), logits(probed[0], x), atol=1e-5, rtol=1e-5)
+    fused = dict(family.load(str(tmp_path / "run" / "fused")).named_parameters())
+    for name, w in probed[0].named_parameters():
+        torch.testing.assert_close(fused[name], w, atol=1e-5, rtol=0, msg=name)
+    return results

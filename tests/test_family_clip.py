@@ -1,19 +1,23 @@
 """The hf_clip family (CLIPForImageClassification): its graph's claims (stream and head
 permutations; no signs, no rotations: LayerNorms centre, ``pre_layrnorm`` sits on the stream),
-recovery of a transformed copy through the CLI from checkpoint directories, and its refusals."""
+recovery of a transformed copy through the CLI from checkpoint directories, headless encoders
+(CLIPVisionModel, CLIPModel's vision tower) given a ridge probe and fused back to the original's
+encoder and probe, and its refusals."""
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPForImageClassification, CLIPVisionConfig, CLIPVisionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel
 
-from tfuse.arch import hf_clip
+from tfuse.arch import hf_clip, load_parent
 from tfuse.errors import TfuseError
 from tfuse.families import family_of
 from tfuse.selftest import off_init, self_test
 from tfuse.symmetry import symmetric_copy
-from conftest import tfuse, tiny_vit
+from conftest import fuse_in_process, headless_fuses_back, tfuse, tiny_vit
 
 
 def clip(seed: int = 0, side: int = 28, channels: int = 1) -> CLIPForImageClassification:
@@ -77,7 +81,7 @@ def test_the_cli_recovers_a_transformed_copy_from_checkpoint_directories(tmp_pat
         torch.testing.assert_close(fused(pixel_values=x).logits, model(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_checkpoints_are_detected_and_foreign_or_headless_ones_refused(tmp_path: Path) -> None:
+def test_checkpoints_are_detected_and_foreign_ones_refused(tmp_path: Path) -> None:
     hf_clip.save(clip(side=8, channels=3), str(tmp_path / "clip"))
     assert family_of(json.loads((tmp_path / "clip" / "config.json").read_text()), "clip") == "hf_clip"
     tiny_vit().save_pretrained(tmp_path / "vit")
@@ -85,14 +89,63 @@ def test_checkpoints_are_detected_and_foreign_or_headless_ones_refused(tmp_path:
                                          r"model.family=hf_clip does not own") as err:
         hf_clip.load(str(tmp_path / "vit"))
     assert "\n" not in str(err.value)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
-                                     image_size=8, patch_size=4)).save_pretrained(tmp_path / "bare")
-    (tmp_path / "pair").mkdir()
-    (tmp_path / "pair" / "config.json").write_text(json.dumps({"model_type": "clip", "architectures": ["CLIPModel"]}))
-    for headless, cls in (("bare", "CLIPVisionModel"), ("pair", "CLIPModel")):
-        with pytest.raises(TfuseError, match=rf"holds a {cls}, not a CLIPForImageClassification: .*\(a linear probe\)") as err:
-            hf_clip.load(str(tmp_path / headless))
-        assert "\n" not in str(err.value)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "clip", "architectures": ["CLIPSomething"]}))
+    with pytest.raises(TfuseError, match=r"holds a CLIPSomething, neither a CLIPForImageClassification nor a headless "
+                                         r"CLIPVisionModel or CLIPModel") as err:
+        hf_clip.load(str(tmp_path / "other"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_headless_encoder_and_its_copy_fuse_back_to_it_and_its_ridge_probe(tmp_path: Path) -> None:
+    """A CLIPVisionModel has no classifier: each parent gets a ridge probe fitted alike on the task,
+    the copy's the original's permuted, so the fused model is the original encoder and probe."""
+    model = clip(side=8)
+    twin = symmetric_copy(model, hf_clip.graph(model), seed=3)
+    results = headless_fuses_back(hf_clip, [model.vision_model, twin.vision_model], "CLIPVisionModel", tmp_path)
+    card = (tmp_path / "run" / "fused" / "README.md").read_text()
+    assert "- parent 1: headless CLIPVisionModel: a ridge probe on 300 training images" in card
+    one_shot = results["one_shot"]
+    assert one_shot["parent_0"]["accuracy"] > 0.5  # a random encoder's probe, well above chance (0.1) on the digits
+    assert one_shot["ot"]["accuracy"] == one_shot["parent_0"]["accuracy"]
+
+
+def test_a_clip_models_vision_tower_loads_with_its_text_tower_unused(tmp_path: Path) -> None:
+    model = clip(side=8)
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=40,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    pair = CLIPModel(CLIPConfig(vision_config=model.config.vision_config.to_dict(), text_config=text, projection_dim=8))
+    pair.vision_model.load_state_dict(model.vision_model.state_dict())
+    pair.save_pretrained(tmp_path / "pair")
+    loaded = hf_clip.load(str(tmp_path / "pair"))
+    assert loaded.tfuse_headless == "CLIPModel" and not hasattr(loaded, "text_model")
+    for name, w in model.vision_model.named_parameters():
+        torch.testing.assert_close(loaded.vision_model.get_parameter(name), w, atol=0, rtol=0)
+    assert not failed(self_test(loaded, hf_clip.graph))  # check-family on it: its placeholder head reads the encoder
+
+
+def test_a_headless_parent_is_not_streamed(tmp_path: Path) -> None:
+    clip(side=8).vision_model.save_pretrained(tmp_path / "a")
+    with pytest.raises(TfuseError, match=r"parents\[0\] is a headless encoder whose head was fitted in memory, but "
+                                         r"fusion.stream reads weights as stored; .*\(fusion.stream=false\)") as err:
+        fuse_in_process(tmp_path / "run", f"parents=[{tmp_path / 'a'},{tmp_path / 'a'}]", "data=digits", "data.max_train=50",
+                        "fusion.stream=true", f"cache_dir={tmp_path / 'cache'}", f"statistics_dir={tmp_path / 'stats'}")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flaw", ["extra", "missing"])
+def test_a_headless_encoder_with_an_unknown_or_a_missing_weight_is_refused(flaw: str, tmp_path: Path) -> None:
+    clip(side=8).vision_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    if flaw == "extra":
+        weights["encoder.layers.0.extra.weight"] = torch.zeros(2)
+    else:
+        del weights["encoder.layers.1.mlp.fc2.bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    name = "encoder.layers.0.extra.weight" if flaw == "extra" else "encoder.layers.1.mlp.fc2.bias"
+    with pytest.raises(TfuseError, match=rf"headless CLIPVisionModel: tensor '{re.escape(name)}' ") as err:
+        load_parent(str(tmp_path), "hf_clip", "parents[0]")
+    assert "\n" not in str(err.value)
 
 
 def test_widened_sets_the_mlp_width_of_the_vision_config() -> None:

@@ -1,6 +1,7 @@
 """The hf_dinov2 family (Dinov2ForImageClassification, GELU or SwiGLU MLP): its graph's claims
 (stream and head permutations, LayerScale gains in their branch, SwiGLU's signed up/down pairs;
-no rotations), recovery of a transformed copy through the CLI from checkpoint directories, and
+no rotations), recovery of a transformed copy through the CLI from checkpoint directories, a
+headless Dinov2Model given a ridge probe and fused back to the original's encoder and probe, and
 its refusals."""
 import json
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+from transformers import Dinov2Config, Dinov2ForImageClassification
 
 from tfuse.arch import hf_dinov2
 from tfuse.arch.lazy import lazy_parent
@@ -17,7 +18,7 @@ from tfuse.families import family_of
 from tfuse.fusion.graph import Out
 from tfuse.selftest import off_init, self_test
 from tfuse.symmetry import symmetric_copy
-from conftest import tfuse, tiny_vit
+from conftest import headless_fuses_back, tfuse, tiny_vit
 
 
 def dinov2(swiglu: bool, seed: int = 0, side: int = 28, channels: int = 1) -> Dinov2ForImageClassification:
@@ -88,7 +89,7 @@ def test_the_cli_recovers_a_signed_copy_of_a_swiglu_dinov2_from_checkpoint_direc
         torch.testing.assert_close(fused(pixel_values=x).logits, model(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_checkpoints_are_detected_and_foreign_or_headless_ones_refused(tmp_path: Path) -> None:
+def test_checkpoints_are_detected_and_foreign_ones_refused(tmp_path: Path) -> None:
     hf_dinov2.save(dinov2(swiglu=True, side=8, channels=3), str(tmp_path / "dinov2"))
     assert family_of(json.loads((tmp_path / "dinov2" / "config.json").read_text()), "dinov2") == "hf_dinov2"
     # saved as the original layout: SwiGLU's gate and up rows in one ``weights_in``, which only a whole load splits
@@ -99,11 +100,18 @@ def test_checkpoints_are_detected_and_foreign_or_headless_ones_refused(tmp_path:
                                          r"model.family=hf_dinov2 does not own") as err:
         hf_dinov2.load(str(tmp_path / "vit"))
     assert "\n" not in str(err.value)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=1, image_size=8,
-                             patch_size=4)).save_pretrained(tmp_path / "bare")
-    with pytest.raises(TfuseError, match=r"holds a Dinov2Model, not a Dinov2ForImageClassification: .*\(a linear probe\)") as err:
-        hf_dinov2.load(str(tmp_path / "bare"))
-    assert "\n" not in str(err.value)
+
+
+
+def test_a_headless_swiglu_encoder_and_its_signed_copy_fuse_back_to_it_and_its_ridge_probe(tmp_path: Path) -> None:
+    """A Dinov2Model has no classifier: each parent gets a ridge probe fitted alike on what the
+    classifier reads (class token and patch mean, both permuted alike), as hf_clip's do."""
+    model = dinov2(swiglu=True, side=8)
+    twin = symmetric_copy(model, hf_dinov2.graph(model), seed=3, signs=True)
+    results = headless_fuses_back(hf_dinov2, [model.dinov2, twin.dinov2], "Dinov2Model", tmp_path, "fusion.signs=true")
+    one_shot = results["one_shot"]
+    assert one_shot["parent_0"]["accuracy"] > 0.5  # a random encoder's probe, well above chance (0.1) on the digits
+    assert one_shot["ot"]["accuracy"] == one_shot["parent_0"]["accuracy"]
 
 
 @pytest.mark.parametrize(("swiglu", "units", "allowed"), [(False, 96, True), (False, 80, False),

@@ -36,6 +36,7 @@ def tfuse_version() -> str:
 
 def model_card(kind: str, name: str, label: str, results: dict, parents: list[dict], command: str) -> str:
     """Markdown for the ``kind`` ("fused" or "finetuned") model ``name`` of a run's ``results``."""
+    heads = [f"- parent {i}: {p['head']}" for i, p in enumerate(parents) if p.get("head")]  # a headless one's, fitted
     lines = [
         f"# tfuse: {label} fusion of {len(parents)} parents ({kind})",
         "",
@@ -51,6 +52,7 @@ def model_card(kind: str, name: str, label: str, results: dict, parents: list[di
         "|---|---|---:|---|---|",
         *[f"| {i} | `{p['source']}` | {'' if p.get('seed') is None else p['seed']} | {p['hashed']} | `{p['sha256']}` |"
           for i, p in enumerate(parents)],
+        *([""] + heads if heads else []),
         "",
         "## Metrics (test split; validation in parentheses)",
         "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from tfuse.arch import family, load_parent, model_dtype
+from tfuse.arch import family, family_for, load_parent, model_dtype
 from tfuse.errors import TfuseError
 from tfuse.io import locked, new_directory, write_json
 from tfuse.partition import Partition, describe, shards
@@ -25,6 +26,7 @@ class Parent:
     source: str
     trained_seconds: float = 0.0  # 0 when loaded or taken from the cache
     seed: int | None = None  # a recipe parent's training seed
+    head: str | None = None  # how a headless checkpoint's head was fitted (``fit_head``)
 
 
 def recipe(cfg: DictConfig, seed: int, shard: tuple[int, int] | None = None) -> dict:
@@ -136,7 +138,10 @@ def obtain_parents(cfg: DictConfig, task: Task, device: str, parts: list[torch.T
         if not partition_of(cfg).iid:
             raise TfuseError(f"partition={partition_of(cfg).kind} deals the data to recipe parents, but parents=[...] "
                              "are checkpoints already trained; drop the partition override")
-        return [Parent(load_parent(str(s), fam, f"parents[{i}]", dtype).to(device), str(s)) for i, s in enumerate(cfg.parents)]
+        loaded = [Parent(load_parent(str(s), fam, f"parents[{i}]", dtype).to(device), str(s)) for i, s in enumerate(cfg.parents)]
+        for i, parent in enumerate(loaded):
+            fit_missing_head(parent, task, f"parents[{i}]")
+        return loaded
     iid = partition_of(cfg).iid
     seeds = parent_seeds(cfg)
     out = []
@@ -153,3 +158,12 @@ def obtain_parents(cfg: DictConfig, task: Task, device: str, parts: list[torch.T
             save_parent(model, one, metrics, seed, path, shard)  # the cache keeps float32
             out.append(Parent(as_dtype(model, one), str(path), metrics["train"]["seconds"], seed))
     return out
+
+
+def fit_missing_head(parent: Parent, task: Task, label: str) -> None:
+    """A parent its family loaded from a headless encoder checkpoint (marked ``tfuse_headless``:
+    the class held) gets the head its family's ``fit_head`` fits on ``task``, alike for every parent."""
+    held = getattr(parent.model, "tfuse_headless", None)
+    if held:
+        parent.head = f"headless {held}: {family_for(parent.model).fit_head(parent.model, task)}"
+        print(f"{label}: {parent.head}", file=sys.stderr)

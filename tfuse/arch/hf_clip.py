@@ -1,6 +1,7 @@
 """Hugging Face ``CLIPForImageClassification``: CLIP's image encoder (``CLIPVisionModel``) with a
-linear classifier. A headless checkpoint (``CLIPVisionModel``, ``CLIPModel``) is refused in one
-line: the image task scores class logits, and a head drawn at random differs in every parent.
+linear classifier. A headless checkpoint (a ``CLIPVisionModel``, or a ``CLIPModel`` whose text
+tower and projections go unused) loads as one whose classifier ``fit_head`` fits on the task, a
+ridge probe fitted alike for every parent (``tfuse.arch.vision``).
 
 ``x0 = [class_embedding; patch_embedding(pixels)] + position_embedding``, then ``pre_layrnorm`` on
 the stream itself, pre-LN blocks (``layer_norm1``/``layer_norm2``, Q/K/V/out projections with
@@ -23,14 +24,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPForImageClassification, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from tfuse.arch.base import widened_hf
 from tfuse.arch.hf_vit import preprocessing, save
-from tfuse.arch.vision import encoder_sizes, fc_mlp, load_classifier, prenorm_block
+from tfuse.arch.vision import Headless, encoder_sizes, fc_mlp, fit_head, load_classifier, prenorm_block
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, Out, TokenLayout
 
-__all__ = ["preprocessing", "save"]  # as hf_vit's: save_pretrained, and the checkpoint's preprocessor config
+__all__ = ["fit_head", "preprocessing", "save"]  # as hf_vit's save and preprocessing; the image families' probe
 
 
 def build(cfg, task) -> CLIPForImageClassification:
@@ -80,4 +81,10 @@ def owns(model) -> bool:
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> CLIPForImageClassification:
-    return load_classifier(CLIPForImageClassification, "hf_clip", path, revision, dtype)
+    return load_classifier(CLIPForImageClassification, "hf_clip", path, revision, dtype, "vision_model", HEADLESS)
+
+
+HEADLESS = {  # the headless checkpoints a classifier loads: where their image encoder is
+    "CLIPVisionModel": Headless(CLIPVisionModel, config=lambda vision: CLIPConfig(vision_config=vision.to_dict())),
+    "CLIPModel": Headless(CLIPModel, "vision_model"),
+}

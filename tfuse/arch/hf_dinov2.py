@@ -1,6 +1,6 @@
 """Hugging Face ``Dinov2ForImageClassification``: DINOv2's image encoder (``Dinov2Model``) with a
-linear classifier. A headless checkpoint (``Dinov2Model``) is refused in one line: the image task
-scores class logits, and a head drawn at random differs in every parent.
+linear classifier. A headless checkpoint (a ``Dinov2Model``) loads as one whose classifier
+``fit_head`` fits on the task, a ridge probe fitted alike for every parent (``tfuse.arch.vision``).
 
 ``x0 = [cls_token; patch projection(pixels)] + position_embeddings`` (the mask token replaces
 masked patches when pretraining asks), pre-LN blocks whose two branches are each scaled per
@@ -27,15 +27,15 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers import Dinov2Config, Dinov2ForImageClassification
+from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 
 from tfuse.arch.base import widened_hf
 from tfuse.arch.hf_vit import preprocessing, save
-from tfuse.arch.vision import encoder_sizes, fc_mlp, load_classifier, prenorm_block
+from tfuse.arch.vision import Headless, encoder_sizes, fc_mlp, fit_head, load_classifier, prenorm_block
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
-__all__ = ["preprocessing", "save"]  # as hf_vit's: save_pretrained, and the checkpoint's preprocessor config
+__all__ = ["fit_head", "preprocessing", "save"]  # as hf_vit's save and preprocessing; the image families' probe
 
 def mlp_units(hidden: int, ratio: int, swiglu: bool) -> int:
     """The MLP's hidden units under an (integer) ``mlp_ratio``, as transformers sizes them: SwiGLU
@@ -130,4 +130,5 @@ def owns(model) -> bool:
 
 
 def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "auto") -> Dinov2ForImageClassification:
-    return load_classifier(Dinov2ForImageClassification, "hf_dinov2", path, revision, dtype)
+    return load_classifier(Dinov2ForImageClassification, "hf_dinov2", path, revision, dtype, "dinov2",
+                           {"Dinov2Model": Headless(Dinov2Model)})

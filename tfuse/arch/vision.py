@@ -1,15 +1,27 @@
 """What the Hugging Face image-encoder families (``hf_clip``, ``hf_dinov2``) share: their sizes
-from the ``model`` config group and the image task, a pre-LN block as a flow graph, and loading
-only checkpoints that carry a classification head (the image task scores class logits)."""
+from the ``model`` config group and the image task, a pre-LN block as a flow graph, loading a
+classifier or a headless encoder checkpoint, and a headless parent's linear probe (``fit_head``).
+
+The image task scores class logits, and a head drawn at random would differ in every parent. So a
+headless encoder is loaded into the family's classification class and its classifier fitted in
+closed form on the task, identically for every parent: ridge regression of the centred one-hot
+labels on the features the classifier reads, on a fixed seeded set of training images, in
+float64. The fit is equivariant to orthogonal maps of those features (the ridge is a multiple of
+their mean variance, invariant too), so a transformed copy of an encoder gets the transformed
+probe, and fusing it with its original gives the original encoder and probe back."""
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tfuse.arch.base import checkpoint_config
+from tfuse.checkpoint import check_loaded, empty
 from tfuse.errors import TfuseError
 from tfuse.families import checkpoint_json
 from tfuse.fusion.graph import GraphBuilder, Out
@@ -51,19 +63,84 @@ def fc_mlp(g: GraphBuilder, module: str) -> Callable[[str, str], str]:
     return lambda name, reads: g.mlp_block(name, reads, f"{module}.fc1", f"{module}.activation_fn", f"{module}.fc2")
 
 
-def load_classifier(cls: type, family: str, path: str, revision: str | None, dtype: torch.dtype | str) -> nn.Module:
-    """``cls.from_pretrained`` for a checkpoint of ``family`` (``families.OWNERS``); a checkpoint of
-    another class (a headless encoder, CLIP's text and image pair) is refused in one line: the
-    head it would get is random, different in every parent."""
+@dataclass(frozen=True)
+class Headless:
+    """A headless checkpoint class a family's classifier loads: ``model`` reads it, ``encoder`` is
+    where the encoder sits in it ("": the whole model; the rest, a text tower and its projections,
+    goes unused), ``config`` gives the classifier's config from the checkpoint's."""
+
+    model: type
+    encoder: str = ""
+    config: Callable = copy.deepcopy
+
+
+def load_classifier(cls: type, family: str, path: str, revision: str | None, dtype: torch.dtype | str, encoder: str,
+                    headless: dict[str, Headless]) -> nn.Module:
+    """``cls.from_pretrained`` for a checkpoint of ``family`` (``families.OWNERS``); a ``headless``
+    one (by its config's ``architectures``) is read as its own class, every tensor checked
+    (``check_loaded``), its encoder put at ``encoder`` in a ``cls`` whose classifier is a placeholder
+    until ``fit_head`` fits it; the model is marked ``tfuse_headless`` (the class held) until then."""
     if Path(path).is_dir():
         config = checkpoint_config(path, f"checkpoint '{path}'", family)
     else:
         config = (checkpoint_json(path, "config.json", revision) or (None, {}))[1]
     held = (config.get("architectures") or [cls.__name__])[0]
-    if held != cls.__name__:
-        raise TfuseError(
-            f"checkpoint '{path}' holds a {held}, not a {cls.__name__}: the image task scores class logits and "
-            f"tfuse does not train heads; load it with {cls.__name__}.from_pretrained(..., num_labels=N), train "
-            "its classifier the same way for every parent (a linear probe), save that, and fuse those checkpoints"
-        )
-    return cls.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
+    if held == cls.__name__:
+        return cls.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
+    if held not in headless:
+        raise TfuseError(f"checkpoint '{path}' holds a {held}, neither a {cls.__name__} nor a headless "
+                         f"{' or '.join(headless)}; give one of those")
+    kind = headless[held]
+    bare = kind.model.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
+    check_loaded(bare, path, f"headless {held}")  # the encoder whole, and no tensor it leaves unused
+    part = bare.get_submodule(kind.encoder)
+    first = next(part.parameters())
+    model = empty(lambda: cls(kind.config(bare.config)), first.dtype)
+    model.get_submodule(encoder).load_state_dict(part.state_dict(), strict=True, assign=True)
+    shape = model.classifier.weight.shape  # a seeded random head until fit_head: outputs that read the encoder
+    model.classifier = linear(torch.randn(shape, generator=torch.Generator().manual_seed(0)) / shape[1] ** 0.5,
+                              torch.zeros(shape[0]), first)
+    model.tfuse_headless = held
+    return model.eval()
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and ``bias``, in ``like``'s dtype and device."""
+    out = nn.Linear(weight.shape[1], weight.shape[0], dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
+    return out
+
+
+PROBE_IMAGES = 4096  # training images a headless parent's probe is fitted on (all, where the split has fewer)
+PROBE_RIDGE = 1e-3  # the ridge, times the mean variance of the features
+
+
+@torch.no_grad()
+def fit_head(model: nn.Module, task) -> str:
+    """``model.classifier`` (a headless parent's) fitted on the image ``task``: ridge regression of
+    the centred one-hot labels of the first ``PROBE_IMAGES`` training images of a seeded order (the
+    same for every parent) on the features the classifier reads (its input), all in float64. The
+    features come from a float64 copy of the model: float32 rounding depends on the summation
+    order, which a permutation changes, and the ridge system would amplify the difference between
+    a transformed copy's probe and the original's. What was fitted, in words."""
+    from tfuse.tasks.image_classification import logits
+
+    exact = copy.deepcopy(model).to(torch.float64).eval()
+    reads, labels = [], []
+    exact.classifier.register_forward_pre_hook(lambda _, args: reads.append(args[0].cpu()))
+    for batch in task.calibration_batches(PROBE_IMAGES, task.eval_batch_size, seed=0):
+        logits(exact, task.model_inputs(batch)["pixel_values"])
+        labels.append(batch["labels"])
+    del exact
+    x, y = torch.cat(reads), F.one_hot(torch.cat(labels), task.num_classes).double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    x, y = x - x_mean, y - y_mean
+    gram = x.T @ x
+    gram.diagonal().add_(PROBE_RIDGE * gram.diagonal().mean())
+    weight = torch.linalg.solve(gram, x.T @ y).T
+    model.classifier = linear(weight, y_mean - weight @ x_mean, model.classifier.weight)
+    model.config.num_labels = task.num_classes
+    del model.tfuse_headless
+    return f"a ridge probe on {len(x)} training images"

@@ -52,6 +52,10 @@ def streamed(cfg: DictConfig, parents: list, device: str) -> list:
     ``parents=[...]``, or a recipe parent's cache entry), read whole only when called."""
     from tfuse.arch.lazy import lazy_parent
 
+    fitted = next((i for i, p in enumerate(parents) if p.head), None)
+    if fitted is not None:
+        raise TfuseError(f"parents[{fitted}] is a headless encoder whose head was fitted in memory, but fusion.stream "
+                         "reads weights as stored; fuse it whole (fusion.stream=false)")
     dtype = model_dtype(cfg.model)
     lazy = [lazy_parent(p.source, cfg.model.family, f"parents[{i}]", None if dtype == "auto" else dtype, device)
             for i, p in enumerate(parents)]
@@ -177,7 +181,8 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
         "anchor": baseline.anchor,
         "anchor_val_scores": baseline.anchor_val_scores,
         "alpha": baseline.weights,
-        "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds} for p in setup.parents],
+        "parents": [{"source": p.source, "seed": p.seed, "trained_seconds": p.trained_seconds}
+                    | ({"head": p.head} if p.head else {}) for p in setup.parents],  # a headless one's: fitted
         "primary_metric": task.primary_metric,
         "not_applicable": {"vanilla": "widths differ"} if setup.widths_differ else {},
         "repair": {name: _fit_summary(o.repair) for name, o in fused.outcomes.items() if o.repair},
