@@ -56,7 +56,7 @@ class OTSettings(FusionSettings):
     align: Sequence[str] = ALIGNABLE  # the kinds of space aligned (stream, heads, mlp); the rest keep the identity
     width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
     learn_steps: int = 0  # learned alignment: steps training the maps on the interpolated model's loss
-    learn_lr: float = 0.1  # Adam, on the permutations' scores (margin 5 at the start) and the rotations' generators
+    learn_lr: float = 0.01  # Adam, on the permutations' scores and the rotations' generators
     learn_eval: int = 50  # validation of the midpoint every this many steps (the best maps are kept)
     iterations: int = 1
     sinkhorn_iters: int = 2000
