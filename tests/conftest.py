@@ -63,7 +63,6 @@ def fuse_in_process(out: Path, *overrides: str) -> dict:
     return run_fuse(_compose(command_overrides("fuse", list(overrides))), out, Console(quiet=True))
 
 
-
 def headless_fuses_back(family, encoders: list, held: str, tmp_path: Path, *overrides: str) -> dict:
     """Headless image encoders (an original, then transformed copies) saved as their own
     checkpoints (``save_pretrained``, class ``held``) and fused with hard OT and no repair on

@@ -220,3 +220,16 @@ def test_the_family_is_read_from_config_json_and_a_foreign_checkpoint_is_refused
 
     with pytest.raises(TfuseError, match="holds a Phi3ForCausalLM \\('phi3'\\) checkpoint, which model.family=hf_llama"):
         hf_llama.load(str(tmp_path / "phi3"))
+
+
+def test_partial_rope_pins_only_the_rotated_qk_dimensions():
+    """Phi-4-mini-style partial RoPE: the graph pins the rotated half of each head's Q/K dimensions
+    and lets the rest move (the self-test's copy moves them); claiming every one free fails."""
+    model = phi3(partial_rotary_factor=0.5)
+    head_dim = model.config.head_dim
+    assert {a.rotary for a in hf_phi3.graph(model).attention} == {head_dim // 2}
+    assert all(c.passed for c in self_test(model, hf_phi3.graph))
+    free = lambda m: dataclasses.replace(  # noqa: E731
+        hf_phi3.graph(m), attention=[dataclasses.replace(a, rotary=0) for a in hf_phi3.graph(m).attention])
+    checks = {c.name: c for c in self_test(model, free)}
+    assert not checks["a copy under the graph's symmetries computes the same outputs"].passed

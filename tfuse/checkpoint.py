@@ -267,8 +267,11 @@ def renamed_keys(model, checkpoint: Checkpoint, label: str, whole: bool = False)
             out[key] = renamed
             continue
         targets = next(c.target_patterns for c in converters if converted in c.source_patterns)
-        if not whole or targets[0] not in renamed:
+        if not whole:
             raise TfuseError(f"{label}: tensor '{key}' is converted by transformers when loaded ({converted}); "
                              "fusion.stream reads tensors as stored: fuse these parents whole (fusion.stream=false)")
+        if targets[0] not in renamed:
+            raise TfuseError(f"{label}: tensor '{key}' is converted by transformers when loaded ({converted}) into "
+                             "names tfuse cannot trace; save the model with this transformers version and fuse that copy")
         out[key] = tuple(renamed.replace(targets[0], target, 1) for target in targets)
     return out

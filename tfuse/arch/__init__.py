@@ -21,9 +21,10 @@ from tfuse.families import is_local
 from tfuse.fusion.fold import fold_gains
 from tfuse.fusion.graph import FlowGraph
 
-FAMILIES: dict[str, Family] = {"hf_vit": hf_vit, "hf_bert": hf_bert, "hf_gpt2": hf_gpt2, "hf_llama": hf_llama, "hf_gemma": hf_gemma,
-                               "hf_gptneox": hf_gptneox, "hf_clip": hf_clip, "hf_dinov2": hf_dinov2,
-                               "hf_phi3": hf_phi3}
+FAMILIES: dict[str, Family] = {
+    "hf_vit": hf_vit, "hf_clip": hf_clip, "hf_dinov2": hf_dinov2, "hf_bert": hf_bert,
+    "hf_gpt2": hf_gpt2, "hf_llama": hf_llama, "hf_phi3": hf_phi3, "hf_gemma": hf_gemma, "hf_gptneox": hf_gptneox,
+}
 TEXT_FAMILY = "hf_bert"  # the family whose checkpoints text data reads its tokenizer from
 # ``model.dtype``: "auto" keeps what a checkpoint stores (from_pretrained's own "auto")
 DTYPES: dict[str, torch.dtype | str] = {

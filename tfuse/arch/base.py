@@ -116,3 +116,9 @@ def widened_hf(model: nn.Module, key: str, units: int | float) -> nn.Module:
     if hasattr(model, "tfuse_tokenizer"):
         wide.tfuse_tokenizer = model.tfuse_tokenizer
     return wide
+
+
+def rotary_dims(config, head_dim: int) -> int:
+    """The Q/K dimensions at the start of each head that RoPE rotates (partial RoPE:
+    ``partial_rotary_factor`` of them; the rest move freely, jointly in Q and K)."""
+    return int(head_dim * ((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)))

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 
 from tfuse.arch.base import widened_hf
+from tfuse.arch.hf_llama import gated_mlp_graph
 from tfuse.arch.hf_vit import preprocessing, save
 from tfuse.arch.vision import Headless, encoder_sizes, fc_mlp, fit_head, load_classifier, prenorm_block
 from tfuse.errors import TfuseError
@@ -84,12 +85,7 @@ def graph(model: Dinov2ForImageClassification) -> FlowGraph:
     g.probe(s0, emb)
 
     def swiglu(name: str, reads: str, mlp: str) -> str:
-        hidden, out = f"{name}.mlp", f"{name}.mlp_out"
-        g.param(f"{mlp}.gate_proj.weight", Out(hidden, magnitude=True), In(reads))
-        g.param(f"{mlp}.gate_proj.bias", Out(hidden, magnitude=True))
-        g.linear(f"{mlp}.up_proj", hidden, reads)
-        g.probe(hidden, f"{mlp}.down_proj", "input")
-        g.linear(f"{mlp}.down_proj", out, hidden)  # probed after its LayerScale
+        hidden, out = gated_mlp_graph(g, mlp, name, reads, {f"{mlp}.up_proj.bias"})  # out: re-probed after LayerScale
         g.graph.signed.add(hidden)
         return out
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from tfuse.arch.base import checkpoint_config, widened_hf
+from tfuse.arch.base import checkpoint_config, rotary_dims, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
@@ -66,12 +66,6 @@ def build(cfg, task) -> GPTNeoXForCausalLM:
     return attach_tokenizer(GPTNeoXForCausalLM(config), tokenizer)
 
 
-def rotary_dims(config: GPTNeoXConfig) -> int:
-    """The Q/K dimensions at the start of each head that RoPE rotates (the model's ``rotary_ndims``)."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    return int(head_dim * (config.rope_parameters or {}).get("partial_rotary_factor", 1.0))
-
-
 def graph(model: nn.Module) -> FlowGraph:
     cfg = model.config
     names = {n for n, _ in model.named_parameters()}
@@ -88,7 +82,7 @@ def graph(model: nn.Module) -> FlowGraph:
         attn = f"{block}.attention"
         fused = f"{attn}.query_key_value"
         bias = f"{fused}.bias" in names
-        spaces = g.attention(f"{name}.attn", heads, rope=True, rotary=rotary_dims(cfg))
+        spaces = g.attention(f"{name}.attn", heads, rope=True, rotary=rotary_dims(cfg, cfg.hidden_size // heads))
         source = Probe(fused, "input")  # the normalised stream the three read
         for i, (space, part) in enumerate(zip(spaces, "qkv")):
             g.linear(f"{attn}.{part}", space, before, bias=bias)

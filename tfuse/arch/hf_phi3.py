@@ -13,9 +13,8 @@ Symmetries the graph claims (those of ``hf_llama``):
 * attention: RoPE rotates fixed pairs of Q/K dimensions, so only whole heads move; a key/value
   group moves with its query heads, which may reorder inside the group; value dimensions permute
   (and flip) with the output projection's columns of every query head of the group. A partial
-  rotary factor (Phi-4-mini: 0.75) leaves a head's last Q/K dimensions unrotated, which could
-  permute inside the head; the graph pins every Q/K dimension all the same (``rope=True``), a
-  subgroup of the true symmetry;
+  rotary factor (Phi-4-mini: 0.75) leaves a head's last Q/K dimensions unrotated: those move
+  freely inside their head, jointly in Q and K (``Attention.rotary``);
 * ``gate_up_proj`` rows are ``[gate; up]`` (``Phi3MLP`` chunks gate first): both write one hidden
   space that ``down_proj`` reads; an ``up``/``down`` pair may flip sign, the ``gate`` row may not
   (SiLU is not odd);
@@ -26,12 +25,14 @@ The attention and residual dropouts are identities at evaluation (and 0 in the c
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from tfuse.arch.base import checkpoint_config, rotary_dims, widened_hf
 from tfuse.arch.hf_llama import graph as llama_graph
-from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, Linear, Probe, Split
 
@@ -66,8 +67,14 @@ def build(cfg, task) -> Phi3ForCausalLM:
 
 def graph(model: nn.Module) -> FlowGraph:
     """LLaMA's graph (its virtual ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``
-    under Phi-3's module paths), with Q, K and V observed in their slices of ``qkv_proj``'s output."""
+    under Phi-3's module paths), with Q, K and V observed in their slices of ``qkv_proj``'s output
+    and, under partial RoPE, only the rotated Q/K dimensions pinned."""
     g = llama_graph(model)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rotary = rotary_dims(cfg, head_dim)
+    if rotary < head_dim:
+        g.attention = [dataclasses.replace(att, rotary=rotary) for att in g.attention]
     projs = ("q_proj", "k_proj", "v_proj")
     for layer, att in enumerate(g.attention):
         attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"

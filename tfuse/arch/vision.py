@@ -125,13 +125,11 @@ def fit_head(model: nn.Module, task) -> str:
     features come from a float64 copy of the model: float32 rounding depends on the summation
     order, which a permutation changes, and the ridge system would amplify the difference between
     a transformed copy's probe and the original's. What was fitted, in words."""
-    from tfuse.tasks.image_classification import logits
-
     exact = copy.deepcopy(model).to(torch.float64).eval()
     reads, labels = [], []
     exact.classifier.register_forward_pre_hook(lambda _, args: reads.append(args[0].cpu()))
     for batch in task.calibration_batches(PROBE_IMAGES, task.eval_batch_size, seed=0):
-        logits(exact, task.model_inputs(batch)["pixel_values"])
+        exact(pixel_values=task.model_inputs(batch)["pixel_values"].to(torch.float64))
         labels.append(batch["labels"])
     del exact
     x, y = torch.cat(reads), F.one_hot(torch.cat(labels), task.num_classes).double()

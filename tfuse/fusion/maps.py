@@ -10,7 +10,7 @@ from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, CostSettings, normalize
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.residual import RESIDUALS
-from tfuse.fusion.rules import CombineRule, GroupedHeadRule, HeadRule, OTRule, Plan, Rule
+from tfuse.fusion.rules import CombineRule, GroupedHeadRule, HeadRule, OTRule, Plan, Rule, rule_names
 from tfuse.fusion.statistics import PairStats
 from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, procrustes, solve
 
@@ -83,7 +83,7 @@ def compute_maps(
         else:
             maps[rule.name] = RESIDUALS[rule.policy].combine(rule, maps[rule.skip], maps[rule.branch], magnitude)
         if not isinstance(rule, CombineRule) and _kind(rule, graph, plan) not in settings.align:
-            for name in _names(rule):
+            for name in rule_names(rule):
                 maps[name] = _identity(maps[name], name)
     return maps
 
@@ -99,14 +99,6 @@ def _kind(rule: Rule, graph: FlowGraph, plan: Plan) -> str:
     if graph.is_stream(rule.name) or rule.name in resolved(r.branch for r in graph.residuals):
         return "stream"
     return "mlp"
-
-
-def _names(rule: Rule) -> list[str]:
-    if isinstance(rule, GroupedHeadRule):
-        return [n for n in (rule.q.name, rule.k.name, rule.v.name, rule.o) if n is not None]
-    if isinstance(rule, HeadRule):
-        return [rule.qk.name, rule.v.name]
-    return [rule.name]
 
 
 def _identity(found: torch.Tensor, space: str) -> torch.Tensor:

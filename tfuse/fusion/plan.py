@@ -8,7 +8,7 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.qk import QK_MODES
 from tfuse.fusion.residual import RESIDUALS
-from tfuse.fusion.rules import CombineRule, GroupedHeadRule, HeadRule, Plan, PlanBuilder, Rule
+from tfuse.fusion.rules import CombineRule, Plan, PlanBuilder, rule_names
 
 
 class PlanSettings(Protocol):
@@ -66,7 +66,7 @@ def _in_forward_order(rules: dict[str, Rule], where: dict[str, tuple[str, int]],
             deps = (rule.skip, rule.branch) if isinstance(rule, CombineRule) else ()
             if all(d in done for d in deps):
                 result.append(rule)
-                done.update(_names(rule))
+                done.update(rule_names(rule))
             else:
                 progressed.append(rule)
         if len(progressed) == len(pending):
@@ -75,9 +75,3 @@ def _in_forward_order(rules: dict[str, Rule], where: dict[str, tuple[str, int]],
     return result
 
 
-def _names(rule: Rule) -> tuple[str, ...]:
-    if isinstance(rule, HeadRule):
-        return (rule.qk.name, rule.v.name)
-    if isinstance(rule, GroupedHeadRule):
-        return tuple(n for n in (rule.q.name, rule.k.name, rule.v.name, rule.o) if n is not None)
-    return (rule.name,)

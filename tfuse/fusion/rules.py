@@ -63,6 +63,15 @@ class CombineRule:
 Rule = OTRule | HeadRule | GroupedHeadRule | CombineRule
 
 
+def rule_names(rule: Rule) -> tuple[str, ...]:
+    """The resolved spaces whose maps ``rule`` gives."""
+    if isinstance(rule, HeadRule):
+        return (rule.qk.name, rule.v.name)
+    if isinstance(rule, GroupedHeadRule):
+        return tuple(n for n in (rule.q.name, rule.k.name, rule.v.name, rule.o) if n is not None)
+    return (rule.name,)
+
+
 @dataclass
 class Plan:
     rules: list[Rule]

@@ -79,7 +79,7 @@ class OTSettings(FusionSettings):
         if self.learn_steps and (self.iterations != 1 or self.stream or self.learn_eval < 1):
             raise TfuseError(f"fusion.learn_steps={self.learn_steps} refines the maps into the anchor: it needs "
                              "fusion.iterations=1 and fusion.learn_eval >= 1, without fusion.stream")
-        self.align = tuple(self.align)
+        self.align = (self.align,) if isinstance(self.align, str) else tuple(self.align)
         unknown = [kind for kind in self.align if kind not in ALIGNABLE]
         if unknown:
             raise TfuseError(f"fusion.align={list(self.align)}: {unknown[0]!r} is not a kind of space; choose from "
