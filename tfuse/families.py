@@ -25,8 +25,8 @@ OWNERS: dict[str, Owner] = {
     "hf_llama": Owner(("llama", "mistral", "qwen2", "qwen3"), "llama_plays", "LLaMA, Mistral, Qwen2 and Qwen3 causal LMs"),
     "hf_gemma": Owner(("gemma", "gemma2", "gemma3_text"), "gemma_plays", "Gemma, Gemma 2 and Gemma 3 (text) causal LMs"),
     "hf_gptneox": Owner(("gpt_neox",), "neox_plays", "GPT-NeoX causal LMs (Pythia)"),
-    "hf_clip": Owner(("clip", "clip_vision_model"), "vit_mnist", "CLIP image classifiers (CLIPForImageClassification)"),
-    "hf_dinov2": Owner(("dinov2",), "vit_mnist", "DINOv2 image classifiers (Dinov2ForImageClassification)"),
+    "hf_clip": Owner(("clip", "clip_vision_model"), "vit_mnist", "CLIP image classifiers and vision encoders"),
+    "hf_dinov2": Owner(("dinov2",), "vit_mnist", "DINOv2 image classifiers and encoders"),
     "hf_phi3": Owner(("phi3",), "phi3_plays", "Phi-3 causal LMs (Phi3ForCausalLM)"),
     "timm_vit": Owner((), "vit_mnist", "timm ViTs (config.json with 'architecture')"),
 }
