@@ -41,7 +41,7 @@ from transformers import (
 
 from tfuse.arch.base import checkpoint_config, widened_hf
 from tfuse.arch.hf_llama import attention_graph, gated_mlp_graph
-from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
@@ -73,9 +73,7 @@ def build(cfg, task) -> nn.Module:
         sliding_window=cfg.get("sliding_window", 4096),
         tie_word_embeddings=cfg.get("tie_embeddings", True),
         attention_dropout=cfg.get("dropout", 0.0),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_ids(tokenizer),
     )
     return attach_tokenizer(model_class(config), tokenizer)
 

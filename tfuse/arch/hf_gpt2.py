@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tfuse.arch.base import checkpoint_config, widened_hf
-from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -33,9 +33,7 @@ def build(cfg, task) -> GPT2LMHeadModel:
         n_inner=cfg.mlp_size,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         tie_word_embeddings=cfg.get("tie_embeddings", True),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_ids(tokenizer),
     )
     return attach_tokenizer(GPT2LMHeadModel(config), tokenizer)
 

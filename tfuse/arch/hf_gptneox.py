@@ -34,7 +34,7 @@ from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from tfuse.arch.base import checkpoint_config, rotary_dims, widened_hf
-from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -59,9 +59,7 @@ def build(cfg, task) -> GPTNeoXForCausalLM:
         attention_bias=cfg.get("attention_bias", True),
         attention_dropout=dropout, hidden_dropout=dropout,
         tie_word_embeddings=cfg.get("tie_embeddings", False),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_ids(tokenizer),
     )
     return attach_tokenizer(GPTNeoXForCausalLM(config), tokenizer)
 

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from tfuse.arch.base import checkpoint_config, widened_hf
-from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -52,9 +52,7 @@ def build(cfg, task) -> LlamaForCausalLM:
         attention_bias=cfg.get("attention_bias", False),
         attention_dropout=cfg.get("dropout", 0.0),
         rope_theta=cfg.get("rope_theta", 10000.0),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_ids(tokenizer),
     )
     return attach_tokenizer(LlamaForCausalLM(config), tokenizer)
 

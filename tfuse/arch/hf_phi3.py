@@ -33,7 +33,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from tfuse.arch.base import checkpoint_config, rotary_dims, widened_hf
 from tfuse.arch.hf_llama import graph as llama_graph
-from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, tokenizer_of
+from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, Linear, Probe, Split
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -61,7 +61,7 @@ def build(cfg, task) -> Phi3ForCausalLM:
         partial_rotary_factor=cfg.get("partial_rotary_factor", 1.0),
         max_position_embeddings=max(cfg.get("max_position", 0) or 0, task.max_length),
         tie_word_embeddings=cfg.get("tie_embeddings", False), attention_dropout=cfg.get("dropout", 0.0),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **special_ids(tokenizer),
     )), tokenizer)
 
 

@@ -22,6 +22,12 @@ class SharedTokenizer:
         return self
 
 
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    """The config keys naming a tokenizer's bos, eos and pad tokens (a recipe model's config)."""
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
 def attach_tokenizer(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
     if tokenizer is not None:
         model.tfuse_tokenizer = SharedTokenizer(tokenizer)
