@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, TypeVar
 
+from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 T = TypeVar("T")
 
 
 def make_progress(transient: bool = True) -> Progress:
+    """A bar drawn only on a terminal: elsewhere (a log, a pipe) rich would leave a blank line per bar."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -16,6 +18,7 @@ def make_progress(transient: bool = True) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         transient=transient,
+        disable=not get_console().is_terminal,
     )
 
 
