@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel
+from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel, CLIPVisionModelWithProjection
 
 from tfuse.arch import hf_clip, load_parent
 from tfuse.errors import TfuseError
@@ -122,6 +122,17 @@ def test_a_clip_models_vision_tower_loads_with_its_text_tower_unused(tmp_path: P
     for name, w in model.vision_model.named_parameters():
         torch.testing.assert_close(loaded.vision_model.get_parameter(name), w, atol=0, rtol=0)
     assert not failed(self_test(loaded, hf_clip.graph))  # check-family on it: its placeholder head reads the encoder
+
+
+def test_a_vision_model_with_projection_loads_its_tower_with_the_projection_unused(tmp_path: Path) -> None:
+    model = clip(side=8)
+    tower = CLIPVisionModelWithProjection(model.config.vision_config)
+    tower.vision_model.load_state_dict(model.vision_model.state_dict())
+    tower.save_pretrained(tmp_path / "tower")
+    loaded = hf_clip.load(str(tmp_path / "tower"))
+    assert loaded.tfuse_headless == "CLIPVisionModelWithProjection" and not hasattr(loaded, "visual_projection")
+    for name, w in model.vision_model.named_parameters():
+        torch.testing.assert_close(loaded.vision_model.get_parameter(name), w, atol=0, rtol=0)
 
 
 def test_a_headless_parent_is_not_streamed(tmp_path: Path) -> None:

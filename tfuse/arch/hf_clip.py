@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    CLIPConfig, CLIPForImageClassification, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection,
+)
 
 from tfuse.arch.base import widened_hf
 from tfuse.arch.hf_vit import preprocessing, save
@@ -87,4 +89,6 @@ def load(path: str, revision: str | None = None, dtype: torch.dtype | str = "aut
 HEADLESS = {  # the headless checkpoints a classifier loads: where their image encoder is
     "CLIPVisionModel": Headless(CLIPVisionModel, config=lambda vision: CLIPConfig(vision_config=vision.to_dict())),
     "CLIPModel": Headless(CLIPModel, "vision_model"),
+    "CLIPVisionModelWithProjection": Headless(  # its visual_projection goes unused, as CLIPModel's
+        CLIPVisionModelWithProjection, "vision_model", lambda vision: CLIPConfig(vision_config=vision.to_dict())),
 }
