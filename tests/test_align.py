@@ -74,3 +74,37 @@ def test_nothing_aligned_is_the_plain_average():
 def test_bad_alignments_are_one_line(extra, says):
     with pytest.raises(TfuseError, match=says):
         OTSettings(residual="global", **extra)
+
+
+def test_grouped_heads_left_out_keep_the_identity_and_the_model_its_function():
+    """LLaMA with GQA (4 query heads over 2 key/value heads): the query, key, value and output-
+    projection spaces all keep the identity; fused with itself, the model is unchanged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    gen = torch.Generator().manual_seed(5)
+    data = [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(4)]
+    settings = OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=16, batch_size=4,
+                          align=["stream", "mlp"])
+    outcome = OT().fuse([model, model], family("hf_llama").graph(model), 0,
+                        Calibration(lambda: iter(data), lambda b: b), settings)
+    heads = [s for s in outcome.maps[1] if ".attn." in s]
+    assert any(s.endswith(".o") for s in heads)
+    for space in heads:
+        n = outcome.maps[1][space].shape[0]
+        assert torch.equal(outcome.maps[1][space], torch.eye(n, dtype=torch.float64) / n), space
+    with torch.no_grad():
+        torch.testing.assert_close(outcome.model(**data[0]).logits, model(**data[0]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_unequal_widths_left_unaligned_are_one_line():
+    small, wide = parents()[0], GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                            n_positions=16, n_inner=64)).eval()
+    gen = torch.Generator().manual_seed(5)
+    data = [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(4)]
+    settings = OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=16, batch_size=4,
+                          align=["stream", "heads"])
+    with pytest.raises(TfuseError, match=r"fusion.align leaves space 'layers.0.mlp' unaligned, but its widths differ \(64 vs 48\)"):
+        OT().fuse([small, wide], family("hf_gpt2").graph(small), 0, Calibration(lambda: iter(data), lambda b: b), settings)

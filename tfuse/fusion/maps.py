@@ -10,7 +10,7 @@ from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, CostSettings, normalize
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.residual import RESIDUALS
-from tfuse.fusion.rules import CombineRule, GroupedHeadRule, HeadRule, OTRule, Plan, Rule, rule_names
+from tfuse.fusion.rules import CombineRule, GroupedHeadRule, HeadRule, OTRule, Plan, Rule
 from tfuse.fusion.statistics import PairStats
 from tfuse.fusion.transport import SolverSettings, grouped_head_aware, head_aware, procrustes, solve
 
@@ -63,7 +63,9 @@ def compute_maps(
         return stats[rule.name].cross if settings.maps == "orthogonal" else None
 
     for rule in plan.rules if rules is None else rules:
-        if isinstance(rule, OTRule) and settings.maps == "orthogonal" and rule.name == graph.stream:
+        if not isinstance(rule, CombineRule) and _kind(rule, graph, plan) not in settings.align:
+            maps.update(_identities(rule, cost))
+        elif isinstance(rule, OTRule) and settings.maps == "orthogonal" and rule.name == graph.stream:
             maps[rule.name] = procrustes(stats[rule.name].cross, graph.rotations == "centred", rule.name)
         elif isinstance(rule, OTRule):
             matrix, sign = signed_cost(rule)
@@ -82,9 +84,6 @@ def compute_maps(
             )
         else:
             maps[rule.name] = RESIDUALS[rule.policy].combine(rule, maps[rule.skip], maps[rule.branch], magnitude)
-        if not isinstance(rule, CombineRule) and _kind(rule, graph, plan) not in settings.align:
-            for name in rule_names(rule):
-                maps[name] = _identity(maps[name], name)
     return maps
 
 
@@ -101,9 +100,18 @@ def _kind(rule: Rule, graph: FlowGraph, plan: Plan) -> str:
     return "mlp"
 
 
-def _identity(found: torch.Tensor, space: str) -> torch.Tensor:
-    if found.shape[0] != found.shape[1]:
-        raise TfuseError(f"fusion.align leaves space '{space}' unaligned, but its widths differ ({tuple(found.shape)}); "
-                         "align it (add its kind to fusion.align) or fuse parents of equal widths")
-    n = found.shape[0]
-    return torch.eye(n, dtype=torch.float64, device=found.device) / n
+def _identities(rule: Rule, cost) -> dict[str, torch.Tensor]:
+    """The identity maps of a rule left unaligned (nothing solved), each the size of its space."""
+    if isinstance(rule, GroupedHeadRule):
+        shapes = {r.name: cost(r).shape for r in (rule.q, rule.k, rule.v)}
+        if rule.o is not None:  # every query head reads its group's values
+            shapes[rule.o] = tuple(n * rule.heads // rule.kv_heads for n in shapes[rule.v.name])
+    elif isinstance(rule, HeadRule):
+        shapes = {r.name: cost(r).shape for r in (rule.qk, rule.v)}
+    else:
+        shapes = {rule.name: cost(rule).shape}
+    for space, (n, m) in shapes.items():
+        if n != m:
+            raise TfuseError(f"fusion.align leaves space '{space}' unaligned, but its widths differ ({n} vs {m}); "
+                             "align it (add its kind to fusion.align) or fuse parents of equal widths")
+    return {space: torch.eye(n, dtype=torch.float64) / n for space, (n, _) in shapes.items()}
