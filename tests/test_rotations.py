@@ -103,3 +103,5 @@ def test_post_ln_streams_and_other_policies_are_refused():
         folded(bert)
     with pytest.raises(TfuseError, match="fusion.residual=global"):
         OTSettings(maps="orthogonal", residual="mean")
+    with pytest.raises(TfuseError, match=r"without fusion.stream \(or set fusion.maps=permutation\)"):
+        OTSettings(maps="orthogonal", residual="global", stream=True)

@@ -72,7 +72,8 @@ class OTSettings(FusionSettings):
             raise TfuseError(f"fusion.iterations={self.iterations} must be at least 1")
         if self.maps == "orthogonal" and (self.residual != "global" or not COSTS[self.cost].needs_statistics or self.stream):
             raise TfuseError("fusion.maps=orthogonal rotates the whole stream by one map from its activations: it needs "
-                             "fusion.residual=global and fusion.cost=activations, without fusion.stream")
+                             "fusion.residual=global and fusion.cost=activations, without fusion.stream "
+                             "(or set fusion.maps=permutation)")
         if self.learn_steps < 0 or not self.learn_lr > 0 or self.width < 1:
             raise TfuseError(f"fusion.learn_steps={self.learn_steps} must be >= 0, fusion.learn_lr={self.learn_lr} "
                              f"positive and fusion.width={self.width} at least 1")
