@@ -62,3 +62,22 @@ def test_maps_that_raise_the_validation_loss_are_not_kept(pair):
     assert learned["kept"] == "start" and max(learned["val_loss"][1:]) > learned["val_loss"][0]
     for (name, w), v in zip(worse.model.named_parameters(), start.model.parameters()):
         torch.testing.assert_close(w, v, msg=name)
+
+
+def test_the_image_tasks_own_loss_runs_on_a_model_holding_stand_ins():
+    """``tfuse fuse +experiment=vit_mnist fusion.learn_steps=N`` trains on the image task's loss,
+    which reads the model while its parameters are swapped for the maps' differentiable images."""
+    from tfuse.fusion.engine import parameters
+    from tfuse.fusion.learned import _holding
+    from tfuse.tasks.image_classification import logits
+
+    model = tiny_vit(0)
+    side = model.config.image_size
+    x = torch.randn(3, model.config.num_channels, side, side, generator=torch.Generator().manual_seed(0))
+    want = logits(model, x)
+    stand_ins = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    with _holding(model, stand_ins) as held:
+        got = logits(held, x)
+        got.sum().backward()
+    torch.testing.assert_close(got, want)
+    assert all(t.grad is not None for t in stand_ins.values()) and set(parameters(model)) == set(stand_ins)

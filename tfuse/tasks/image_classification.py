@@ -19,7 +19,9 @@ SPLITS = ("train", "val", "test")
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Class logits of ``model`` on images ``x`` (given in the model's dtype), in float32 for the
     softmax and losses: HF models (``.logits``) and plain-tensor models (timm)."""
-    x = x.to(next(model.parameters()).dtype)
+    first = next(model.parameters(), None)  # None while learned alignment holds stand-ins for them: x as given
+    if first is not None:
+        x = x.to(first.dtype)
     parameters = inspect.signature(model.forward).parameters.values()
     if any(p.name == "pixel_values" or p.kind is p.VAR_KEYWORD for p in parameters):
         out = model(pixel_values=x)
