@@ -40,10 +40,10 @@ from transformers import (
 )
 
 from tfuse.arch.base import checkpoint_config, widened_hf
-from tfuse.arch.hf_llama import attention_graph, gated_mlp_graph
+from tfuse.arch.hf_llama import graph as llama_graph
 from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.errors import TfuseError
-from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Out, TokenLayout
+from tfuse.fusion.graph import FlowGraph
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
 
@@ -79,42 +79,12 @@ def build(cfg, task) -> nn.Module:
 
 
 def graph(model: nn.Module) -> FlowGraph:
-    cfg = model.config
-    names = {n for n, _ in model.named_parameters()}
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    g = GraphBuilder()
-    s0 = g.point(0)
-    g.param("model.embed_tokens.weight", None, Out(s0))
-    g.probe(s0, "model.embed_tokens")  # after the sqrt(hidden) scale: the stream itself
-    signed = set()
-    for layer in range(cfg.num_hidden_layers):
-        block, name = f"model.layers.{layer}", f"layers.{layer}"
-        g.graph.blocks.append(block)
-        before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
-        sandwich = f"{block}.pre_feedforward_layernorm.weight" in names
-        g.norm(f"{block}.input_layernorm", before, bias=False)
-        attn_out, values = attention_graph(g, f"{block}.self_attn", name, before, names, heads, kv_heads)
-        if sandwich:  # the branch as the residual adds it: normalised, scaled by its own gain
-            g.norm(f"{block}.post_attention_layernorm", attn_out, bias=False)
-            g.probe(attn_out, f"{block}.post_attention_layernorm")
-        g.residual(middle, before, attn_out)
-        pre_mlp = f"{block}.pre_feedforward_layernorm" if sandwich else f"{block}.post_attention_layernorm"
-        g.probe(middle, pre_mlp, "input")
-        g.norm(pre_mlp, middle, bias=False)
-        hidden, mlp_out = gated_mlp_graph(g, f"{block}.mlp", name, middle, names)
-        if sandwich:
-            g.norm(f"{block}.post_feedforward_layernorm", mlp_out, bias=False)
-            g.probe(mlp_out, f"{block}.post_feedforward_layernorm")
-        g.residual(after, middle, mlp_out)
-        g.probe(after, block)
-        signed |= {before, middle, after, attn_out, mlp_out, hidden} | values
-    last = g.point(2 * cfg.num_hidden_layers)
-    g.norm("model.norm", last, bias=False)
-    if "lm_head.weight" in names:  # untied: the head reads the normalised last point
-        g.param("lm_head.weight", None, In(last))
-    g.graph.signed = signed
-    g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
-    return g.graph
+    """LLaMA's graph, which also describes the sandwich norms (``hf_llama.graph``; the embedding
+    probe sees the stream after the sqrt(hidden) scale), without rotations: folding a ``(1 + w)``
+    gain would leave a gain of two."""
+    g = llama_graph(model)
+    g.rotations = None
+    return g
 
 
 def widened(model: nn.Module, units: int) -> nn.Module:

@@ -70,12 +70,20 @@ def graph(model: nn.Module) -> FlowGraph:
         block, name = f"model.layers.{layer}", f"layers.{layer}"
         g.graph.blocks.append(block)
         before, middle, after = g.point(2 * layer), g.point(2 * layer + 1), g.point(2 * layer + 2)
+        sandwich = f"{block}.pre_feedforward_layernorm.weight" in names  # Gemma 2/3 (hf_gemma): norms after branches
         g.norm(f"{block}.input_layernorm", before, bias=False)
         attn_out, values = attention_graph(g, f"{block}.self_attn", name, before, names, heads, kv_heads)
+        if sandwich:  # the branch as the residual adds it: normalised, scaled by its own gain
+            g.norm(f"{block}.post_attention_layernorm", attn_out, bias=False)
+            g.probe(attn_out, f"{block}.post_attention_layernorm")
         g.residual(middle, before, attn_out)
-        g.probe(middle, f"{block}.post_attention_layernorm", "input")
-        g.norm(f"{block}.post_attention_layernorm", middle, bias=False)
+        pre_mlp = f"{block}.pre_feedforward_layernorm" if sandwich else f"{block}.post_attention_layernorm"
+        g.probe(middle, pre_mlp, "input")
+        g.norm(pre_mlp, middle, bias=False)
         hidden, mlp_out = gated_mlp_graph(g, f"{block}.mlp", name, middle, names)
+        if sandwich:
+            g.norm(f"{block}.post_feedforward_layernorm", mlp_out, bias=False)
+            g.probe(mlp_out, f"{block}.post_feedforward_layernorm")
         g.residual(after, middle, mlp_out)
         g.probe(after, block)
         signed |= {before, middle, after, attn_out, mlp_out, hidden} | values
@@ -84,7 +92,8 @@ def graph(model: nn.Module) -> FlowGraph:
     if "lm_head.weight" in names:  # untied: the head reads the normalised last point
         g.param("lm_head.weight", None, In(last))
     g.graph.signed = signed
-    g.graph.rotations = "rms"  # pre-norm: every RMSNorm reads the stream and feeds only its branch
+    # pre-norm: every RMSNorm reads the stream and feeds only its branch (a post-norm's gain cannot fold)
+    g.graph.rotations = None if any(".post_feedforward_layernorm." in n for n in names) else "rms"
     g.graph.tokens = TokenLayout(cls=None, grid=None, prefix=0)
     return g.graph
 
