@@ -24,12 +24,17 @@ def parents():
     return out
 
 
-def fused(models, align):
+def token_batches(count: int) -> list[dict]:
     gen = torch.Generator().manual_seed(5)
-    data = [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(6)]
-    settings = OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=24, batch_size=4,
-                          align=align)
-    return OT().fuse(models, family("hf_gpt2").graph(models[0]), 0, Calibration(lambda: iter(data), lambda b: b), settings)
+    return [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(count)]
+
+
+def fused(models, align, fam: str = "hf_gpt2", batches: int = 6):
+    """OT (hard, global stream, head-aware) of ``models`` aligning the kinds ``align``."""
+    data = token_batches(batches)
+    settings = OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=4 * batches,
+                          batch_size=4, align=align)
+    return OT().fuse(models, family(fam).graph(models[0]), 0, Calibration(lambda: iter(data), lambda b: b), settings)
 
 
 def kinds(space: str) -> str:
@@ -84,27 +89,19 @@ def test_grouped_heads_left_out_keep_the_identity_and_the_model_its_function():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
-    gen = torch.Generator().manual_seed(5)
-    data = [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(4)]
-    settings = OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=16, batch_size=4,
-                          align=["stream", "mlp"])
-    outcome = OT().fuse([model, model], family("hf_llama").graph(model), 0,
-                        Calibration(lambda: iter(data), lambda b: b), settings)
+    outcome = fused([model, model], ["stream", "mlp"], "hf_llama", batches=4)
     heads = [s for s in outcome.maps[1] if ".attn." in s]
     assert any(s.endswith(".o") for s in heads)
     for space in heads:
         n = outcome.maps[1][space].shape[0]
         assert torch.equal(outcome.maps[1][space], torch.eye(n, dtype=torch.float64) / n), space
     with torch.no_grad():
-        torch.testing.assert_close(outcome.model(**data[0]).logits, model(**data[0]).logits, atol=1e-5, rtol=1e-5)
+        batch = token_batches(1)[0]
+        torch.testing.assert_close(outcome.model(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_unequal_widths_left_unaligned_are_one_line():
     small, wide = parents()[0], GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                                             n_positions=16, n_inner=64)).eval()
-    gen = torch.Generator().manual_seed(5)
-    data = [{"input_ids": torch.randint(0, VOCAB, (4, 12), generator=gen)} for _ in range(4)]
-    settings = OTSettings(solver="emd", tokens="all", residual="global", qk="head_aware", samples=16, batch_size=4,
-                          align=["stream", "heads"])
     with pytest.raises(TfuseError, match=r"fusion.align leaves space 'layers.0.mlp' unaligned, but its widths differ \(64 vs 48\)"):
-        OT().fuse([small, wide], family("hf_gpt2").graph(small), 0, Calibration(lambda: iter(data), lambda b: b), settings)
+        fused([small, wide], ["stream", "heads"], batches=4)

@@ -62,8 +62,9 @@ def compute_maps(
     def cross(rule: OTRule) -> torch.Tensor | None:
         return stats[rule.name].cross if settings.maps == "orthogonal" else None
 
+    ablated = set(settings.align) != set(ALIGNABLE)  # the default aligns every kind: no rule is classified
     for rule in plan.rules if rules is None else rules:
-        if not isinstance(rule, CombineRule) and _kind(rule, graph, plan) not in settings.align:
+        if ablated and not isinstance(rule, CombineRule) and _kind(rule, graph, plan) not in settings.align:
             maps.update(_identities(rule, cost))
         elif isinstance(rule, OTRule) and settings.maps == "orthogonal" and rule.name == graph.stream:
             maps[rule.name] = procrustes(stats[rule.name].cross, graph.rotations == "centred", rule.name)
