@@ -49,14 +49,25 @@ def test_the_command(tmp_path: Path):
     assert bad.returncode == 2 and "unknown argument 'seed=3'" in bad.stderr
 
 
-def test_qwen3_passes_the_llama_familys_self_test():
-    """Qwen3: the LLaMA layout with per-head q_norm / k_norm whose gain every head shares."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+@pytest.mark.parametrize("variant", ["qwen3", "llama"])
+def test_recipe_llamas_and_qwen3s_pass_the_llama_familys_self_test(variant):
+    """``model.variant=qwen3`` (qwen3_plays's parents): the LLaMA layout with per-head q_norm / k_norm
+    whose gain every head shares."""
+    from types import SimpleNamespace
 
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
+    from tfuse.data.tokenizer import train_bpe
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs/model/hf_llama.yaml")
+    cfg.merge_with({"hidden_size": 32, "mlp_size": 48, **({"variant": variant} if variant != "llama" else {})})
+    task = SimpleNamespace(tokenizer=train_bpe(["a few words of text " * 20], 80), max_length=16)
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model = family("hf_llama").build(cfg, task)
+    assert type(model) is {"qwen3": Qwen3ForCausalLM, "llama": LlamaForCausalLM}[variant]
+    assert model.config.head_dim == 8 and hasattr(model.model.layers[0].self_attn, "q_norm") == (variant == "qwen3")
     checks = self_test(model, family("hf_llama").graph)
     assert all(c.passed for c in checks), [c for c in checks if not c.passed]
 

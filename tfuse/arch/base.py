@@ -104,6 +104,14 @@ def checkpoint_config(path: str, label: str, family: str) -> dict:
     return config
 
 
+def variant(cfg, variants: dict, default: str):
+    """The (config class, model class) that ``model.variant`` names for recipe parents."""
+    name = cfg.get("variant", default)
+    if name not in variants:
+        raise TfuseError(f"model.variant={name!r} is not known; allowed: {', '.join(sorted(variants))}")
+    return variants[name]
+
+
 def widened_hf(model: nn.Module, key: str, units: int | float) -> nn.Module:
     """``widened`` for a transformers model whose config names its MLP width ``key`` (dotted: in a
     sub-config, e.g. ``vision_config.intermediate_size``): the same class and config, that width

@@ -39,10 +39,9 @@ from transformers import (
     Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaForCausalLM,
 )
 
-from tfuse.arch.base import checkpoint_config, widened_hf
+from tfuse.arch.base import checkpoint_config, variant, widened_hf
 from tfuse.arch.hf_llama import graph as llama_graph
 from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
-from tfuse.errors import TfuseError
 from tfuse.fusion.graph import FlowGraph
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
@@ -55,10 +54,7 @@ causal_lm = True
 def build(cfg, task) -> nn.Module:
     """A fresh Gemma 2 or Gemma 3 (``model.variant``) from the ``model`` config group for a
     causal-LM task's tokenizer."""
-    variant = cfg.get("variant", "gemma3")
-    if variant not in VARIANTS:
-        raise TfuseError(f"model.variant={variant!r} is not known; allowed: {', '.join(VARIANTS)}")
-    config_class, model_class = VARIANTS[variant]
+    config_class, model_class = variant(cfg, VARIANTS, "gemma3")
     tokenizer = task.tokenizer
     config = config_class(
         vocab_size=len(tokenizer),

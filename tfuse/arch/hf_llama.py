@@ -23,23 +23,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
-from tfuse.arch.base import checkpoint_config, widened_hf
+from tfuse.arch.base import checkpoint_config, variant, widened_hf
 from tfuse.arch.tokenized import attach_tokenizer, load_causal_lm, load_tokenizer, save, special_ids, tokenizer_of
 from tfuse.fusion.graph import FlowGraph, GraphBuilder, In, Linear, Out, Probe, TokenLayout
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the family's text functions
 
 CLASSES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+VARIANTS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 causal_lm = True
 
 
-def build(cfg, task) -> LlamaForCausalLM:
-    """A fresh LLaMA from the ``model`` config group for a causal-LM task's tokenizer."""
+def build(cfg, task) -> nn.Module:
+    """A fresh LLaMA or Qwen3 (``model.variant``) from the ``model`` config group for a causal-LM
+    task's tokenizer."""
+    config_class, model_class = variant(cfg, VARIANTS, "llama")
     tokenizer = task.tokenizer
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.mlp_size,
@@ -54,7 +57,7 @@ def build(cfg, task) -> LlamaForCausalLM:
         rope_theta=cfg.get("rope_theta", 10000.0),
         **special_ids(tokenizer),
     )
-    return attach_tokenizer(LlamaForCausalLM(config), tokenizer)
+    return attach_tokenizer(model_class(config), tokenizer)
 
 
 def graph(model: nn.Module) -> FlowGraph:
