@@ -46,7 +46,9 @@ class Family(Protocol):
 
     def widened(self, model: nn.Module, units: int) -> nn.Module:
         """A model like ``model`` whose MLPs have ``units`` hidden units (weights to be filled:
-        ``fusion.width``)."""
+        ``fusion.width``). A family whose head width is free of the stream's sets
+        ``widens_heads = True`` and takes ``heads=(query heads, key/value heads)`` too, ``units``
+        None keeping the MLPs (``fusion.widen=[heads]``)."""
 
 
 @runtime_checkable
@@ -112,13 +114,25 @@ def variant(cfg, variants: dict, default: str):
     return variants[name]
 
 
-def widened_hf(model: nn.Module, key: str, units: int | float) -> nn.Module:
+def widened_hf(model: nn.Module, key: str, units: int | float | None, heads: tuple[int, int] | None = None
+               ) -> nn.Module:
     """``widened`` for a transformers model whose config names its MLP width ``key`` (dotted: in a
     sub-config, e.g. ``vision_config.intermediate_size``): the same class and config, that width
-    set, in the model's dtype and device, with its tokenizer."""
+    set (None: kept) and with ``heads``, ``num_attention_heads`` and ``num_key_value_heads``, in the
+    model's dtype and device, with its tokenizer."""
     config = copy.deepcopy(model.config)
-    *path, last = key.split(".")
-    setattr(functools.reduce(getattr, path, config), last, units)
+    if units is not None:
+        *path, last = key.split(".")
+        setattr(functools.reduce(getattr, path, config), last, units)
+    if heads is not None:
+        config.num_attention_heads, config.num_key_value_heads = heads
+        try:
+            config.validate()
+        except Exception as err:  # huggingface_hub's strict-dataclass errors carry transformers' reason
+            reason = str(err).strip().splitlines()[-1].strip()
+            raise TfuseError(f"fusion.widen=[...heads]: {heads[0]} query heads make no valid {type(config).__name__} "
+                             f"({reason}); choose a fusion.width whose head count divides hidden_size "
+                             f"{config.hidden_size}, or widen the MLPs only (fusion.widen=[mlp])") from err
     first = next(model.parameters())
     wide = type(model)(config).to(device=first.device, dtype=first.dtype).eval()
     if hasattr(model, "tfuse_tokenizer"):

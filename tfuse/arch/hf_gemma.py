@@ -49,6 +49,7 @@ __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the 
 CLASSES = (GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)
 VARIANTS = {"gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}
 causal_lm = True
+widens_heads = True  # head_dim is the config's own: more heads (fusion.widen) leave the stream as it is
 
 
 def build(cfg, task) -> nn.Module:
@@ -83,8 +84,8 @@ def graph(model: nn.Module) -> FlowGraph:
     return g
 
 
-def widened(model: nn.Module, units: int) -> nn.Module:
-    return widened_hf(model, "intermediate_size", units)
+def widened(model: nn.Module, units: int | None, heads: tuple[int, int] | None = None) -> nn.Module:
+    return widened_hf(model, "intermediate_size", units, heads)
 
 
 def tiny() -> Gemma3ForCausalLM:

@@ -35,6 +35,7 @@ __all__ = ["attach_tokenizer", "load_tokenizer", "save", "tokenizer_of"]  # the 
 CLASSES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
 VARIANTS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 causal_lm = True
+widens_heads = True  # head_dim is the config's own: more heads (fusion.widen) leave the stream as it is
 
 
 def build(cfg, task) -> nn.Module:
@@ -140,8 +141,8 @@ def gated_mlp_graph(g: GraphBuilder, mlp: str, name: str, reads: str, names: set
     return hidden, mlp_out
 
 
-def widened(model: nn.Module, units: int) -> nn.Module:
-    return widened_hf(model, "intermediate_size", units)
+def widened(model: nn.Module, units: int | None, heads: tuple[int, int] | None = None) -> nn.Module:
+    return widened_hf(model, "intermediate_size", units, heads)
 
 
 def tiny() -> LlamaForCausalLM:

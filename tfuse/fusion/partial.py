@@ -1,15 +1,18 @@
-"""Partial fusion (``fusion.width``): the MLPs' best-matched units merged, the rest of every
-parent's kept alongside, for a fused model between one parent's size (width 1) and all the
-parents' units (width N).
+"""Partial fusion (``fusion.width``, ``fusion.widen``): the best-matched MLP units (and, with
+``heads``, attention heads) merged, the rest of every parent's kept alongside, for a fused model
+between one parent's size (width 1) and all the parents' units (width N).
 
-After alignment, unit ``j`` of every aligned parent is matched to the anchor's unit ``j``. Each
-such group is ranked by its transport cost (the parents' costs to the anchor under their maps);
-the ``k`` cheapest groups are merged (averaged, as in plain fusion) and every other group keeps
-one unit per parent, so an MLP of ``n`` units becomes ``k + N (n - k)`` wide. Each aligned parent
-is widened without changing its function: a unit another parent owns gets that parent's input
-weights and no output weight, so the plain weighted average of the widened parents keeps each
-owned unit's input weights whole and scales its output by the owner's alpha. At width N no
-unit is merged and every MLP is the weighted sum of the parents' (aligned) MLPs.
+After alignment, unit ``j`` of every aligned parent is matched to the anchor's unit ``j``; a unit
+is an MLP neuron, or a key/value group of heads (a head without grouped-query attention) with
+all its query, key, value and output dimensions. Each such group is ranked by its transport cost
+(the parents' costs to the anchor under their maps; a head's is its value dimensions'); the
+``k`` cheapest groups are merged (averaged, as in plain fusion) and every other group keeps one
+unit per parent, so ``n`` units become ``k + N (n - k)``. Each aligned parent is widened without
+changing its function: a unit another parent owns gets that parent's input weights (a head: its
+query, key and value projections) and no output weight, so the plain weighted average of the
+widened parents keeps each owned unit's input weights whole and scales its output by the owner's
+alpha. At width N no unit is merged: every MLP and widened attention block is the weighted sum of
+the parents' (aligned) ones.
 """
 from __future__ import annotations
 
@@ -22,14 +25,24 @@ from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State
 from tfuse.fusion.cost import COSTS, CostInputs, normalize
 from tfuse.fusion.graph import FlowGraph, In, Out
-from tfuse.fusion.rules import OTRule, Plan
+from tfuse.fusion.rules import GroupedHeadRule, HeadRule, OTRule, Plan
+
+KINDS = ("mlp", "heads")  # fusion.widen: what partial fusion keeps apart
+
+
+@dataclass(frozen=True)
+class Units:
+    """Units widened together: per resolved space, the dimensions one unit spans, and each anchor
+    unit's cost."""
+
+    spans: dict[str, int]
+    cost: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Widths:
-    """The MLP spaces widened, their units, the groups merged, and the new width."""
+    """One kind's units per block before widening, the groups merged, and the units after."""
 
-    spaces: tuple[str, ...]
     units: int
     merged: int
     width: int
@@ -61,6 +74,35 @@ def group_costs(space: str, settings, stats, states: Sequence[State], anchor: in
     return total
 
 
+def head_units(graph: FlowGraph, plan: Plan, state: State, cost) -> list[Units]:
+    """Per attention block under whole-head maps (``fusion.qk=head_aware``): its key/value groups
+    as units over every resolved space of the block, each costed by its value dimensions'
+    ``cost(space)``."""
+    out = []
+    for rule in plan.rules:
+        if isinstance(rule, GroupedHeadRule):
+            groups, spaces = rule.kv_heads, [rule.q.name, rule.k.name, rule.v.name, rule.o]
+        elif isinstance(rule, HeadRule):
+            groups, spaces = rule.heads, [rule.qk.name, rule.v.name]
+        else:
+            continue
+        sizes = {space: _width(graph, plan, state, space) for space in spaces if space is not None}
+        value = cost(rule.v.name)
+        out.append(Units({space: n // groups for space, n in sizes.items()}, value.view(groups, -1).sum(1)))
+    if not out:
+        raise TfuseError("fusion.widen=[...heads]: the flow graph has no attention heads under whole-head maps to keep apart")
+    return out
+
+
+def _width(graph: FlowGraph, plan: Plan, state: State, resolved: str) -> int:
+    """The dimensions of a resolved space, read from a parameter axis of ``state`` that carries it."""
+    for name, axes in graph.params.items():
+        for axis, spec in enumerate(axes):
+            if spec is not None and plan.where[spec.space][0] == resolved:
+                return state[name].shape[axis]
+    raise TfuseError(f"space '{resolved}': no parameter gives its width")
+
+
 def widths(factor: float, units: int, parents: int) -> tuple[int, int]:
     """(merged groups, new width) for ``fusion.width=factor``: ``k + N (n - k)`` closest to
     ``factor x n``."""
@@ -71,17 +113,25 @@ def widths(factor: float, units: int, parents: int) -> tuple[int, int]:
     return merged, merged + parents * (units - merged)
 
 
-def widen(aligned: Sequence[State], graph: FlowGraph, plan: Plan, costs: dict[str, torch.Tensor], factor: float
-          ) -> tuple[list[State], Widths]:
-    """Every aligned parent widened in the MLP spaces of ``costs``, function kept."""
+def widen(aligned: Sequence[State], graph: FlowGraph, plan: Plan, kinds: dict[str, list[Units]], factor: float
+          ) -> tuple[list[State], dict[str, Widths]]:
+    """Every aligned parent widened in the units of ``kinds`` (``mlp``, ``heads``), function kept."""
     n_parents = len(aligned)
-    sizes = {len(c) for c in costs.values()}
-    if len(sizes) != 1:
-        raise TfuseError("fusion.width needs every MLP of one width (a model config has one)")
-    units = sizes.pop()
-    merged, width = widths(factor, units, n_parents)
-    order = {space: torch.argsort(c, stable=True) for space, c in costs.items()}
-    keep = {space: (o[:merged].sort().values, o[merged:].sort().values) for space, o in order.items()}
+    keep: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    shapes = {}
+    for kind, sets in kinds.items():
+        sizes = {len(u.cost) for u in sets}
+        if len(sizes) != 1:
+            raise TfuseError(f"fusion.widen={kind} needs every block of one width (a model config has one)")
+        units = sizes.pop()
+        merged, width = widths(factor, units, n_parents)
+        shapes[kind] = Widths(units, merged, width)
+        for u in sets:
+            order = torch.argsort(u.cost, stable=True)
+            both, alone = order[:merged].sort().values, order[merged:].sort().values
+            for space, span in u.spans.items():
+                dims = lambda idx: (idx[:, None] * span + torch.arange(span)).flatten()  # noqa: E731
+                keep[space] = (dims(both), dims(alone))
     out = []
     for p, state in enumerate(aligned):
         wide = dict(state)
@@ -98,4 +148,4 @@ def widen(aligned: Sequence[State], graph: FlowGraph, plan: Plan, costs: dict[st
                     pieces.append(piece if not isinstance(spec, In) or q == p else torch.zeros_like(piece))
                 wide[name] = torch.cat(pieces, dim=axis)
         out.append(wide)
-    return out, Widths(tuple(costs), units, merged, width)
+    return out, shapes

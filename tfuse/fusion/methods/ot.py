@@ -18,7 +18,7 @@ from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import ALIGNABLE, compute_maps
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.learned import Objective, learn_maps
-from tfuse.fusion.partial import Widths, group_costs, mlp_spaces, widen, widths
+from tfuse.fusion.partial import KINDS, Units, Widths, group_costs, head_units, mlp_spaces, widen, widths
 from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
 from tfuse.fusion.residual import RESIDUALS
@@ -55,6 +55,7 @@ class OTSettings(FusionSettings):
     maps: str = "permutation"  # orthogonal: the stream rotated (Procrustes), the parents' norm gains folded first
     align: Sequence[str] = ALIGNABLE  # the kinds of space aligned (stream, heads, mlp); the rest keep the identity
     width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
+    widen: Sequence[str] = ("mlp",)  # what fusion.width keeps apart: mlp, heads (whole key/value groups)
     learn_steps: int = 0  # learned alignment: steps training the maps on the interpolated model's loss
     learn_lr: float = 0.01  # Adam, on the permutations' scores and the rotations' generators
     learn_eval: int = 50  # validation of the midpoint every this many steps (the best maps are kept)
@@ -85,6 +86,12 @@ class OTSettings(FusionSettings):
         if unknown:
             raise TfuseError(f"fusion.align={list(self.align)}: {unknown[0]!r} is not a kind of space; choose from "
                              f"{', '.join(ALIGNABLE)}")
+        self.widen = (self.widen,) if isinstance(self.widen, str) else tuple(self.widen)
+        if not self.widen or any(kind not in KINDS for kind in self.widen):
+            raise TfuseError(f"fusion.widen={list(self.widen)}: choose one or more of {', '.join(KINDS)}")
+        if "heads" in self.widen and self.qk != "head_aware":
+            raise TfuseError("fusion.widen=[...heads] keeps whole heads apart, which needs whole-head maps: "
+                             "set fusion.qk=head_aware")
         if self.learn_steps and set(self.align) != set(ALIGNABLE):
             raise TfuseError(f"fusion.align={list(self.align)} keeps some spaces unaligned, which fusion.learn_steps "
                              "would align; learn with every space aligned")
@@ -109,7 +116,13 @@ class OT(Method):
         if settings.width != 1:
             from tfuse.arch import family_for  # the family builds the wider model; the engine names no layer
 
-            widened = lambda units: family_for(models[anchor]).widened(models[anchor], units)  # noqa: E731
+            fam = family_for(models[anchor])
+            if "heads" in settings.widen and not getattr(fam, "widens_heads", False):
+                raise TfuseError(f"fusion.widen=[...heads]: {fam.__name__.rsplit('.', 1)[-1]} derives each head's width "
+                                 "from the stream's (hidden_size / heads), so more heads would need a wider stream; "
+                                 "widen the MLPs only (fusion.widen=[mlp])")
+            widened = lambda units, heads: (  # noqa: E731
+                fam.widened(models[anchor], units) if heads is None else fam.widened(models[anchor], units, heads=heads))
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
                        calibration.total, calibration.repair, calibration.cache, calibration.competence, widened,
                        calibration.objective)
@@ -126,11 +139,11 @@ def ot_fuse(
     repair_calibration: Callable[[], Iterable[Batch]] | None = None,
     cache: StatisticsCache | None = None,
     competence: Callable | None = None,
-    widened: Callable[[int], nn.Module] | None = None,
+    widened: Callable[[int | None, tuple[int, int] | None], nn.Module] | None = None,
     objective: Objective | None = None,
 ) -> FusionOutcome:
     """Fuse ``models`` into the anchor's architecture (with ``fusion.width``, the anchor's with
-    wider MLPs: ``widened(units)``, ``partial.py``). With ``fusion.learn_steps``, the maps are
+    wider MLPs and heads: ``widened(units, (heads, kv_heads))``, ``partial.py``). With ``fusion.learn_steps``, the maps are
     then refined on ``objective`` (``learned.py``).
 
     Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
@@ -209,26 +222,35 @@ def _learn(models, graph, plan, settings, anchor, maps, weights, objective, info
 
 
 def _partial(models, graph, plan, settings, stats, anchor, maps, weights, widened, info):
-    """``fusion.width``: the fused model with wider MLPs (``partial.py``), and its repair targets,
-    the aligned parents widened alike (function kept)."""
+    """``fusion.width``: the fused model with wider MLPs (and heads: ``fusion.widen``,
+    ``partial.py``), and its repair targets, the aligned parents widened alike (function kept)."""
     if widened is None:
         raise TfuseError("fusion.width: no way to build the wider model was given")
     movers = [i for i in range(len(models)) if i != anchor]
     pairs = {i: stats.pairs[k] for k, i in enumerate(movers)} if stats else None
     states = [parameters(m, graph) for m in models]
-    costs = {s: group_costs(s, settings, pairs, states, anchor, graph, plan, maps) for s in mlp_spaces(graph, plan)}
-    if not costs:
-        raise TfuseError("fusion.width: the flow graph has no MLP units to keep apart")
+    cost = lambda space: group_costs(space, settings, pairs, states, anchor, graph, plan, maps)  # noqa: E731
+    kinds = {}
+    if "mlp" in settings.widen:
+        kinds["mlp"] = [Units({s: 1}, cost(s)) for s in mlp_spaces(graph, plan)]
+        if not kinds["mlp"]:
+            raise TfuseError("fusion.width: the flow graph has no MLP units to keep apart; drop mlp from fusion.widen")
+    if "heads" in settings.widen:
+        kinds["heads"] = head_units(graph, plan, states[anchor], cost)
 
-    def wide() -> tuple[list, Widths]:
+    def wide() -> tuple[list, dict[str, Widths]]:
         aligned = [states[i] if i == anchor else align(states[i], graph, plan, maps[i].raw) for i in range(len(models))]
-        return widen(aligned, graph, plan, costs, settings.width)
+        return widen(aligned, graph, plan, kinds, settings.width)
 
-    parents, shape = wide()
-    template = widened(shape.width)
+    parents, shapes = wide()
+    heads = None
+    if "heads" in shapes:
+        att = graph.attention[0]
+        heads = (shapes["heads"].width * (att.heads // (att.kv_heads or att.heads)), shapes["heads"].width)
+    template = widened(shapes["mlp"].width if "mlp" in shapes else None, heads)
     fused = with_state(template, average(parents, weights), graph)
     del parents
-    info["width"] = {"factor": settings.width, "units": shape.units, "merged": shape.merged, "width": shape.width,
+    info["width"] = {"factor": settings.width, **{kind: vars(shape) for kind, shape in shapes.items()},
                      "parameters": sum(p.numel() for p in fused.parameters())}
     return fused, lambda: [with_state(template, s, graph) for s in wide()[0]]
 
