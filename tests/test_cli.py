@@ -40,6 +40,10 @@ def test_end_to_end_fusion_writes_results_and_ot_beats_vanilla(first_run: Path, 
     assert set(results["one_shot_val"]) == set(one_shot)  # what settings are selected on
     assert results["one_shot_val"]["ot"]["accuracy"] != one_shot["ot"]["accuracy"] or results["one_shot_val"]["parent_0"] != one_shot["parent_0"]
     assert {"parents", "fuse", "fuse.statistics", "fuse.transport", "finetune_ot"} <= set(results["timings"])
+    cost = results["inference"]  # the cost axis of a quality-against-cost curve; the ensemble runs both parents
+    assert set(cost) == set(one_shot) and all(c["ms_per_1k_examples"] > 0 for c in cost.values())
+    assert cost["ensemble"]["parameters"] == cost["parent_0"]["parameters"] + cost["parent_1"]["parameters"]
+    assert cost["ot"]["parameters"] == cost["parent_0"]["parameters"]
     assert results["settings"]["qk"] == "head_aware" and results["settings"]["reg"] == 0.08
     assert (first_run / ".hydra" / "config.yaml").exists()
     fused = ViTForImageClassification.from_pretrained(first_run / "fused")

@@ -181,6 +181,8 @@ def test_runs_differing_only_in_seeds_are_grouped_with_mean_std_and_count(tmp_pa
             results = scores(ot[reg][k])
             results["one_shot"]["vanilla"]["accuracy"] = vf[reg][k]
             results["one_shot_val"] = {"ot": {"accuracy": ot[reg][k] - 0.01}, "vanilla": {"accuracy": vf[reg][k]}}
+            results["inference"] = {"ot": {"parameters": 1000, "ms_per_1k_examples": 5.0 + k},
+                                    "ensemble": {"parameters": 2000, "ms_per_1k_examples": 10.0 + k}}
             make_job(root, index, ["+experiment=vit_mnist", f"fusion.reg={reg}", f"parent_seeds={pair}"], results)
             index += 1
     paths = run_report(str(root), console=quiet())
@@ -194,6 +196,8 @@ def test_runs_differing_only_in_seeds_are_grouped_with_mean_std_and_count(tmp_pa
         assert table.loc[i, "one_shot/ot-vanilla/accuracy/mean"] == pytest.approx(paired.mean())
         assert table.loc[i, "one_shot/ot-vanilla/accuracy/std"] == pytest.approx(paired.std(ddof=1))
         assert table.loc[i, "one_shot_val/ot/accuracy/mean"] == pytest.approx(expect.mean() - 0.01)
+        assert table.loc[i, "inference/ot/ms_per_1k_examples/mean"] == pytest.approx(6.0)  # the cost axis
+        assert table.loc[i, "inference/ensemble/parameters/mean"] == 2000
     markdown = paths["seeds_md"].read_text()
     assert "0.74 +- 0.04" in markdown and "| runs |" in markdown
     assert len(pd.read_csv(paths["csv"])) == 6  # the per-run table is unchanged

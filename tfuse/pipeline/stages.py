@@ -19,6 +19,7 @@ from tfuse.parents import obtain_parents, parent_shards
 from tfuse.pipeline.finetune import plot_curves, steps_to_beat
 from tfuse.pipeline.runtime import Stopwatch, resolve_device, seed_everything
 from tfuse.pipeline.scores import class_scores, tested
+from tfuse.pipeline.speed import inference_cost
 from tfuse.pipeline.state import Baseline, Fused, Setup, Tuned
 from tfuse.tasks import build_task
 from tfuse.tasks.base import Task
@@ -189,6 +190,10 @@ def collect_results(setup: Setup, baseline: Baseline, fused: Fused, tuned: Tuned
     }
     if setup.partition is not None:
         results["partition"] = setup.partition
+    if setup.lazy is None:  # streamed parents are never held whole
+        parents = {f"parent_{i}": [m] for i, m in enumerate(setup.models)}
+        results["inference"] = inference_cost(task, parents | {"ensemble": setup.models} | {
+            name: [m] for name, m in fused.models.items()}, settings.batch_size, settings.seed)
     if hasattr(task, "evaluate_with_predictions"):
         results.update(class_scores(setup, baseline, fused, tuned))
     if hasattr(task, "continuation"):

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tfuse.report.runs import STAGES, Report, is_barrier, is_numeric, unique
 
-STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--", "finetuned_val": "-."}
+STAGE_STYLES = {"one_shot": "-", "one_shot_val": ":", "finetuned": "--", "finetuned_val": "-.", "inference": ":"}
 PLOT_GROUP_MODEL = "ot"
 
 

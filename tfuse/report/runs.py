@@ -15,7 +15,7 @@ import yaml
 
 from tfuse.errors import TfuseError
 
-STAGES = ("one_shot", "one_shot_val", "finetuned", "finetuned_val")
+STAGES = ("one_shot", "one_shot_val", "finetuned", "finetuned_val", "inference")  # inference: parameters, ms per 1k
 SHARDS = {"one_shot": "by_shard", "finetuned": "by_shard_finetuned"}  # stage -> results key of own/rest scores
 BARRIERS = ("barrier", "barrier_at_half", "midpoint_barrier")  # interpolation's loss barriers; lower is better
 _MISSING = object()
