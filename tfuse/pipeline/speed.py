@@ -17,9 +17,9 @@ REPEATS = 5  # timed passes of each entry after a warm-up; the median is kept (m
 
 def inference_cost(task, models: dict[str, Sequence[nn.Module]], batch_size: int, seed: int) -> dict:
     """Per named entry (one model, or an ensemble's members, each run): parameters and the median
-    milliseconds of its forward passes (``task.predict``) over one calibration batch, per 1,000
-    tokens or examples."""
-    batch = next(iter(task.calibration_batches(batch_size, batch_size, seed)))
+    milliseconds of its forward passes (``task.predict``) over one training batch (labelled, as
+    ``predict`` needs), per 1,000 tokens or examples."""
+    batch = next(iter(task.train_batches(batch_size, seed)))
     inputs = task.model_inputs(batch)
     if "input_ids" in inputs:
         mask = inputs.get("attention_mask")
