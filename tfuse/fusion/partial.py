@@ -103,6 +103,11 @@ def _width(graph: FlowGraph, plan: Plan, state: State, resolved: str) -> int:
     raise TfuseError(f"space '{resolved}': no parameter gives its width")
 
 
+def _dims(units: torch.Tensor, span: int) -> torch.Tensor:
+    """The dimensions of ``units`` that span ``span`` consecutive dimensions each."""
+    return (units[:, None] * span + torch.arange(span)).flatten()
+
+
 def widths(factor: float, units: int, parents: int) -> tuple[int, int]:
     """(merged groups, new width) for ``fusion.width=factor``: ``k + N (n - k)`` closest to
     ``factor x n``."""
@@ -130,8 +135,7 @@ def widen(aligned: Sequence[State], graph: FlowGraph, plan: Plan, kinds: dict[st
             order = torch.argsort(u.cost, stable=True)
             both, alone = order[:merged].sort().values, order[merged:].sort().values
             for space, span in u.spans.items():
-                dims = lambda idx: (idx[:, None] * span + torch.arange(span)).flatten()  # noqa: E731
-                keep[space] = (dims(both), dims(alone))
+                keep[space] = (_dims(both, span), _dims(alone, span))
     out = []
     for p, state in enumerate(aligned):
         wide = dict(state)
