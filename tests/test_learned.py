@@ -81,3 +81,25 @@ def test_the_image_tasks_own_loss_runs_on_a_model_holding_stand_ins():
         got.sum().backward()
     torch.testing.assert_close(got, want)
     assert all(t.grad is not None for t in stand_ins.values()) and set(parameters(model)) == set(stand_ins)
+
+
+def test_weight_matchings_permutations_are_refined_alike(pair):
+    """A refinement stage after weight matching too: its matched permutations are the start, and
+    the kept maps are still symmetries of the parent."""
+    from tfuse.fusion.methods import Calibration
+    from tfuse.fusion.methods.weight_matching import WeightMatching, WeightMatchingSettings
+
+    task, models = pair
+    graph = family("hf_vit").graph(models[0])
+    calibration = Calibration(batches_of(task.x, 16), lambda b: b, objective=objective(task))
+    matched = WeightMatching().fuse(models, graph, 0, calibration, WeightMatchingSettings())
+    outcome = WeightMatching().fuse(models, graph, 0, calibration,
+                                    WeightMatchingSettings(learn_steps=30, learn_lr=0.5, learn_eval=10))
+    learned = outcome.info["learned"][0]
+    start, *after = learned["val_loss"]
+    assert start == pytest.approx(task.evaluate(matched.model, "val")["loss"], rel=1e-5)
+    assert learned["kept"] == "learned" and min(after) < start - 0.05 and "stream" in learned["learned_spaces"]
+    assert task.evaluate(outcome.model, "val")["loss"] == pytest.approx(min(after), rel=1e-5)
+    with torch.no_grad():
+        aligned = outcome.aligned()[1](pixel_values=task.x).logits
+        torch.testing.assert_close(aligned, models[1](pixel_values=task.x).logits, atol=1e-3, rtol=1e-3)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -30,15 +30,32 @@ from torch import nn
 
 from tfuse.checkpoint import aliases_of
 from tfuse.errors import TfuseError
-from tfuse.fusion.apply import State, align
+from tfuse.fusion.apply import State, align, average
 from tfuse.fusion.compact import CompactMaps, HardMap
-from tfuse.fusion.engine import with_state
+from tfuse.fusion.engine import parameters, timed, with_state
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.rules import OTRule, Plan
 
 Batch = dict[str, torch.Tensor]
 MARGIN = 5.0  # the starting permutation's score is log(n) + MARGIN: its relaxation starts with ~99% of each row
 SINKHORN_STEPS = 20
+
+
+@dataclass
+class LearnSettings:
+    """``fusion.learn_*``, for the methods whose maps learning refines (OT, weight matching)."""
+
+    learn_steps: int = 0  # learned alignment: steps training the maps on the interpolated model's loss
+    learn_lr: float = 0.01  # Adam, on the permutations' scores and the rotations' generators
+    learn_eval: int = 50  # validation of the midpoint every this many steps (the best maps are kept)
+
+    def check_learning(self, stream: bool) -> None:
+        if self.learn_steps < 0 or not self.learn_lr > 0:
+            raise TfuseError(f"fusion.learn_steps={self.learn_steps} must be >= 0 and fusion.learn_lr={self.learn_lr} "
+                             "positive")
+        if self.learn_steps and (stream or self.learn_eval < 1):
+            raise TfuseError(f"fusion.learn_steps={self.learn_steps} refines the maps of whole models: it needs "
+                             "fusion.learn_eval >= 1, without fusion.stream")
 
 
 @dataclass
@@ -181,6 +198,26 @@ def learn_maps(
             "learned_spaces": sorted(rotations | permutations),
             "passes": {"forward": steps, "backward": steps, "validation": evaluations}}
     return best_maps, info
+
+
+def refine(models: Sequence[nn.Module], graph: FlowGraph, plan: Plan, settings: LearnSettings, anchor: int,
+           maps: list[CompactMaps], weights: Sequence[float], objective: Objective | None, info: dict,
+           timings: dict[str, float], orthogonal: bool = False) -> nn.Module:
+    """``fusion.learn_steps``: every moved parent's maps refined (in place in ``maps``; what
+    learning did in ``info["learned"]``); the fused model the kept maps give."""
+    if objective is None:
+        raise TfuseError("fusion.learn_steps trains the maps on the task's loss, which this caller does not give")
+    anchor_state = parameters(models[anchor], graph)
+    info["learned"] = []
+    with timed(timings, "learn", models[anchor]):
+        for i in (i for i in range(len(models)) if i != anchor):
+            maps[i], learned = learn_maps(models[anchor], anchor_state, parameters(models[i], graph), graph, plan, maps[i],
+                                          objective, settings.learn_steps, settings.learn_lr, settings.learn_eval,
+                                          settings.seed + i, orthogonal)
+            info["learned"].append(learned)
+    aligned = [anchor_state if i == anchor else align(parameters(m, graph), graph, plan, maps[i].raw)
+               for i, m in enumerate(models)]
+    return with_state(models[anchor], average(aligned, weights), graph)
 
 
 def _compact(current: dict) -> CompactMaps:

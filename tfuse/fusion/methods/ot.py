@@ -17,7 +17,7 @@ from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair
 from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import ALIGNABLE, compute_maps
 from tfuse.fusion.methods import METHODS, Method
-from tfuse.fusion.learned import Objective, learn_maps
+from tfuse.fusion.learned import LearnSettings, Objective, refine
 from tfuse.fusion.partial import KINDS, Units, Widths, group_costs, head_units, mlp_spaces, widen, widths
 from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
@@ -33,7 +33,7 @@ Batch = dict[str, torch.Tensor]
 
 
 @dataclass
-class OTSettings(FusionSettings):
+class OTSettings(FusionSettings, LearnSettings):
     """OT fusion's knobs (``configs/fusion/ot.yaml``); defaults are the paper's released ones."""
 
     CHOICES: ClassVar[dict[str, Collection[str]]] = {
@@ -56,9 +56,6 @@ class OTSettings(FusionSettings):
     align: Sequence[str] = ALIGNABLE  # the kinds of space aligned (stream, heads, mlp); the rest keep the identity
     width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
     widen: Sequence[str] = ("mlp",)  # what fusion.width keeps apart: mlp, heads (whole key/value groups)
-    learn_steps: int = 0  # learned alignment: steps training the maps on the interpolated model's loss
-    learn_lr: float = 0.01  # Adam, on the permutations' scores and the rotations' generators
-    learn_eval: int = 50  # validation of the midpoint every this many steps (the best maps are kept)
     iterations: int = 1
     sinkhorn_iters: int = 2000
     sinkhorn_tol: float = 1e-2  # largest relative marginal error accepted from Sinkhorn
@@ -75,12 +72,12 @@ class OTSettings(FusionSettings):
             raise TfuseError("fusion.maps=orthogonal rotates the whole stream by one map from its activations: it needs "
                              "fusion.residual=global and fusion.cost=activations, without fusion.stream "
                              "(or set fusion.maps=permutation)")
-        if self.learn_steps < 0 or not self.learn_lr > 0 or self.width < 1:
-            raise TfuseError(f"fusion.learn_steps={self.learn_steps} must be >= 0, fusion.learn_lr={self.learn_lr} "
-                             f"positive and fusion.width={self.width} at least 1")
-        if self.learn_steps and (self.iterations != 1 or self.stream or self.learn_eval < 1):
+        self.check_learning(self.stream)
+        if self.width < 1:
+            raise TfuseError(f"fusion.width={self.width} must be at least 1")
+        if self.learn_steps and self.iterations != 1:
             raise TfuseError(f"fusion.learn_steps={self.learn_steps} refines the maps into the anchor: it needs "
-                             "fusion.iterations=1 and fusion.learn_eval >= 1, without fusion.stream")
+                             "fusion.iterations=1")
         self.align = (self.align,) if isinstance(self.align, str) else tuple(self.align)
         unknown = [kind for kind in self.align if kind not in ALIGNABLE]
         if unknown:
@@ -143,8 +140,8 @@ def ot_fuse(
     objective: Objective | None = None,
 ) -> FusionOutcome:
     """Fuse ``models`` into the anchor's architecture (with ``fusion.width``, the anchor's with
-    wider MLPs and heads: ``widened(units, (heads, kv_heads))``, ``partial.py``). With ``fusion.learn_steps``, the maps are
-    then refined on ``objective`` (``learned.py``).
+    wider MLPs and heads: ``widened(units, (heads, kv_heads))``, ``partial.py``). With
+    ``fusion.learn_steps``, the maps are then refined on ``objective`` (``learned.py``).
 
     Iteration 1 aligns every other parent to the anchor; each further iteration re-aligns every
     parent (anchor included) to the current fused model, an OT barycentre. ``fusion.repair`` then
@@ -187,7 +184,8 @@ def ot_fuse(
         movers = list(range(len(models)))
     info: dict = {"statistics": sources}
     if settings.learn_steps:
-        reference = _learn(models, graph, plan, settings, anchor, maps, weights, objective, info, timings)
+        reference = refine(models, graph, plan, settings, anchor, maps, weights, objective, info, timings,
+                           settings.maps == "orthogonal")
     if settings.signs and plan.signed:
         info["sign_flips"] = [sign_flips(m, plan.signed) for i, m in enumerate(maps) if i != anchor or settings.iterations > 1]
     own = settings.iterations == 1  # the anchor, never moved, is its own aligned self: no copy of it
@@ -201,24 +199,6 @@ def ot_fuse(
     fits = repair_fused(reference, targets, weights, graph, settings, repair_calibration or calibration, model_inputs,
                         timings, info, cache, competence)
     return FusionOutcome(reference, maps, timings, fits, info, targets)
-
-
-def _learn(models, graph, plan, settings, anchor, maps, weights, objective, info, timings) -> nn.Module:
-    """``fusion.learn_steps``: every moved parent's maps refined (``learned.py``, in place in
-    ``maps``); the fused model they give."""
-    if objective is None:
-        raise TfuseError("fusion.learn_steps trains the maps on the task's loss, which this caller does not give")
-    anchor_state = parameters(models[anchor], graph)
-    info["learned"] = []
-    with timed(timings, "learn", models[anchor]):
-        for i in (i for i in range(len(models)) if i != anchor):
-            maps[i], learned = learn_maps(models[anchor], anchor_state, parameters(models[i], graph), graph, plan, maps[i],
-                                          objective, settings.learn_steps, settings.learn_lr, settings.learn_eval,
-                                          settings.seed + i, settings.maps == "orthogonal")
-            info["learned"].append(learned)
-    aligned = [anchor_state if i == anchor else align(parameters(m, graph), graph, plan, maps[i].raw)
-               for i, m in enumerate(models)]
-    return with_state(models[anchor], average(aligned, weights), graph)
 
 
 def _partial(models, graph, plan, settings, stats, anchor, maps, weights, widened, info):

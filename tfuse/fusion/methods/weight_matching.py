@@ -5,7 +5,8 @@ Each parent is permuted into the anchor's basis under the exact symmetries of a 
 permutation inside a head): coordinate descent over the flow graph's spaces, each step the linear
 assignment that maximises ``sum <W_anchor, P W_parent>`` over every weight that reads or writes
 that space, the others held at their current permutation, until a sweep changes none. Then the
-parents are averaged (and repaired, which alone reads data).
+parents are averaged (and repaired); with ``fusion.learn_steps``, the permutations are first
+refined on the interpolated model's loss (``learned.py``). Only those two stages read data.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from scipy.optimize import linear_sum_assignment
 
 from tfuse.errors import TfuseError
 from tfuse.fusion.apply import State, align, average
+from tfuse.fusion.compact import CompactMaps, HardMap
 from tfuse.fusion.engine import FusionOutcome, check_parents, parameters, repair_fused, timed, with_state
 from tfuse.fusion.graph import FlowGraph
+from tfuse.fusion.learned import LearnSettings, refine
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.methods.ot import OTSettings
 from tfuse.fusion.plan import make_plan
@@ -31,13 +34,14 @@ SYMMETRIES = OTSettings(solver="emd", cost="weights", residual="global", qk="hea
 
 
 @dataclass
-class WeightMatchingSettings(FusionSettings):
+class WeightMatchingSettings(FusionSettings, LearnSettings):
     """``configs/fusion/weight_matching.yaml``."""
 
     max_sweeps: int = 100  # coordinate-descent sweeps over every space at most
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_learning(self.stream)
         if self.max_sweeps < 1:
             raise TfuseError(f"fusion.max_sweeps={self.max_sweeps} must be at least 1")
 
@@ -53,22 +57,25 @@ class WeightMatching(Method):
         reference = parameters(models[anchor], graph)
         timings: dict[str, float] = {}
         with timed(timings, "match", models[anchor]):
-            maps: list[dict[str, torch.Tensor]] = [{} for _ in models]
+            maps: list[CompactMaps] = [CompactMaps() for _ in models]
             aligned: dict[int, State] = {anchor: reference}
             sweeps = []
             for i in (i for i in range(len(models)) if i != anchor):
                 state = parameters(models[i], graph)
                 perms, used = match_weights(state, reference, graph, plan, settings.max_sweeps, settings.seed)
-                maps[i] = {name: as_coupling(perm) for name, perm in perms.items()}
-                aligned[i] = align(state, graph, plan, maps[i])
+                for name, perm in perms.items():
+                    maps[i].raw[name] = HardMap(perm, None)
+                aligned[i] = align(state, graph, plan, maps[i].raw)
                 sweeps.append(used)
         weights = settings.weights(len(models))
         fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
         info: dict = {"sweeps": sweeps}
         del aligned  # rebuilt from the maps when asked for: the outcome keeps no aligned copies
+        if settings.learn_steps:
+            fused = refine(models, graph, plan, settings, anchor, maps, weights, calibration.objective, info, timings)
         targets = lambda: [  # noqa: E731
             models[i] if i == anchor
-            else with_state(models[anchor], align(parameters(models[i], graph), graph, plan, maps[i]), graph)
+            else with_state(models[anchor], align(parameters(models[i], graph), graph, plan, maps[i].raw), graph)
             for i in range(len(models))]
         fits = repair_fused(
             fused, targets, weights, graph, settings, calibration.repair_batches(), calibration.model_inputs, timings,
@@ -113,14 +120,6 @@ def match_weights(
         if not changed:
             return perms, sweep
     return perms, max_sweeps
-
-
-def as_coupling(perm: torch.Tensor) -> torch.Tensor:
-    """The permutation as a transport map (n_parent x n_reference, mass 1/n per matched pair)."""
-    n = perm.numel()
-    t = torch.zeros(n, n, dtype=torch.float64, device=perm.device)
-    t[perm, torch.arange(n, device=perm.device)] = 1.0 / n
-    return t
 
 
 def _sizes(state: State, reference: State, graph: FlowGraph, plan: Plan) -> dict[str, int]:
