@@ -108,3 +108,21 @@ def test_parents_with_different_tokenizers_are_one_line(tmp_path: Path):
     other = attach_tokenizer(GPT2LMHeadModel(config), tokenizer(["a", "c", "b"]))
     with pytest.raises(TfuseError, match="different tokenizers"):
         check_same_architecture([same[0], other], allow_widths=False)
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_preset_composes_into_a_known_family(name):
+    """Each preset composes (as ``tfuse fuse +experiment=NAME`` does) and names a family whose
+    recipe it can build; the presets a family owns for its checkpoints exist."""
+    from tfuse.arch import FAMILIES
+    from tfuse.config_keys import _compose
+    from tfuse.families import OWNERS
+
+    cfg = _compose([f"+experiment={name}"])
+    assert cfg.model.family in FAMILIES
+    if name == "qwen3_plays":
+        assert cfg.model.family == "hf_llama" and cfg.model.variant == "qwen3"
+    assert {owner.experiment for owner in OWNERS.values()} <= set(EXPERIMENTS)

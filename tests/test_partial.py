@@ -164,6 +164,8 @@ def test_a_middle_width_with_heads_merges_the_cheapest_group_and_reloads(tmp_pat
     batch = next(batches()())
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, outcome.model(**batch).logits)
+        for parent, aligned in zip(models, outcome.aligned()):  # a merged group, then each parent's own: function kept
+            torch.testing.assert_close(aligned(**batch).logits, parent(**batch).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_heads_are_widened_only_where_the_head_width_is_free():
@@ -175,3 +177,4 @@ def test_heads_are_widened_only_where_the_head_width_is_free():
         OTSettings(width=2.0, widen=["heads"])
     with pytest.raises(TfuseError, match=r"fusion.widen=\['stream'\]: choose one or more of mlp, heads"):
         OTSettings(width=2.0, widen=["stream"])
+    assert OTSettings(width=1.0, widen=["mlp", "heads"]).qk == "separate"  # width 1 widens nothing: a sweep's first point

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from tfuse.errors import TfuseError
@@ -44,7 +45,7 @@ class Family(Protocol):
     def tiny(self) -> nn.Module:
         """A small seeded random model of the family (``tfuse check-family`` without parents)."""
 
-    def widened(self, model: nn.Module, units: int) -> nn.Module:
+    def widened(self, model: nn.Module, units: int | None, heads: tuple[int, int] | None = None) -> nn.Module:
         """A model like ``model`` whose MLPs have ``units`` hidden units (weights to be filled:
         ``fusion.width``). A family whose head width is free of the stream's sets
         ``widens_heads = True`` and takes ``heads=(query heads, key/value heads)`` too, ``units``
@@ -128,7 +129,7 @@ def widened_hf(model: nn.Module, key: str, units: int | float | None, heads: tup
         config.num_attention_heads, config.num_key_value_heads = heads
         try:
             config.validate()
-        except Exception as err:  # huggingface_hub's strict-dataclass errors carry transformers' reason
+        except StrictDataclassError as err:
             reason = str(err).strip().splitlines()[-1].strip()
             raise TfuseError(f"fusion.widen=[...heads]: {heads[0]} query heads make no valid {type(config).__name__} "
                              f"({reason}); choose a fusion.width whose head count divides hidden_size "

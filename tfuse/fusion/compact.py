@@ -25,10 +25,11 @@ class HardMap:
         return (self.source.numel(), self.source.numel())
 
     def dense(self) -> torch.Tensor:
-        n = self.source.numel()
-        t = torch.zeros(n, n, dtype=torch.float64)
-        values = torch.full((n,), 1.0 / n, dtype=torch.float64) if self.sign is None else self.sign.double() / n
-        t[self.source, torch.arange(n)] = values
+        n, device = self.source.numel(), self.source.device
+        t = torch.zeros(n, n, dtype=torch.float64, device=device)
+        values = (torch.full((n,), 1.0 / n, dtype=torch.float64, device=device) if self.sign is None
+                  else self.sign.to(device).double() / n)
+        t[self.source, torch.arange(n, device=device)] = values
         return t
 
     def gather(self, w: torch.Tensor, axis: int, magnitude: bool = False) -> torch.Tensor:

@@ -10,7 +10,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class FusionOutcome:
     model: nn.Module
-    maps: list[dict[str, torch.Tensor]]  # per parent, against the final reference
+    maps: list[Mapping[str, torch.Tensor]]  # per parent, against the final reference (CompactMaps: dense on read)
     timings: dict[str, float] = field(default_factory=dict)
     repair: list[LayerFit] = field(default_factory=list)  # each refit layer's error before / after
     info: dict = field(default_factory=dict)  # what the method reports of itself (results.json ``methods``)

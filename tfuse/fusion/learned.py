@@ -50,6 +50,7 @@ class LearnSettings:
     learn_eval: int = 50  # validation of the midpoint every this many steps (the best maps are kept)
 
     def check_learning(self, stream: bool) -> None:
+        """The knobs in range; learning reads whole models (not ``fusion.stream``)."""
         if self.learn_steps < 0 or not self.learn_lr > 0:
             raise TfuseError(f"fusion.learn_steps={self.learn_steps} must be >= 0 and fusion.learn_lr={self.learn_lr} "
                              "positive")
@@ -200,11 +201,12 @@ def learn_maps(
     return best_maps, info
 
 
-def refine(models: Sequence[nn.Module], graph: FlowGraph, plan: Plan, settings: LearnSettings, anchor: int,
+def refine(models: Sequence[nn.Module], graph: FlowGraph, plan: Plan, settings, anchor: int,
            maps: list[CompactMaps], weights: Sequence[float], objective: Objective | None, info: dict,
            timings: dict[str, float], orthogonal: bool = False) -> nn.Module:
     """``fusion.learn_steps``: every moved parent's maps refined (in place in ``maps``; what
-    learning did in ``info["learned"]``); the fused model the kept maps give."""
+    learning did in ``info["learned"]``); the fused model the kept maps give. ``settings``: a
+    method's (``FusionSettings`` with ``LearnSettings``)."""
     if objective is None:
         raise TfuseError("fusion.learn_steps trains the maps on the task's loss, which this caller does not give")
     anchor_state = parameters(models[anchor], graph)

@@ -54,7 +54,7 @@ class OTSettings(FusionSettings, LearnSettings):
     signs: bool = False  # signed maps where the graph allows flips (RMSNorm streams, SwiGLU up/down, values)
     maps: str = "permutation"  # orthogonal: the stream rotated (Procrustes), the parents' norm gains folded first
     align: Sequence[str] = ALIGNABLE  # the kinds of space aligned (stream, heads, mlp); the rest keep the identity
-    width: float = 1.0  # partial fusion: the MLPs this many times the anchor's widths (1: merged; N: all units kept)
+    width: float = 1.0  # partial fusion: fusion.widen's units this many times the anchor's (1: merged; N: all kept)
     widen: Sequence[str] = ("mlp",)  # what fusion.width keeps apart: mlp, heads (whole key/value groups)
     iterations: int = 1
     sinkhorn_iters: int = 2000
@@ -86,7 +86,7 @@ class OTSettings(FusionSettings, LearnSettings):
         self.widen = (self.widen,) if isinstance(self.widen, str) else tuple(self.widen)
         if not self.widen or any(kind not in KINDS for kind in self.widen):
             raise TfuseError(f"fusion.widen={list(self.widen)}: choose one or more of {', '.join(KINDS)}")
-        if "heads" in self.widen and self.qk != "head_aware":
+        if "heads" in self.widen and self.width != 1 and self.qk != "head_aware":
             raise TfuseError("fusion.widen=[...heads] keeps whole heads apart, which needs whole-head maps: "
                              "set fusion.qk=head_aware")
         if self.learn_steps and set(self.align) != set(ALIGNABLE):
@@ -114,12 +114,15 @@ class OT(Method):
             from tfuse.arch import family_for  # the family builds the wider model; the engine names no layer
 
             fam = family_for(models[anchor])
-            if "heads" in settings.widen and not getattr(fam, "widens_heads", False):
-                raise TfuseError(f"fusion.widen=[...heads]: {fam.__name__.rsplit('.', 1)[-1]} derives each head's width "
-                                 "from the stream's (hidden_size / heads), so more heads would need a wider stream; "
-                                 "widen the MLPs only (fusion.widen=[mlp])")
             widened = lambda units, heads: (  # noqa: E731
                 fam.widened(models[anchor], units) if heads is None else fam.widened(models[anchor], units, heads=heads))
+            if "heads" in settings.widen:
+                if not getattr(fam, "widens_heads", False):
+                    raise TfuseError(f"fusion.widen=[...heads]: {fam.__name__.rsplit('.', 1)[-1]} derives each head's "
+                                     "width from the stream's (hidden_size / heads), so more heads would need a wider "
+                                     "stream; widen the MLPs only (fusion.widen=[mlp])")
+                groups = widths(settings.width, _groups(graph), len(models))[1]
+                widened(None, head_counts(graph, groups))  # an impossible head count ends the run before the statistics
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
                        calibration.total, calibration.repair, calibration.cache, calibration.competence, widened,
                        calibration.objective)
@@ -223,16 +226,27 @@ def _partial(models, graph, plan, settings, stats, anchor, maps, weights, widene
         return widen(aligned, graph, plan, kinds, settings.width)
 
     parents, shapes = wide()
-    heads = None
-    if "heads" in shapes:
-        att = graph.attention[0]
-        heads = (shapes["heads"].width * (att.heads // (att.kv_heads or att.heads)), shapes["heads"].width)
+    heads = head_counts(graph, shapes["heads"].width) if "heads" in shapes else None
     template = widened(shapes["mlp"].width if "mlp" in shapes else None, heads)
     fused = with_state(template, average(parents, weights), graph)
     del parents
     info["width"] = {"factor": settings.width, **{kind: vars(shape) for kind, shape in shapes.items()},
                      "parameters": sum(p.numel() for p in fused.parameters())}
     return fused, lambda: [with_state(template, s, graph) for s in wide()[0]]
+
+
+def _groups(graph: FlowGraph) -> int:
+    """Key/value groups per attention block (heads without grouped-query attention)."""
+    if not graph.attention:
+        raise TfuseError("fusion.widen=[...heads]: the flow graph has no attention heads to keep apart")
+    att = graph.attention[0]
+    return att.kv_heads or att.heads
+
+
+def head_counts(graph: FlowGraph, groups: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of ``groups`` key/value groups of the graph's attention."""
+    att = graph.attention[0]
+    return groups * (att.heads // _groups(graph)), groups
 
 
 def _statistics(

@@ -64,15 +64,17 @@ class WeightMatching(Method):
                 state = parameters(models[i], graph)
                 perms, used = match_weights(state, reference, graph, plan, settings.max_sweeps, settings.seed)
                 for name, perm in perms.items():
-                    maps[i].raw[name] = HardMap(perm, None)
-                aligned[i] = align(state, graph, plan, maps[i].raw)
+                    maps[i].raw[name] = HardMap(perm.cpu(), None)  # as OT keeps its hard maps
+                if not settings.learn_steps:
+                    aligned[i] = align(state, graph, plan, maps[i].raw)
                 sweeps.append(used)
         weights = settings.weights(len(models))
-        fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
         info: dict = {"sweeps": sweeps}
-        del aligned  # rebuilt from the maps when asked for: the outcome keeps no aligned copies
         if settings.learn_steps:
             fused = refine(models, graph, plan, settings, anchor, maps, weights, calibration.objective, info, timings)
+        else:
+            fused = with_state(models[anchor], average([aligned[i] for i in range(len(models))], weights), graph)
+        del aligned  # rebuilt from the maps when asked for: the outcome keeps no aligned copies
         targets = lambda: [  # noqa: E731
             models[i] if i == anchor
             else with_state(models[anchor], align(parameters(models[i], graph), graph, plan, maps[i].raw), graph)
