@@ -33,7 +33,7 @@ Batch = dict[str, torch.Tensor]
 
 
 @dataclass
-class OTSettings(FusionSettings, LearnSettings):
+class OTSettings(LearnSettings, FusionSettings):
     """OT fusion's knobs (``configs/fusion/ot.yaml``); defaults are the paper's released ones."""
 
     CHOICES: ClassVar[dict[str, Collection[str]]] = {

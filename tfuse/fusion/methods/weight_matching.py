@@ -34,7 +34,7 @@ SYMMETRIES = OTSettings(solver="emd", cost="weights", residual="global", qk="hea
 
 
 @dataclass
-class WeightMatchingSettings(FusionSettings, LearnSettings):
+class WeightMatchingSettings(LearnSettings, FusionSettings):
     """``configs/fusion/weight_matching.yaml``."""
 
     max_sweeps: int = 100  # coordinate-descent sweeps over every space at most
