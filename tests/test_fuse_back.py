@@ -11,16 +11,18 @@ import pytest
 import torch
 from transformers import (
     Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaForMaskedLM,
+    RobertaForSequenceClassification,
 )
 
 from conftest import fuse_in_process
 from tfuse.arch import family
 from tfuse.data.tokenizer import train_bpe, train_tokenizer
+from tfuse.errors import TfuseError
 from tfuse.selftest import off_init, outputs
 from tfuse.symmetry import symmetric_copy
 
 TEXT = "def function(argument): return the value of a Python expression " * 40
-SMALL = ("data=pydoc", "fusion.solver=emd", "fusion.repair=none", "finetune.steps=0", "fusion.samples=16",
+SMALL = ("fusion.solver=emd", "fusion.repair=none", "finetune.steps=0", "fusion.samples=16",
          "fusion.batch_size=8", "data.max_length=24", "data.max_train=40", "data.max_eval=16", "eval_batch_size=16",
          "device=cpu")
 
@@ -38,15 +40,18 @@ def gemma2(vocab: int) -> Gemma2ForCausalLM:
                                           final_logit_softcapping=1.5))
 
 
-def roberta(vocab: int) -> RobertaForMaskedLM:
-    return RobertaForMaskedLM(RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=48, max_position_embeddings=40))
+def roberta(vocab: int, head=RobertaForMaskedLM):
+    return head(RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=48, max_position_embeddings=40, num_labels=3))
 
 
-CASES = {  # class: (builder, family, tokenizer, transformation's signs, the family's experiment knobs)
-    "Qwen3ForCausalLM": (qwen3, "hf_llama", lambda: train_bpe([TEXT], 120), True, ("fusion.signs=true",)),
-    "Gemma2ForCausalLM": (gemma2, "hf_gemma", lambda: train_bpe([TEXT], 120), True, ("fusion.signs=true",)),
-    "RobertaForMaskedLM": (roberta, "hf_bert", lambda: train_tokenizer([TEXT], 120), False, ()),
+CASES = {  # class: (builder, family, tokenizer, transformation's signs, the data and knobs)
+    "Qwen3ForCausalLM": (qwen3, "hf_llama", lambda: train_bpe([TEXT], 120), True, ("data=pydoc", "fusion.signs=true")),
+    "Gemma2ForCausalLM": (gemma2, "hf_gemma", lambda: train_bpe([TEXT], 120), True, ("data=pydoc", "fusion.signs=true")),
+    "RobertaForMaskedLM": (roberta, "hf_bert", lambda: train_tokenizer([TEXT], 120), False, ("data=pydoc",)),
+    "RobertaForSequenceClassification": (  # on a classification task: a passage's genre (3 labels)
+        lambda vocab: roberta(vocab, RobertaForSequenceClassification), "hf_bert", lambda: train_tokenizer([TEXT], 120),
+        False, ("data=plays", "data.kind=text_classification")),
 }
 
 
@@ -73,3 +78,16 @@ def test_a_transformed_copy_fuses_back_through_the_cli_without_model(name, tmp_p
     torch.testing.assert_close(outputs(fused, {"input_ids": ids}), outputs(model, {"input_ids": ids}), atol=1e-5, rtol=0)
     assert results["one_shot"]["ot"] == pytest.approx(results["one_shot"]["parent_0"], rel=1e-4)
     assert json.loads((out / "results.json").read_text())["settings"]["repair"] == "none"
+
+
+def test_a_classifier_on_a_language_modelling_task_is_one_line(tmp_path: Path):
+    fam = family("hf_bert")
+    tokenizer = train_tokenizer([TEXT], 120)
+    torch.manual_seed(0)
+    for name in "ab":
+        fam.save(fam.attach_tokenizer(roberta(len(tokenizer), RobertaForSequenceClassification).eval(), tokenizer),
+                 str(tmp_path / name))
+    with pytest.raises(TfuseError, match="RobertaForSequenceClassification has no language-model head.*"
+                                         "data.kind=text_classification"):
+        fuse_in_process(tmp_path / "run", f"parents=[{tmp_path / 'a'},{tmp_path / 'b'}]", "data=pydoc", *SMALL,
+                        f"cache_dir={tmp_path / 'cache'}", f"statistics_dir={tmp_path / 'stats'}")

@@ -125,7 +125,12 @@ def head_inputs(model: nn.Module, inputs: Batch) -> torch.Tensor:
         seen.append(args[0])
         return (args[0][..., :0, :],)
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(capture)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TfuseError(f"{type(model).__name__} has no language-model head, so a language-modelling task cannot score "
+                         "it; fuse a sequence classifier on a classification task (data=plays "
+                         "data.kind=text_classification: a passage's genre, 3 labels)")
+    handle = head.register_forward_pre_hook(capture)
     try:
         model(**inputs)
     finally:
