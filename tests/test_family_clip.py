@@ -110,29 +110,33 @@ def test_a_headless_encoder_and_its_copy_fuse_back_to_it_and_its_ridge_probe(tmp
     assert one_shot["ot"]["accuracy"] == one_shot["parent_0"]["accuracy"]
 
 
+def tower_loads(checkpoint, model, folder: Path, held: str):
+    """``checkpoint`` carrying ``model``'s vision tower, saved and loaded by the family: marked
+    headless as its class, the tower's weights exactly ``model``'s."""
+    checkpoint.vision_model.load_state_dict(model.vision_model.state_dict())
+    checkpoint.save_pretrained(folder)
+    loaded = hf_clip.load(str(folder))
+    assert loaded.tfuse_headless == held
+    for name, w in model.vision_model.named_parameters():
+        torch.testing.assert_close(loaded.vision_model.get_parameter(name), w, atol=0, rtol=0)
+    return loaded
+
+
 def test_a_clip_models_vision_tower_loads_with_its_text_tower_unused(tmp_path: Path) -> None:
     model = clip(side=8)
     text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=40,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
     pair = CLIPModel(CLIPConfig(vision_config=model.config.vision_config.to_dict(), text_config=text, projection_dim=8))
-    pair.vision_model.load_state_dict(model.vision_model.state_dict())
-    pair.save_pretrained(tmp_path / "pair")
-    loaded = hf_clip.load(str(tmp_path / "pair"))
-    assert loaded.tfuse_headless == "CLIPModel" and not hasattr(loaded, "text_model")
-    for name, w in model.vision_model.named_parameters():
-        torch.testing.assert_close(loaded.vision_model.get_parameter(name), w, atol=0, rtol=0)
+    loaded = tower_loads(pair, model, tmp_path / "pair", "CLIPModel")
+    assert not hasattr(loaded, "text_model")
     assert not failed(self_test(loaded, hf_clip.graph))  # check-family on it: its placeholder head reads the encoder
 
 
 def test_a_vision_model_with_projection_loads_its_tower_with_the_projection_unused(tmp_path: Path) -> None:
     model = clip(side=8)
     tower = CLIPVisionModelWithProjection(model.config.vision_config)
-    tower.vision_model.load_state_dict(model.vision_model.state_dict())
-    tower.save_pretrained(tmp_path / "tower")
-    loaded = hf_clip.load(str(tmp_path / "tower"))
-    assert loaded.tfuse_headless == "CLIPVisionModelWithProjection" and not hasattr(loaded, "visual_projection")
-    for name, w in model.vision_model.named_parameters():
-        torch.testing.assert_close(loaded.vision_model.get_parameter(name), w, atol=0, rtol=0)
+    loaded = tower_loads(tower, model, tmp_path / "tower", "CLIPVisionModelWithProjection")
+    assert not hasattr(loaded, "visual_projection")
 
 
 def test_a_headless_parent_is_not_streamed(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ class Family(Protocol):
     def tiny(self) -> nn.Module:
         """A small seeded random model of the family (``tfuse check-family`` without parents)."""
 
-    def widened(self, model: nn.Module, units: int | None, heads: tuple[int, int] | None = None) -> nn.Module:
+    def widened(self, model: nn.Module, units: int) -> nn.Module:
         """A model like ``model`` whose MLPs have ``units`` hidden units (weights to be filled:
         ``fusion.width``). A family whose head width is free of the stream's sets
         ``widens_heads = True`` and takes ``heads=(query heads, key/value heads)`` too, ``units``

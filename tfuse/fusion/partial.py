@@ -74,10 +74,24 @@ def group_costs(space: str, settings, stats, states: Sequence[State], anchor: in
     return total
 
 
+def kv_groups(graph: FlowGraph) -> int:
+    """Key/value groups per attention block (heads without grouped-query attention)."""
+    if not graph.attention:
+        raise TfuseError("fusion.widen=[...heads]: the flow graph has no attention heads to keep apart")
+    att = graph.attention[0]
+    return att.kv_heads or att.heads
+
+
+def head_counts(graph: FlowGraph, groups: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of ``groups`` key/value groups of the graph's attention."""
+    return groups * (graph.attention[0].heads // kv_groups(graph)), groups
+
+
 def head_units(graph: FlowGraph, plan: Plan, state: State, cost) -> list[Units]:
     """Per attention block under whole-head maps (``fusion.qk=head_aware``): its key/value groups
     as units over every resolved space of the block, each costed by its value dimensions'
     ``cost(space)``."""
+    kv_groups(graph)  # a graph without attention is one line
     out = []
     for rule in plan.rules:
         if isinstance(rule, GroupedHeadRule):
@@ -89,8 +103,6 @@ def head_units(graph: FlowGraph, plan: Plan, state: State, cost) -> list[Units]:
         sizes = {space: _width(graph, plan, state, space) for space in spaces if space is not None}
         value = cost(rule.v.name)
         out.append(Units({space: n // groups for space, n in sizes.items()}, value.view(groups, -1).sum(1)))
-    if not out:
-        raise TfuseError("fusion.widen=[...heads]: the flow graph has no attention heads under whole-head maps to keep apart")
     return out
 
 

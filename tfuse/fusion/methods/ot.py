@@ -18,7 +18,9 @@ from tfuse.fusion.graph import FlowGraph
 from tfuse.fusion.maps import ALIGNABLE, compute_maps
 from tfuse.fusion.methods import METHODS, Method
 from tfuse.fusion.learned import LearnSettings, Objective, refine
-from tfuse.fusion.partial import KINDS, Units, Widths, group_costs, head_units, mlp_spaces, widen, widths
+from tfuse.fusion.partial import (
+    KINDS, Units, Widths, group_costs, head_counts, head_units, kv_groups, mlp_spaces, widen, widths,
+)
 from tfuse.fusion.plan import check_probes, make_plan
 from tfuse.fusion.qk import QK_MODES
 from tfuse.fusion.residual import RESIDUALS
@@ -121,7 +123,7 @@ class OT(Method):
                     raise TfuseError(f"fusion.widen=[...heads]: {fam.__name__.rsplit('.', 1)[-1]} derives each head's "
                                      "width from the stream's (hidden_size / heads), so more heads would need a wider "
                                      "stream; widen the MLPs only (fusion.widen=[mlp])")
-                groups = widths(settings.width, _groups(graph), len(models))[1]
+                groups = widths(settings.width, kv_groups(graph), len(models))[1]
                 widened(None, head_counts(graph, groups))  # an impossible head count ends the run before the statistics
         return ot_fuse(models, graph, settings, anchor, calibration.batches, calibration.model_inputs,
                        calibration.total, calibration.repair, calibration.cache, calibration.competence, widened,
@@ -233,20 +235,6 @@ def _partial(models, graph, plan, settings, stats, anchor, maps, weights, widene
     info["width"] = {"factor": settings.width, **{kind: vars(shape) for kind, shape in shapes.items()},
                      "parameters": sum(p.numel() for p in fused.parameters())}
     return fused, lambda: [with_state(template, s, graph) for s in wide()[0]]
-
-
-def _groups(graph: FlowGraph) -> int:
-    """Key/value groups per attention block (heads without grouped-query attention)."""
-    if not graph.attention:
-        raise TfuseError("fusion.widen=[...heads]: the flow graph has no attention heads to keep apart")
-    att = graph.attention[0]
-    return att.kv_heads or att.heads
-
-
-def head_counts(graph: FlowGraph, groups: int) -> tuple[int, int]:
-    """(query heads, key/value heads) of ``groups`` key/value groups of the graph's attention."""
-    att = graph.attention[0]
-    return groups * (att.heads // _groups(graph)), groups
 
 
 def _statistics(
